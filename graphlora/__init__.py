@@ -1,0 +1,38 @@
+"""graphlora: adapters injected by rewriting the model's traced graph.
+
+>>> import graphlora
+>>> gm = graphlora.inject(model, graphlora.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+>>> gm.print_trainable_parameters()
+"""
+
+from .api import inject, list_sites
+from .config import LoraConfig
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    ConfigError,
+    GraphLoraError,
+    NoTargetError,
+    SignatureError,
+    TraceError,
+)
+from .module import AdaptedGraphModule, SiteInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "inject",
+    "list_sites",
+    "LoraConfig",
+    "AdaptedGraphModule",
+    "SiteInfo",
+    "GraphLoraError",
+    "ConfigError",
+    "NoTargetError",
+    "AdapterNotFoundError",
+    "AdapterExistsError",
+    "AdapterStateError",
+    "TraceError",
+    "SignatureError",
+]

@@ -1,0 +1,54 @@
+"""``graphlora.inject``: capture, locate, splice, emit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .capture import capture
+from .config import LoraConfig
+from .errors import ConfigError
+from .module import AdaptedGraphModule
+
+__all__ = ["inject", "list_sites"]
+
+
+def inject(
+    model: nn.Module,
+    config: LoraConfig | None = None,
+    *,
+    adapter_name: str = "default",
+    example_inputs: Any = None,
+) -> AdaptedGraphModule:
+    """Trace ``model`` and splice a LoRA adapter into the linear ops ``config`` selects.
+
+    Args:
+        model: any ``nn.Module``; transformers models need no example inputs.
+        config: the adapter's :class:`LoraConfig` (default: ``LoraConfig()``).
+        adapter_name: name of the first adapter.
+        example_inputs: a tuple of positional args or a dict of kwargs to trace with
+            (needed only for models ``torch.fx.symbolic_trace`` cannot trace that are not
+            transformers models).
+
+    Returns:
+        The regenerated :class:`AdaptedGraphModule`; it shares the model's parameters
+        (frozen; only the active adapter trains) and is called like the model.
+
+    Raises:
+        TraceError: no frontend could trace the model.
+        NoTargetError / ConfigError: the config selects nothing or is invalid. The model is
+            left as it was.
+    """
+    config = LoraConfig() if config is None else config
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"config must be a graphlora.LoraConfig, got {type(config).__name__}.")
+    gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
+    gm.add_adapter(adapter_name, config)
+    return gm
+
+
+def list_sites(model: nn.Module, *, example_inputs: Any = None) -> list[str]:
+    """Names of every linear site graphlora finds in ``model`` (what ``target_modules`` can name)."""
+    gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
+    return [s.name for s in gm.sites]

@@ -1,0 +1,219 @@
+"""Adapter configs: frozen dataclasses with PEFT's field names.
+
+A :class:`LoraConfig` describes one LoRA adapter. Per targeted linear site with weight
+``W`` (``d_out x d_in``) it adds ``A`` (``r x d_in``) and ``B`` (``d_out x r``) and computes
+
+.. math::
+
+    y = W x + s \\cdot B A \\,\\mathrm{dropout}(x), \\qquad
+    s = \\frac{\\alpha}{r} \\;\\text{or, with rsLoRA,}\\; \\frac{\\alpha}{\\sqrt{r}}
+
+adding ``r * (d_in + d_out)`` parameters. ``r`` and ``alpha`` may be overridden per site
+through ``rank_pattern`` / ``alpha_pattern`` (PEFT's matching rules).
+
+Configs are immutable: graphlora never edits a config in place; use
+:func:`dataclasses.replace` to derive a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import ConfigError, closest
+
+__all__ = ["LoraConfig", "ALL_LINEAR", "DEFAULT_TARGET_MODULES"]
+
+ALL_LINEAR = "all-linear"
+
+#: PEFT's default ``target_modules`` per ``model_type`` when a config leaves them unset.
+DEFAULT_TARGET_MODULES: Mapping[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "t5": ("q", "v"),
+    "vit": ("query", "value"),
+    "opt": ("q_proj", "v_proj"),
+}
+
+TargetSpec = Union[str, Sequence[str], None]
+_INIT_CHOICES = (True, False, "gaussian")
+
+
+def _as_names(value: TargetSpec, field_name: str) -> TargetSpec:
+    """Normalise a target spec: a string stays a string (regex), a sequence becomes a tuple of str."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        names = tuple(dict.fromkeys(sorted(value) if isinstance(value, (set, frozenset)) else value))
+        bad = [v for v in names if not isinstance(v, str) or not v]
+        if bad:
+            raise ConfigError(f"{field_name} entries must be non-empty strings; got {bad!r}.")
+        return names
+    raise ConfigError(
+        f"{field_name}={value!r} is a {type(value).__name__}; give a list of module names, "
+        "a regex string, or 'all-linear'."
+    )
+
+
+def _check_regex(value: str, field_name: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ConfigError(
+            f"{field_name}={value!r} is not a valid regular expression ({exc}); "
+            "fix the pattern, or pass a list of module names instead."
+        ) from None
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Configuration of one LoRA adapter (PEFT's ``LoraConfig`` field names).
+
+    Args:
+        r: rank of ``A`` and ``B``; must be a positive integer.
+        lora_alpha: numerator of the scaling ``s``.
+        target_modules: list of module names (a path equal to an entry or ending in
+            ``"." + entry``), a regex string (``re.fullmatch`` on the path), or ``"all-linear"``
+            (every linear but the output head). ``None`` uses PEFT's default for the model type.
+        exclude_modules: same forms as ``target_modules``; matching paths are skipped.
+        lora_dropout: dropout probability on the adapter's input (follows ``train()``/``eval()``).
+        use_rslora: ``s = alpha / sqrt(r)`` instead of ``alpha / r``.
+        init_lora_weights: ``True`` (A Kaiming-uniform with ``a=sqrt(5)``, B zeros: identity at
+            injection), ``"gaussian"`` (A ~ N(0, 1/r), B zeros) or ``False`` (both random: not
+            the identity; for tests).
+        layers_to_transform: layer indices (int or list) to restrict list targets to.
+        layers_pattern: name(s) of the layer container (``"layers"``, ``"h"``) for that index.
+        rank_pattern / alpha_pattern: per-site overrides of ``r`` / ``lora_alpha``; keys are
+            regexes matched as PEFT does (``(.*\\.)?(key)$``).
+        fan_in_fan_out: ``True`` when the weight is stored (in, out); ``None`` detects it per site
+            (GPT-2's ``Conv1D``).
+
+    Raises:
+        ConfigError: a field has an unusable value (the message names it and the fix).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Union[int, Sequence[int], None] = None
+    layers_pattern: Union[str, Sequence[str], None] = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    fan_in_fan_out: Union[bool, None] = None
+    bias: str = "none"
+    task_type: Union[str, None] = None
+    base_model_name_or_path: Union[str, None] = None
+    inference_mode: bool = False
+
+    peft_type = "LORA"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r <= 0:
+            raise ConfigError(f"r={self.r!r} must be a positive integer (the adapter rank), e.g. r=8.")
+        set_(self, "r", int(self.r))
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, numbers.Real) or not math.isfinite(self.lora_alpha):
+            raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a finite number, e.g. lora_alpha=16.")
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            set_(self, "target_modules", ALL_LINEAR)
+        for name in ("target_modules", "exclude_modules"):
+            value = _as_names(getattr(self, name), name)
+            set_(self, name, value)
+            if isinstance(value, str) and value != ALL_LINEAR:
+                _check_regex(value, name)
+        if not isinstance(self.lora_dropout, numbers.Real) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1).")
+        if self.init_lora_weights not in _INIT_CHOICES or (
+            isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian"
+        ):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'."
+            )
+        if self.bias != "none":
+            raise ConfigError(f"bias={self.bias!r} is not supported yet; use bias='none'.")
+        layers = self.layers_to_transform
+        if layers is not None:
+            if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+                layers = int(layers)
+            elif isinstance(layers, (list, tuple)) and all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers
+            ):
+                layers = tuple(int(i) for i in layers)
+            else:
+                raise ConfigError(f"layers_to_transform={layers!r} must be an int or a list of ints.")
+            if any(i < 0 for i in ((layers,) if isinstance(layers, int) else layers)):
+                raise ConfigError(f"layers_to_transform={layers!r} has a negative index; layer indices start at 0.")
+            set_(self, "layers_to_transform", layers)
+        if self.layers_pattern is not None:
+            if self.layers_to_transform is None:
+                raise ConfigError(
+                    f"layers_pattern={self.layers_pattern!r} needs layers_to_transform; set both or neither."
+                )
+            if not isinstance(self.layers_pattern, str):
+                set_(self, "layers_pattern", tuple(self.layers_pattern))
+        for name, kind in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+            pattern = dict(getattr(self, name) or {})
+            for key, value in pattern.items():
+                _check_regex(key, f"{name} key")
+                ok = isinstance(value, numbers.Integral) and value > 0 if kind == "r" else isinstance(value, numbers.Real)
+                if isinstance(value, bool) or not ok:
+                    raise ConfigError(f"{name}[{key!r}]={value!r} is not a valid {kind}.")
+            set_(self, name, pattern)
+        if self.use_rslora and not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora={self.use_rslora!r} must be True or False.")
+
+    # ------------------------------------------------------------------ helpers
+    def scaling(self, r: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with PEFT's keys (``peft_type`` included)."""
+        out: dict[str, Any] = {"peft_type": self.peft_type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = False) -> LoraConfig:
+        """Build from a PEFT ``adapter_config.json`` dict.
+
+        Keys PEFT writes that graphlora does not use are dropped unless ``strict`` is set;
+        with ``strict`` an unknown key raises a :class:`ConfigError` naming the closest field.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        peft_type = data.get("peft_type", cls.peft_type)
+        if str(peft_type).upper() != cls.peft_type:
+            raise ConfigError(
+                f"peft_type={peft_type!r} is not {cls.peft_type!r}; this config is for another adapter method."
+            )
+        unknown = [k for k in data if k not in fields and k != "peft_type"]
+        if strict and unknown:
+            key = unknown[0]
+            raise ConfigError(
+                f"unknown LoraConfig field {key!r}; did you mean {closest(key, fields, 3)}?"
+            )
+        return cls(**{k: v for k, v in data.items() if k in fields})

@@ -1,0 +1,518 @@
+"""Emit: the regenerated GraphModule users get from :func:`graphlora.inject`.
+
+:class:`AdaptedGraphModule` is a ``torch.fx.GraphModule`` whose graph is the traced model
+with adapter branches and switch nodes spliced in. It carries the adapter controls of
+transformers' ``PeftAdapterMixin``. Switching (``set_adapter``, ``set_adapter_weights``,
+``disable_adapters``, ``enable_adapters``) writes gate buffers in place and never touches the
+graph; adding or deleting an adapter re-splices from the pristine traced graph.
+
+With the ``export`` frontend a graph is specific to a call signature. The module keeps one
+*program* per signature (the first is this module's own graph; others are GraphModules that
+share every parameter, buffer and adapter with it), traced on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphlora.passes import (
+    BranchSpec,
+    Site,
+    follow_train_mode,
+    is_targeted,
+    locate_sites,
+    pattern_value,
+    splice_adapters,
+    strip_tensor_asserts,
+)
+from graphlora.passes.sites import getattr_path
+from graphlora.passes.splice import site_key
+
+from ._compat import is_pretrained_model
+from .capture import Captured, call_key, forward_params, trace_export
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    ConfigError,
+    NoTargetError,
+    SignatureError,
+    closest,
+)
+from .state import AdapterStore, LoraBranch
+
+__all__ = ["AdaptedGraphModule", "SiteInfo"]
+
+STORE = "graphlora"
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """A located site as users see it: path, op kind, feature sizes, rank per adapter."""
+
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    ranks: Mapping[str, int]
+
+    @property
+    def num_parameters(self) -> int:
+        """``sum_a r_a * (d_in + d_out)``."""
+        return sum(r * (self.in_features + self.out_features) for r in self.ranks.values())
+
+
+@dataclass
+class _Program:
+    """One traced call signature: its pristine graph, sites, and (for variants) module."""
+
+    key: Any
+    base_graph: fx.Graph
+    sites: list[Site]
+    module: Union[fx.GraphModule, None] = None
+
+
+def prepare_base(gm: fx.GraphModule) -> fx.GraphModule:
+    """The passes every traced graph gets before adapters: mode-following dropout, no dtype pins."""
+    follow_train_mode(gm)
+    strip_tensor_asserts(gm)
+    return gm
+
+
+def _param_aliases(model: nn.Module) -> dict[str, list[str]]:
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names[id(param)].append(name)
+    return {n: group for group in names.values() if len(group) > 1 for n in group}
+
+
+def _output_head(model: nn.Module) -> Union[str, None]:
+    if not is_pretrained_model(model):
+        return None
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+class AdaptedGraphModule(fx.GraphModule):
+    """A traced model with adapter branches behind named switch nodes.
+
+    Build it with :func:`graphlora.inject`. It is called exactly as the original model and
+    returns the same output type.
+    """
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_capture(cls, model: nn.Module, captured: Captured) -> "AdaptedGraphModule":
+        base = prepare_base(captured.gm)
+        self = cls(base, base.graph, class_name=type(model).__name__)
+        d = self.__dict__
+        d["_glora_source"] = model
+        d["_glora_frontend"] = captured.frontend
+        names, defaults = forward_params(model) if captured.frontend == "export" else ((), {})
+        sig = inspect.signature(model.forward)
+        d["_glora_arg_names"] = names
+        d["_glora_call_defaults"] = defaults
+        d["_glora_none_defaults"] = frozenset(
+            p.name for p in sig.parameters.values() if p.default is None and p.name not in defaults
+        )
+        d["_glora_aliases"] = _param_aliases(model)
+        d["_glora_head"] = _output_head(model)
+        d["_glora_model_type"] = getattr(getattr(model, "config", None), "model_type", None)
+        d["_glora_configs"] = {}
+        d["_glora_plans"] = {}
+        d["_glora_active"] = []
+        d["_glora_weights"] = {}
+        d["_glora_enabled"] = True
+        self.add_module(STORE, AdapterStore())
+        key = call_key(self._normalize(captured.kwargs)) if captured.frontend == "export" else None
+        program = _Program(key, copy.deepcopy(self.graph), locate_sites(self, self._glora_aliases))
+        d["_glora_primary"] = key
+        d["_glora_programs"] = {key: program}
+        self.train(model.training)
+        return self
+
+    # ------------------------------------------------------------------ calling
+    def _normalize(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in kwargs.items() if not (v is None and k in self._glora_none_defaults)}
+        for key, value in self._glora_call_defaults.items():
+            out.setdefault(key, value)
+        return out
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        names = self._glora_arg_names
+        if len(args) > len(names):
+            raise SignatureError(
+                f"{self._get_name()} takes at most {len(names)} positional arguments ({', '.join(names)}), "
+                f"got {len(args)}; pass the rest by keyword."
+            )
+        bound = dict(zip(names, args))
+        clash = sorted(set(bound) & set(kwargs))
+        if clash:
+            raise SignatureError(f"got multiple values for argument(s) {clash}.")
+        bound.update(kwargs)
+        return self._normalize(bound)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._glora_frontend != "export":
+            return super().__call__(*args, **kwargs)
+        bound = self._bind(args, kwargs)
+        key = call_key(bound)
+        if key == self._glora_primary:
+            return super().__call__(**bound)
+        program = self._glora_programs.get(key)
+        if program is None:
+            program = self._trace_signature(bound, key)
+        return program.module(**bound)
+
+    def _describe_signatures(self) -> str:
+        lines = []
+        for key in self._glora_programs:
+            lines.append("(" + ", ".join(f"{name}={'<tensor>' if d[0] == 'tensor' else d[-1]!r}" for name, d in key) + ")")
+        return "; ".join(lines)
+
+    @torch.compiler.disable
+    def _trace_signature(self, kwargs: dict[str, Any], key: Any) -> _Program:
+        """Trace the source model for a new call signature and splice the current adapters in."""
+        try:
+            gm = prepare_base(trace_export(self._glora_source, kwargs))
+        except Exception as exc:
+            given = ", ".join(f"{k}={'<tensor>' if isinstance(v, torch.Tensor) else v!r}" for k, v in kwargs.items())
+            raise SignatureError(
+                f"this call ({given}) needs a new graph and tracing it failed: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
+                f"Traced signatures: {self._describe_signatures()}. Call the module with arguments "
+                "the original model accepts."
+            ) from exc
+        self._adopt_attributes(gm, len(self._glora_programs))
+        program = _Program(key, copy.deepcopy(gm.graph), locate_sites(gm, self._glora_aliases))
+        self._glora_programs[key] = program
+        self._build_variant(program)
+        return program
+
+    def _adopt_attributes(self, gm: fx.GraphModule, index: int) -> None:
+        """Make every attribute ``gm``'s graph reads resolvable on ``self`` (same objects)."""
+        for node in gm.graph.nodes:
+            if node.op not in ("get_attr", "call_module"):
+                continue
+            obj = getattr_path(gm, node.target)
+            try:
+                if getattr_path(self, node.target) is obj:
+                    continue
+            except AttributeError:
+                pass
+            name = f"graphlora_sig{index}_{node.target.replace('.', '_')}"
+            for owner in (self, gm):  # both resolve the new name to the same object
+                if isinstance(obj, nn.Module):
+                    owner.add_module(name, obj)
+                elif isinstance(obj, nn.Parameter):
+                    owner.register_parameter(name, obj)
+                elif isinstance(obj, torch.Tensor):
+                    owner.register_buffer(name, obj, persistent=False)
+                else:
+                    setattr(owner, name, obj)
+            node.target = name
+        gm.recompile()
+
+    # ------------------------------------------------------------------ splicing
+    def _branch_specs(self) -> dict[str, list[BranchSpec]]:
+        specs: dict[str, list[BranchSpec]] = defaultdict(list)
+        for adapter in self._glora_configs:
+            for site in self._glora_plans[adapter]:
+                key = site_key(site)
+                branch = self.graphlora.branch(key, adapter)
+                specs[site].append(BranchSpec(adapter, f"{STORE}.{key}.{adapter}", branch.has_dropout))
+        return specs
+
+    def _build_variant(self, program: _Program) -> None:
+        vm = fx.GraphModule(self, copy.deepcopy(program.base_graph), class_name=self._get_name())
+        vm.add_module(STORE, self.graphlora)
+        splice_adapters(vm, program.sites, self._branch_specs())
+        program.module = vm
+
+    def _rebuild(self) -> None:
+        """Re-splice every program from its pristine graph with the current adapters."""
+        specs = self._branch_specs()
+        for key, program in self._glora_programs.items():
+            if key == self._glora_primary:
+                self.graph = copy.deepcopy(program.base_graph)
+                splice_adapters(self, program.sites, specs)
+            else:
+                self._build_variant(program)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): variants see new tensors
+        result = super()._apply(fn, recurse)
+        programs = self.__dict__.get("_glora_programs", {})
+        for key, program in programs.items():
+            if key != self._glora_primary:
+                self._build_variant(program)
+        return result
+
+    # ------------------------------------------------------------------ planning
+    @property
+    def _primary(self) -> _Program:
+        return self._glora_programs[self._glora_primary]
+
+    def _resolve_targets(self, config: LoraConfig) -> Any:
+        targets = config.target_modules
+        candidates = [s.name for s in self._primary.sites]
+        if targets is None:
+            default = DEFAULT_TARGET_MODULES.get(self._glora_model_type or "")
+            if default is None:
+                raise ConfigError(
+                    f"target_modules is not set and there is no default for model type "
+                    f"{self._glora_model_type!r}; set target_modules, e.g. {closest('proj', candidates, 3)} "
+                    "or 'all-linear'."
+                )
+            return default
+        if targets == ALL_LINEAR:
+            return tuple(n for n in candidates if n != self._glora_head)
+        return targets
+
+    def _plan(self, config: LoraConfig) -> dict[str, tuple[int, float, float]]:
+        """site name -> (r, alpha, scaling) for the sites ``config`` selects."""
+        targets = self._resolve_targets(config)
+        plan = {}
+        for site in self._primary.sites:
+            if site.name in plan or not is_targeted(
+                site.name, targets, exclude_modules=config.exclude_modules,
+                layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+            ):
+                continue
+            r = int(pattern_value(config.rank_pattern, site.name, config.r))
+            alpha = float(pattern_value(config.alpha_pattern, site.name, config.lora_alpha))
+            plan[site.name] = (r, alpha, config.scaling(r, alpha))
+        if not plan:
+            wanted = targets if isinstance(targets, str) else ", ".join(targets)
+            names = list(dict.fromkeys(s.name for s in self._primary.sites))
+            probe = targets if isinstance(targets, str) else next(iter(targets), "")
+            raise NoTargetError(
+                f"target_modules={config.target_modules!r} matched no linear op "
+                f"(looked for: {wanted}; exclude_modules={config.exclude_modules!r}, "
+                f"layers_to_transform={config.layers_to_transform!r}). "
+                f"Closest linear sites: {closest(probe, names)}. "
+                f"Use names from gm.sites or graphlora.list_sites(model)."
+            )
+        return plan
+
+    def _check_new_name(self, name: Any) -> None:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == "__base__":
+            raise ConfigError(
+                f"adapter name {name!r} is not usable; use letters, digits, '_' or '-' (no '.'), "
+                "and not '__base__'."
+            )
+        if name in self._glora_configs:
+            raise AdapterExistsError(
+                f"an adapter named {name!r} already exists (adapters: {list(self._glora_configs)}); "
+                "pick another name or delete_adapter it first."
+            )
+
+    def _check_known(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self._glora_configs:
+                raise AdapterNotFoundError(
+                    f"no adapter named {name!r}; loaded adapters: {list(self._glora_configs)}."
+                )
+
+    # ------------------------------------------------------------------ adapter controls
+    def add_adapter(self, adapter_name: str, config: LoraConfig | None = None) -> None:
+        """Add a LoRA adapter and make it the active one.
+
+        Raises:
+            AdapterExistsError: the name is taken.
+            NoTargetError: the config selects no site.
+            ConfigError: the name or config is unusable.
+        On any error the module and its adapters are left as they were.
+        """
+        config = LoraConfig() if config is None else config
+        if not isinstance(config, LoraConfig):
+            raise ConfigError(f"config must be a graphlora.LoraConfig, got {type(config).__name__}.")
+        self._check_new_name(adapter_name)
+        plan = self._plan(config)
+        sites = {s.name: s for s in self._primary.sites}
+        branches = {}
+        for name, (r, alpha, scaling) in plan.items():
+            site = sites[name]
+            weight = getattr_path(self, site.weight)
+            branch = LoraBranch(site.in_features, site.out_features, r, alpha, scaling, config.lora_dropout,
+                                dtype=weight.dtype, device=weight.device)
+            branch.reset_parameters(config.init_lora_weights)
+            branch.train(self.training)
+            branches[name] = branch
+        try:
+            for name, branch in branches.items():
+                self.graphlora.add(site_key(name), adapter_name, branch)
+            self._glora_configs[adapter_name] = config
+            self._glora_plans[adapter_name] = plan
+            self._rebuild()
+        except Exception:
+            self._forget(adapter_name)
+            raise
+        for param in self._base_parameters():
+            param.requires_grad_(False)
+        self.set_adapter(adapter_name)
+
+    def _forget(self, adapter_name: str) -> None:
+        for key, name, _ in list(self.graphlora.branches(adapter_name)):
+            self.graphlora.remove(key, name)
+        self._glora_configs.pop(adapter_name, None)
+        self._glora_plans.pop(adapter_name, None)
+        self._glora_weights.pop(adapter_name, None)
+        if adapter_name in self._glora_active:
+            self._glora_active.remove(adapter_name)
+        self._rebuild()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter, its parameters and its branches from every graph.
+
+        If it was active, the remaining active adapters stay active; if none remain, the first
+        remaining adapter becomes active (PEFT's behaviour).
+
+        Raises:
+            AdapterNotFoundError: unknown name.
+            AdapterStateError: it is the only adapter (use ``disable_adapters()`` instead).
+        """
+        self._check_known([adapter_name])
+        if len(self._glora_configs) == 1:
+            raise AdapterStateError(
+                f"{adapter_name!r} is the only adapter; deleting it would leave no adapter. "
+                "Use disable_adapters() to run the base model, or add another adapter first."
+            )
+        was_active = list(self._glora_active)
+        self._forget(adapter_name)
+        remaining = [a for a in was_active if a != adapter_name] or [next(iter(self._glora_configs))]
+        self._set_active({a: self._glora_weights.get(a, 1.0) for a in remaining})
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Activate one adapter, or several (their contributions add), each with weight 1."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ConfigError("set_adapter needs at least one adapter name; use disable_adapters() for none.")
+        self._check_known(names)
+        self._set_active({n: 1.0 for n in names})
+
+    def set_adapter_weights(self, weights: Mapping[str, float]) -> None:
+        """Activate the given adapters with per-adapter weights: ``y = Wx + sum_a w_a s_a B_a A_a x``."""
+        if not weights:
+            raise ConfigError("set_adapter_weights needs at least one {name: weight} entry.")
+        self._check_known(list(weights))
+        for name, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf"):
+                raise ConfigError(f"weight {w!r} for adapter {name!r} must be a finite number.")
+        self._set_active({n: float(w) for n, w in weights.items()})
+
+    def _set_active(self, weights: Mapping[str, float]) -> None:
+        self.__dict__["_glora_active"] = list(weights)
+        self.__dict__["_glora_weights"] = dict(weights)
+        self._sync_state()
+
+    def disable_adapters(self) -> None:
+        """Run the base model: every gate is 0; the active set is kept for ``enable_adapters``."""
+        self.__dict__["_glora_enabled"] = False
+        self._sync_state()
+
+    def enable_adapters(self) -> None:
+        """Undo ``disable_adapters``."""
+        self.__dict__["_glora_enabled"] = True
+        self._sync_state()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: the base model inside, the previous state after."""
+        previous = self._glora_enabled
+        self.disable_adapters()
+        try:
+            yield
+        finally:
+            self.__dict__["_glora_enabled"] = previous
+            self._sync_state()
+
+    def _sync_state(self) -> None:
+        """Write gates (``scaling * weight`` or 0) and requires_grad from the switch state."""
+        active = self._glora_weights if self._glora_enabled else {}
+        for _, adapter, branch in self.graphlora.branches():
+            branch.set_gate(branch.scaling * active[adapter] if adapter in active else 0.0)
+            trainable = adapter in self._glora_weights and not self._glora_configs[adapter].inference_mode
+            for param in branch.parameters():
+                param.requires_grad_(trainable)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the active adapters (empty while disabled)."""
+        return list(self._glora_active) if self._glora_enabled else []
+
+    @property
+    def active_adapter(self) -> Union[str, None]:
+        """The first active adapter (PEFT's singular form)."""
+        active = self.active_adapters
+        return active[0] if active else None
+
+    @property
+    def adapters(self) -> dict[str, LoraConfig]:
+        """Adapter name -> config, in the order they were added."""
+        return dict(self._glora_configs)
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        """Alias of :attr:`adapters` (PEFT's name)."""
+        return self.adapters
+
+    @property
+    def sites(self) -> list[SiteInfo]:
+        """Every located linear site, with the rank of each adapter placed on it."""
+        out = []
+        seen = set()
+        for site in self._primary.sites:
+            if site.name in seen:
+                continue
+            seen.add(site.name)
+            ranks = {a: plan[site.name][0] for a, plan in self._glora_plans.items() if site.name in plan}
+            out.append(SiteInfo(site.name, site.kind, site.in_features, site.out_features, ranks))
+        return out
+
+    def sites_table(self, adapted_only: bool = True) -> str:
+        """The sites as a text table (path, kind, in, out, rank per adapter, added parameters)."""
+        rows = [s for s in self.sites if s.ranks or not adapted_only]
+        header = ("site", "kind", "in", "out", "adapters (rank)", "params")
+        body = [
+            (s.name, s.kind, str(s.in_features), str(s.out_features),
+             ", ".join(f"{a}:{r}" for a, r in s.ranks.items()) or "-", f"{s.num_parameters:,}")
+            for s in rows
+        ]
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+        fmt = "  ".join(f"{{:{'>' if i in (2, 3, 5) else '<'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in body]
+        return "\n".join(lines)
+
+    def _base_parameters(self) -> Iterator[nn.Parameter]:
+        adapter_ids = {id(p) for p in self.graphlora.parameters()}
+        for param in self.parameters():
+            if id(param) not in adapter_ids:
+                yield param
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), as PEFT counts them."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: N || all params: M || trainable%: P`` (PEFT's format)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

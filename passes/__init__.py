@@ -1,0 +1,32 @@
+"""graphlora's graph passes (installed as ``graphlora.passes``).
+
+Passes work on ``torch.fx`` graphs and know nothing of transformers:
+
+- :mod:`.sites` — *locate*: find every linear op (``nn.Linear`` calls, functional ``linear``,
+  ``addmm`` with an (in, out) weight) as a :class:`Site` record.
+- :mod:`.targeting` — PEFT's target-selection rules as pure functions of module paths.
+- :mod:`.splice` — *splice*: insert adapter branches and one named switch node per site.
+- :mod:`.dropout` — turn trace-time-frozen dropout into mode-following dropout.
+- :mod:`.cleanup` — drop trace-time assertions that pin dtype/device.
+- :mod:`.ops` — the runtime functions the inserted nodes call.
+
+Each rewrite is a callable ``GraphModule -> PassResult`` (``torch.fx.passes.infra``).
+"""
+
+from .cleanup import strip_tensor_asserts
+from .dropout import follow_train_mode
+from .sites import Site, locate_sites
+from .splice import BranchSpec, splice_adapters
+from .targeting import is_excluded, is_targeted, pattern_value
+
+__all__ = [
+    "Site",
+    "locate_sites",
+    "BranchSpec",
+    "splice_adapters",
+    "follow_train_mode",
+    "strip_tensor_asserts",
+    "is_targeted",
+    "is_excluded",
+    "pattern_value",
+]

@@ -1,0 +1,156 @@
+"""Locate: find every linear op in a graph and describe it as a :class:`Site`.
+
+A site is named by the path of its weight parameter without a trailing ``.weight``:
+``model.layers.0.self_attn.q_proj`` for an ``nn.Linear`` (PEFT's name for it), ``proj`` for
+``F.linear(x, self.proj.weight)`` called inside any module.
+
+Recognised ops (a rule table, not class-name matching):
+
+============================  =========  =====  ======  =============
+op                            kind       input  weight  weight layout
+============================  =========  =====  ======  =============
+``call_module`` nn.Linear     linear     0      module  (out, in)
+``F.linear`` / aten.linear    linear*    0      1       (out, in)
+``torch.addmm`` / aten.addmm  addmm      1      2       (in, out)
+============================  =========  =====  ======  =============
+
+(*) ``functional_linear`` when the op was not called by the module that owns the weight.
+The weight must come from a ``get_attr`` node (a parameter of the traced module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+__all__ = ["Site", "OpRule", "LINEAR_OPS", "locate_sites", "module_path"]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """Where a linear-like op keeps its input and weight, and how the weight is laid out."""
+
+    kind: str
+    input_index: int
+    weight_index: int
+    fan_in_fan_out: bool  # weight stored (in, out)
+
+
+aten = torch.ops.aten
+LINEAR_OPS: Mapping[Any, OpRule] = {
+    aten.linear.default: OpRule("linear", 0, 1, False),
+    F.linear: OpRule("linear", 0, 1, False),
+    torch._C._nn.linear: OpRule("linear", 0, 1, False),
+    aten.addmm.default: OpRule("addmm", 1, 2, True),
+    torch.addmm: OpRule("addmm", 1, 2, True),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One linear op that can carry adapters.
+
+    Attributes:
+        name: weight path without ``.weight`` (PEFT's module name for ``nn.Linear``).
+        kind: ``"linear"``, ``"functional_linear"`` or ``"addmm"`` (GPT-2 ``Conv1D``).
+        node: name of the base op's node in the graph it was found in.
+        weight: attribute path of the weight on the traced module.
+        in_features / out_features: sizes of the op's input and output feature dims.
+        fan_in_fan_out: the weight is stored (in, out) (``Conv1D``).
+        input_index: position of the activation among the node's args (``-1``: call_module arg 0).
+    """
+
+    name: str
+    kind: str
+    node: str
+    weight: str
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
+    input_index: int
+
+
+def module_path(node: fx.Node) -> Union[str, None]:
+    """The innermost module path recorded for ``node`` by export (``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path or None
+
+
+def _site_name(weight_target: str, owner: Union[str, None], aliases: Mapping[str, Sequence[str]]) -> str:
+    names = list(aliases.get(weight_target, ())) or [weight_target]
+    if owner is not None:
+        # tied weights: prefer the alias that lives under the module that made the call
+        for name in names:
+            if name.rsplit(".", 1)[0] == owner:
+                weight_target = name
+                break
+        else:
+            for name in names:
+                if name.startswith(owner + "."):
+                    weight_target = name
+                    break
+    return weight_target[: -len(".weight")] if weight_target.endswith(".weight") else weight_target
+
+
+def locate_sites(
+    gm: fx.GraphModule,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    extra_ops: Mapping[Callable, OpRule] | None = None,
+) -> list[Site]:
+    """Every linear op of ``gm`` as a :class:`Site`, in graph order.
+
+    Args:
+        gm: the traced module (its attributes resolve ``get_attr`` weights).
+        aliases: other names of a parameter (tied weights), keyed by the traced name.
+        extra_ops: additional op rules, merged over :data:`LINEAR_OPS`.
+    """
+    aliases = aliases or {}
+    rules = {**LINEAR_OPS, **(extra_ops or {})}
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            weight = f"{node.target}.weight"
+            sites.append(
+                Site(_site_name(weight, node.target, aliases), "linear", node.name, weight,
+                     module.in_features, module.out_features, False, -1)
+            )
+            continue
+        if node.op != "call_function" or node.target not in rules:
+            continue
+        rule = rules[node.target]
+        if len(node.args) <= max(rule.input_index, rule.weight_index):
+            continue
+        weight_node = node.args[rule.weight_index]
+        if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
+            continue
+        weight = getattr_path(gm, weight_node.target)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            continue  # a scaled addmm is not a plain linear
+        owner = module_path(node)
+        name = _site_name(weight_node.target, owner, aliases)
+        kind = "functional_linear" if rule.kind == "linear" and owner != name else rule.kind
+        d0, d1 = weight.shape
+        in_f, out_f = (d0, d1) if rule.fan_in_fan_out else (d1, d0)
+        sites.append(Site(name, kind, node.name, weight_node.target, in_f, out_f, rule.fan_in_fan_out, rule.input_index))
+    return sites
+
+
+def getattr_path(root: torch.nn.Module, target: str) -> Any:
+    """``root.a.b.c`` for ``target == "a.b.c"``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
