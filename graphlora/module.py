@@ -17,6 +17,7 @@ import contextlib
 import copy
 import inspect
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,13 @@ class _Program:
     module: Union[fx.GraphModule, None] = None
 
 
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """``deepcopy`` of a graph (its pytree codegen included), without torch's pytree deprecation noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(graph)
+
+
 def prepare_base(gm: fx.GraphModule) -> fx.GraphModule:
     """The passes every traced graph gets before adapters: mode-following dropout, no dtype pins."""
     follow_train_mode(gm)
@@ -140,7 +148,7 @@ class AdaptedGraphModule(fx.GraphModule):
         d["_glora_enabled"] = True
         self.add_module(STORE, AdapterStore())
         key = call_key(self._normalize(captured.kwargs)) if captured.frontend == "export" else None
-        program = _Program(key, copy.deepcopy(self.graph), locate_sites(self, self._glora_aliases))
+        program = _Program(key, _copy_graph(self.graph), locate_sites(self, self._glora_aliases))
         d["_glora_primary"] = key
         d["_glora_programs"] = {key: program}
         self.train(model.training)
@@ -199,7 +207,7 @@ class AdaptedGraphModule(fx.GraphModule):
                 "the original model accepts."
             ) from exc
         self._adopt_attributes(gm, len(self._glora_programs))
-        program = _Program(key, copy.deepcopy(gm.graph), locate_sites(gm, self._glora_aliases))
+        program = _Program(key, _copy_graph(gm.graph), locate_sites(gm, self._glora_aliases))
         self._glora_programs[key] = program
         self._build_variant(program)
         return program
@@ -239,7 +247,7 @@ class AdaptedGraphModule(fx.GraphModule):
         return specs
 
     def _build_variant(self, program: _Program) -> None:
-        vm = fx.GraphModule(self, copy.deepcopy(program.base_graph), class_name=self._get_name())
+        vm = fx.GraphModule(self, _copy_graph(program.base_graph), class_name=self._get_name())
         vm.add_module(STORE, self.graphlora)
         splice_adapters(vm, program.sites, self._branch_specs())
         program.module = vm
@@ -249,7 +257,7 @@ class AdaptedGraphModule(fx.GraphModule):
         specs = self._branch_specs()
         for key, program in self._glora_programs.items():
             if key == self._glora_primary:
-                self.graph = copy.deepcopy(program.base_graph)
+                self.graph = _copy_graph(program.base_graph)
                 splice_adapters(self, program.sites, specs)
             else:
                 self._build_variant(program)
@@ -471,6 +479,14 @@ class AdaptedGraphModule(fx.GraphModule):
     def peft_config(self) -> dict[str, LoraConfig]:
         """Alias of :attr:`adapters` (PEFT's name)."""
         return self.adapters
+
+    @property
+    def traced_graph(self) -> fx.Graph:
+        """The graph as traced (after the base passes), before any adapter was spliced in.
+
+        A copy: editing it changes nothing. ``self.graph`` is the rewritten one.
+        """
+        return _copy_graph(self._primary.base_graph)
 
     @property
     def sites(self) -> list[SiteInfo]:
