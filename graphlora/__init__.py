@@ -18,6 +18,10 @@ from .errors import (
     TraceError,
 )
 from .module import AdaptedGraphModule, SiteInfo
+from .errors import AdapterFileError, MergeError
+from .freeze import specialize
+from .merge import lora_delta
+from .peft_io import read_adapter_dir
 
 __version__ = "0.1.0"
 
@@ -35,4 +39,9 @@ __all__ = [
     "AdapterStateError",
     "TraceError",
     "SignatureError",
+    "AdapterFileError",
+    "MergeError",
+    "specialize",
+    "lora_delta",
+    "read_adapter_dir",
 ]

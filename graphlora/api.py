@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Union
 
 from torch import nn
 
@@ -16,7 +17,7 @@ __all__ = ["inject", "list_sites"]
 
 def inject(
     model: nn.Module,
-    config: LoraConfig | None = None,
+    config: Union[LoraConfig, str, os.PathLike, None] = None,
     *,
     adapter_name: str = "default",
     example_inputs: Any = None,
@@ -25,7 +26,10 @@ def inject(
 
     Args:
         model: any ``nn.Module``; transformers models need no example inputs.
-        config: the adapter's :class:`LoraConfig` (default: ``LoraConfig()``).
+        config: the adapter's :class:`LoraConfig` (default: ``LoraConfig()``), or the path of a
+            PEFT LoRA adapter directory (``adapter_config.json`` + weights, as PEFT's
+            ``save_pretrained`` writes it): its config is used and its weights loaded (frozen, as
+            PEFT's ``from_pretrained``; see ``AdaptedGraphModule.load_adapter``).
         adapter_name: name of the first adapter.
         example_inputs: a tuple of positional args or a dict of kwargs to trace with
             (needed only for models ``torch.fx.symbolic_trace`` cannot trace that are not
@@ -40,9 +44,13 @@ def inject(
         NoTargetError / ConfigError: the config selects nothing or is invalid. The model is
             left as it was.
     """
+    if isinstance(config, (str, os.PathLike)):
+        gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
+        gm.load_adapter(config, adapter_name)
+        return gm
     config = LoraConfig() if config is None else config
     if not isinstance(config, LoraConfig):
-        raise ConfigError(f"config must be a graphlora.LoraConfig, got {type(config).__name__}.")
+        raise ConfigError(f"config must be a graphlora.LoraConfig or a PEFT adapter directory, got {type(config).__name__}.")
     gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
     gm.add_adapter(adapter_name, config)
     return gm

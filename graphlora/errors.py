@@ -19,6 +19,8 @@ __all__ = [
     "AdapterStateError",
     "TraceError",
     "SignatureError",
+    "AdapterFileError",
+    "MergeError",
     "closest",
 ]
 
@@ -56,6 +58,14 @@ class TraceError(GraphLoraError, RuntimeError):
 
 class SignatureError(GraphLoraError, TypeError):
     """A call whose arguments do not fit the traced call signatures."""
+
+
+class AdapterFileError(GraphLoraError, ValueError):
+    """An adapter directory or file that cannot be read or does not fit the model (PEFT format)."""
+
+
+class MergeError(AdapterStateError):
+    """Merging or unmerging adapter weights into the base weights is not possible as asked."""
 
 
 def closest(value: str, candidates: Iterable[str], n: int = 5) -> list[str]:

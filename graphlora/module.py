@@ -53,6 +53,8 @@ from .errors import (
     closest,
 )
 from .state import AdapterStore, LoraBranch
+from .merge import MergeMixin
+from .peft_io import PeftFileMixin
 
 __all__ = ["AdaptedGraphModule", "SiteInfo"]
 
@@ -116,7 +118,7 @@ def _output_head(model: nn.Module) -> Union[str, None]:
     return next((name for name, module in model.named_modules() if module is head), None)
 
 
-class AdaptedGraphModule(fx.GraphModule):
+class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
     """A traced model with adapter branches behind named switch nodes.
 
     Build it with :func:`graphlora.inject`. It is called exactly as the original model and

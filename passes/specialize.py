@@ -1,0 +1,103 @@
+"""Specialize: freeze the switch state of a spliced graph into the graph itself.
+
+The splice pass (:mod:`.splice`) leaves, per site, gated branches behind one switch node::
+
+    h_a    = aten.linear(x', A_a)           # x' = x or lora_dropout(x)
+    h_a    = aten.mul(h_a, gate_a)          # get_attr gate_a: s_a * w_a while active, else 0
+    switch = lora_switch(base, (h_a, ...), (B_a, ...))
+
+so that switching adapters only writes gate buffers. For serving one fixed adapter set this
+pass reads every gate's current value ``g`` and rewrites the graph:
+
+- ``g == 0``: the branch is dropped from the switch, and its now-unused nodes (the ``A``
+  projection, its dropout, the ``get_attr`` reads) are erased;
+- ``g == 1``: the multiply is removed (``h_a = aten.linear(x', A_a)``);
+- otherwise: ``aten.mul(h_a, g)`` with ``g`` a Python float constant (no buffer read);
+- a switch left with no branch is replaced by its base output.
+
+The computed function is unchanged for the current state: ``y = base + sum_{a: g_a != 0}
+(g_a A_a x') B_a^T``. The pass knows nothing of adapters' names or configs: it recognises the
+switch by its target (:func:`.ops.lora_switch`) and the gate as the ``get_attr`` operand of the
+multiply feeding it. Branches of any other shape are kept as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .ops import lora_switch
+from .sites import getattr_path
+
+__all__ = ["freeze_switches"]
+
+_MULS = {torch.ops.aten.mul.Tensor, torch.mul}
+
+
+def _gate_of(h: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` gate node of ``h = mul(x, gate)``, or ``None`` if ``h`` is not that."""
+    if h.op != "call_function" or h.target not in _MULS or len(h.args) != 2:
+        return None
+    gate = h.args[1]
+    return gate if isinstance(gate, fx.Node) and gate.op == "get_attr" else None
+
+
+def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
+    """Erase ``roots`` and, transitively, their inputs once they have no users.
+
+    Only nodes made dead by this pass are reached: the walk starts at dropped branch nodes and
+    stops at any node that still has users (the site's input ``x`` feeds the base op).
+    """
+    work = list(roots)
+    erased: set[fx.Node] = set()
+    while work:
+        node = work.pop()
+        if node in erased or node.users or node.op in ("placeholder", "output"):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
+        work.extend(inputs)
+
+
+def freeze_switches(gm: fx.GraphModule) -> PassResult:
+    """Freeze every ``lora_switch`` of ``gm`` to the current gate values (see the module doc).
+
+    Returns:
+        ``PassResult(gm, modified)``; ``modified`` is False when there was no switch.
+    """
+    graph = gm.graph
+    modified = False
+    for switch in [n for n in graph.nodes if n.op == "call_function" and n.target is lora_switch]:
+        base, hs, bs = switch.args
+        keep_h, keep_b, dead = [], [], []
+        for h, b in zip(hs, bs):
+            gate = _gate_of(h)
+            if gate is None:
+                keep_h.append(h)
+                keep_b.append(b)
+                continue
+            value = float(getattr_path(gm, gate.target))
+            if value == 0.0:
+                dead += [h, b]
+                continue
+            if value == 1.0:
+                keep_h.append(h.args[0])
+                dead.append(h)
+            else:
+                h.args = (h.args[0], value)
+                dead.append(gate)
+                keep_h.append(h)
+            keep_b.append(b)
+        modified = True
+        if keep_h:
+            switch.args = (base, tuple(keep_h), tuple(keep_b))
+        else:
+            switch.replace_all_uses_with(base)
+            dead.append(switch)
+        _erase_dead(graph, dead)
+    if modified:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
