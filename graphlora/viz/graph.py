@@ -319,7 +319,7 @@ def _modules(gm: fx.GraphModule, graph: fx.Graph, depth: Union[int, None]) -> nx
         ]
         adapters = sorted({a for s in site_names for a in ranks.get(s, {})})
         g.add_node(
-            gid, role="module", path=path, label=path or root_label,
+            gid, role="module", path=path, label=path or "(root)",
             module_type=types.get(path, root_label if not path else ""),
             num_ops=sum(1 for n in nodes if n.op in ("call_function", "call_method", "call_module")),
             sites=sites, adapters=adapters, adapted=bool(sites), ops=[n.name for n in nodes],

@@ -13,7 +13,7 @@ The result is geometry only: :class:`Layout` holds node boxes and edge polylines
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -70,13 +70,24 @@ def _acyclic(g: nx.DiGraph, order: Mapping[Hashable, int]) -> tuple[nx.DiGraph, 
     return dag, flipped
 
 
-def _layers(dag: nx.DiGraph, order: Mapping[Hashable, int]) -> dict[Hashable, int]:
+def _layers(dag: nx.DiGraph, order: Mapping[Hashable, int], hidden: set) -> dict[Hashable, int]:
+    """Longest-path layers, then nodes with more drawn outputs than drawn inputs sink to their first user.
+
+    Sinking a node one layer shortens each drawn out-edge and lengthens each drawn in-edge by one,
+    so it pays when outputs outnumber inputs (weights, constants, rotary tables' per-layer views).
+    """
     topo = list(nx.lexicographical_topological_sort(dag, key=lambda n: order[n]))
     layer: dict[Hashable, int] = {}
     for n in topo:
         layer[n] = max((layer[p] + 1 for p in dag.predecessors(n)), default=0)
-    for n in reversed(topo):  # pull nodes with no inputs down next to their first user
-        if dag.in_degree(n) == 0 and dag.out_degree(n) > 0:
+
+    def drawn(edges) -> int:
+        return sum(1 for e in edges if e not in hidden and e[::-1] not in hidden)
+
+    for n in reversed(topo):
+        if dag.out_degree(n) and drawn(dag.out_edges(n)) > drawn(dag.in_edges(n)):
+            layer[n] = max(layer[n], min(layer[s] for s in dag.successors(n)) - 1)
+        elif dag.in_degree(n) == 0 and dag.out_degree(n):
             layer[n] = min(layer[s] for s in dag.successors(n)) - 1
     return layer
 
@@ -168,6 +179,7 @@ def layered_layout(
     dummy_width: float = 12.0,
     sweeps: int = 12,
     max_rows: int | None = None,
+    hidden: Iterable[tuple[Hashable, Hashable]] | None = None,
     column_gap: float = 80.0,
     margin: float = 20.0,
 ) -> Layout:
@@ -178,6 +190,7 @@ def layered_layout(
         sizes: ``(width, height)`` of every node.
         max_rows: wrap into columns of at most this many layers when the layout is long
             (``None``: never wrap).
+        hidden: edges that order the layers but are not drawn (no polyline in the result).
 
     Returns:
         The :class:`Layout`; edge polylines run from the source's bottom to the target's top
@@ -186,8 +199,12 @@ def layered_layout(
     order = {n: i for i, n in enumerate(g.nodes)}
     if nx.is_directed_acyclic_graph(g):  # no edge needs flipping: keep them all pointing down
         order = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g, key=lambda n: order[n]))}
-    dag, flipped = _acyclic(g, order)
-    layer = _layers(dag, order)
+    full_dag, flipped = _acyclic(g, order)
+    hidden = set(hidden or ())
+    layer = _layers(full_dag, order, hidden)  # hidden edges still order the layers
+    dag = nx.DiGraph()
+    dag.add_nodes_from(g.nodes)
+    dag.add_edges_from((u, v) for u, v in full_dag.edges if (u, v) not in hidden and (v, u) not in hidden)
     ranks, up, down, chains = _split_long_edges(dag, layer)
     ranks = _order(ranks, up, down, sweeps)
 
@@ -200,8 +217,8 @@ def layered_layout(
     x = _place_x(ranks, up, down, width, node_gap, passes=8)
     levels = sorted(ranks)
     rows = len(levels)
-    per_col = rows if not max_rows or rows <= max_rows else max_rows
-    ncols = -(-rows // per_col)
+    ncols = 1 if not max_rows or rows <= max_rows else -(-rows // max_rows)
+    per_col = -(-rows // ncols) if rows else 1  # balanced columns
     # columns: consecutive runs of layers; each column keeps its own x range
     col_of = {k: i // per_col for i, k in enumerate(levels)}
     col_min = defaultdict(lambda: float("inf"))

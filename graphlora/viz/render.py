@@ -17,7 +17,7 @@ import networkx as nx
 from .layout import Layout, layered_layout
 from .style import ADDED, EDGE, FONT, REMOVED, SWITCH, Line, Look, adapter_colors, legend, look, node_lines
 
-__all__ = ["Drawing", "draw", "render_svg"]
+__all__ = ["Drawing", "auto_fold", "draw", "render_svg"]
 
 CHAR_W = 7.5  # DejaVu Sans Mono advance at 12px is 0.602 em; headroom for fallback glyphs
 SMALL_W = 6.9  # at 11px
@@ -48,8 +48,14 @@ def _size(lines: list[Line]) -> tuple[float, float]:
     return max(w, 48.0), h
 
 
-def _folded(g: nx.DiGraph, fold: int | None) -> dict[Hashable, list[Hashable]]:
+def auto_fold(g: nx.DiGraph) -> int:
+    """Default fold threshold: 4 consumers in a modules view, 10 in op-level views."""
+    return 4 if g.graph.get("view") == "modules" else 10
+
+
+def _folded(g: nx.DiGraph, fold: int | str | None) -> dict[Hashable, list[Hashable]]:
     """Nodes whose out-edges get folded: at least ``fold`` consumers (diff edges never fold)."""
+    fold = auto_fold(g) if fold == "auto" else fold
     if not fold:
         return {}
     out = {}
@@ -144,7 +150,7 @@ def draw(
     g: nx.DiGraph,
     *,
     title: str | None = None,
-    fold: int | None = 4,
+    fold: int | str | None = "auto",
     max_rows: int | None = None,
     show_legend: bool = True,
 ) -> Drawing:
@@ -153,7 +159,8 @@ def draw(
     Args:
         g: a view from :func:`graphlora.to_networkx`.
         title: heading text (default: the graph's ``title`` and ``view``).
-        fold: fold the out-edges of nodes with at least this many consumers (``None``: draw all).
+        fold: fold the out-edges of nodes with at least this many consumers (``None``: draw all;
+            ``"auto"``: 4 in a modules view, 10 in op-level views).
         max_rows: wrap the layers into columns of at most this many (``None``: one column).
         show_legend: draw the title and legend band.
     """
@@ -161,9 +168,7 @@ def draw(
     adapters = sorted({a for _, d in g.nodes(data=True) for a in ([d["adapter"]] if d.get("adapter") else d.get("adapters", []))})
     colors = adapter_colors(adapters)
     folded = _folded(g, fold)
-    drawn = nx.DiGraph()
-    drawn.add_nodes_from(g.nodes)
-    drawn.add_edges_from((u, v) for u, v in g.edges if u not in folded or v not in folded[u])
+    hidden = {(u, v) for u, targets in folded.items() for v in targets}
     labels = {}
     for n, attrs in g.nodes(data=True):
         lines = node_lines(attrs, colors)
@@ -171,11 +176,11 @@ def draw(
             lines.append(Line(((f"⇉ feeds {len(folded[n])} nodes (edges folded)", "#64748b"),), small=True))
         labels[n] = lines
     sizes = {n: _size(lines) for n, lines in labels.items()}
-    lay: Layout = layered_layout(drawn, sizes, max_rows=max_rows)
+    lay: Layout = layered_layout(g, sizes, max_rows=max_rows, hidden=hidden)
     items = legend(view, adapters, colors) if show_legend else []
     heading = title if title is not None else f"{g.graph.get('title', 'graph')} — {view} view"
-    band, band_h = _legend_svg(items, heading, lay.width) if show_legend else ([], 0.0)
-    width = max(lay.width, 420.0 if show_legend else 0.0)
+    band, band_h = _legend_svg(items, heading, max(lay.width, len(heading) * 9.8 + 40)) if show_legend else ([], 0.0)
+    width = max(lay.width, (len(heading) * 9.8 + 40) if show_legend else 0.0)
     height = lay.height + band_h
     body: list[str] = []
     markers = {}
