@@ -49,6 +49,15 @@ def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: b
     return delta.t() if fan_in_fan_out else delta
 
 
+def set_branch_scaling(branch: torch.nn.Module, value: float) -> None:
+    """Set a branch's scaling, and its ``scale`` buffer when it has one (mixed-batch graphs read it)."""
+    branch.scaling = value
+    scale = getattr(branch, "scale", None)
+    if isinstance(scale, torch.Tensor):
+        with torch.no_grad():
+            scale.fill_(value)
+
+
 @dataclass
 class MergeState:
     """What a merge changed, so that it can be undone.
@@ -147,7 +156,7 @@ class MergeMixin:
             state.merged[adapter] = w
             for key, _, branch in self.graphlora.branches(adapter):  # type: ignore[attr-defined]
                 state.scalings[(key, adapter)] = branch.scaling
-                branch.scaling = 0.0
+                set_branch_scaling(branch, 0.0)
         self._sync_state()  # type: ignore[attr-defined]
 
     def merge_adapter(self, adapter_names: Union[Iterable[str], None] = None, safe_merge: bool = False) -> None:
@@ -206,9 +215,10 @@ class MergeMixin:
                 getattr_path(self, path).copy_(original)
         for (key, adapter), scaling in state.scalings.items():
             try:
-                self.graphlora.branch(key, adapter).scaling = scaling  # type: ignore[attr-defined]
+                branch = self.graphlora.branch(key, adapter)  # type: ignore[attr-defined]
             except KeyError:  # the adapter was deleted while merged
-                pass
+                continue
+            set_branch_scaling(branch, scaling)
         self.__dict__["_glora_merge"] = MergeState()
         if stay:
             self._apply_merge(stay, safe_merge=False)

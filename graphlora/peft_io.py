@@ -26,6 +26,7 @@ from torch import nn
 
 from ._atomic import AtomicWriter
 from .config import LoraConfig
+from .merge import set_branch_scaling
 from .errors import AdapterFileError, AdapterStateError, NoTargetError
 from .peft_format import (
     CONFIG_NAME,
@@ -93,7 +94,8 @@ def read_adapter_dir(directory: PathLike) -> tuple[LoraConfig, dict[str, torch.T
 
 
 def _resolve_dir(path: PathLike, adapter_name: str) -> str:
-    """``path``, or ``path/<adapter_name>`` when that is where the adapter's files are (PEFT's layout)."""
+    """Where ``adapter_name``'s files are: ``path/<adapter_name>/`` when that holds an adapter (the
+    layout ``save_pretrained`` / ``save_adapter`` write for a non-default adapter), else ``path``."""
     path = os.fspath(path)
     if os.path.isfile(path) and os.path.basename(path) in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
         return os.path.dirname(path) or "."
@@ -102,8 +104,8 @@ def _resolve_dir(path: PathLike, adapter_name: str) -> str:
             f"{path!r} is not a directory; graphlora loads adapters from local directories only "
             "(no hub downloads): pass the folder that holds adapter_config.json."
         )
-    sub = os.path.join(path, adapter_name)
-    if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+    sub = os.path.join(path, adapter_subdir(adapter_name)) if adapter_subdir(adapter_name) else path
+    if os.path.isfile(os.path.join(sub, CONFIG_NAME)):
         return sub
     return path
 
@@ -257,9 +259,9 @@ class PeftFileMixin:
         """Load a PEFT LoRA adapter directory under ``adapter_name``.
 
         Args:
-            path: a directory written by PEFT's ``save_pretrained`` or by :meth:`save_adapter`
-                (if it holds no ``adapter_config.json`` but ``path/<adapter_name>/`` does, that is
-                used, matching ``save_adapter``'s layout).
+            path: a directory written by PEFT's ``save_pretrained`` or by :meth:`save_adapter`.
+                For a name other than ``"default"``, ``path/<adapter_name>/`` is read when it holds
+                an adapter (where those functions put it), else ``path`` itself.
             adapter_name: the name to load under. If it exists and the file's tensors have the
                 same keys and shapes, the weights are copied in place (hotswap: no graph
                 rebuild; the config's alpha / scaling / dropout are updated too).
@@ -353,7 +355,8 @@ class PeftFileMixin:
                     current[key].copy_(value)
             for site, (r, alpha, scaling) in plan.items():
                 branch = branches[site]
-                branch.lora_alpha, branch.scaling = alpha, scaling
+                branch.lora_alpha = alpha
+                set_branch_scaling(branch, scaling)
                 dropout = branch._modules.get("lora_dropout")
                 if config.lora_dropout > 0 and dropout is not None:
                     dropout.p = config.lora_dropout
@@ -374,7 +377,8 @@ class PeftFileMixin:
                     current[key].copy_(value)
             for site, (alpha, scaling, dropout, p) in old.items():
                 branch = branches[site]
-                branch.lora_alpha, branch.scaling = alpha, scaling
+                branch.lora_alpha = alpha
+                set_branch_scaling(branch, scaling)
                 branch._modules.pop("lora_dropout", None)
                 if dropout is not None:
                     dropout.p = p
