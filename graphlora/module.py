@@ -35,6 +35,7 @@ from graphlora.passes import (
     locate_sites,
     pattern_value,
     splice_adapters,
+    splice_mixed,
     strip_tensor_asserts,
 )
 from graphlora.passes.sites import getattr_path
@@ -82,10 +83,14 @@ class SiteInfo:
 class _Program:
     """One traced call signature: its pristine graph, sites, and (for variants) module."""
 
-    key: Any
+    key: Any  # (signature key or None for fx, mixed: bool)
     base_graph: fx.Graph
     sites: list[Site]
     module: Union[fx.GraphModule, None] = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.key[1]
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -148,8 +153,10 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         d["_glora_active"] = []
         d["_glora_weights"] = {}
         d["_glora_enabled"] = True
+        d["_glora_trainable"] = True
         self.add_module(STORE, AdapterStore())
-        key = call_key(self._normalize(captured.kwargs)) if captured.frontend == "export" else None
+        sig = call_key(self._normalize(captured.kwargs)) if captured.frontend == "export" else None
+        key = (sig, False)
         program = _Program(key, _copy_graph(self.graph), locate_sites(self, self._glora_aliases))
         d["_glora_primary"] = key
         d["_glora_programs"] = {key: program}
@@ -177,25 +184,89 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         bound.update(kwargs)
         return self._normalize(bound)
 
+    def recompile(self):
+        code = super().recompile()
+        # GraphModule installs its own __call__ wrapper on each recompile; route first instead,
+        # so that torch.compile traces the program graphs, never the routing Python.
+        type(self).__call__ = AdaptedGraphModule.__call__
+        return code
+
+    @torch.compiler.disable(recursive=False)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._glora_frontend != "export":
+        """Call as the original model; ``adapter_names=[...]`` (one per row) mixes adapters in a batch.
+
+        The routing runs as plain Python even under ``torch.compile`` (this frame and ``_route``
+        are skipped by dynamo): only the program graphs it calls are compiled, so switching
+        adapters or changing row names never recompiles.
+        """
+        target, args, kwargs = self._route(args, kwargs)
+        if target is None:
             return super().__call__(*args, **kwargs)
-        bound = self._bind(args, kwargs)
-        key = call_key(bound)
+        return target(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _route(self, args: tuple, kwargs: dict) -> tuple[Union[fx.GraphModule, None], tuple, dict]:
+        """The program for this call (``None``: this module's own graph) and its arguments."""
+        names = kwargs.pop("adapter_names", None)
+        if self._glora_frontend == "export":
+            kwargs, args = self._bind(args, kwargs), ()
+            sig = call_key(kwargs)
+        else:
+            sig = None
+        key = (sig, names is not None)
+        if names is not None:
+            self._write_row_index(names, args, kwargs)
         if key == self._glora_primary:
-            return super().__call__(**bound)
+            return None, args, kwargs
         program = self._glora_programs.get(key)
         if program is None:
-            program = self._trace_signature(bound, key)
-        return program.module(**bound)
+            program = self._new_program(key, kwargs)
+        return program.module, args, kwargs
+
+    def adapter_slots(self) -> dict[str, int]:
+        """Adapter name -> slot used by mixed batches (``"__base__"``: no adapter)."""
+        slots = {name: i for i, name in enumerate(self._glora_configs)}
+        slots["__base__"] = len(slots)
+        return slots
+
+    def _write_row_index(self, names: Any, args: tuple, kwargs: dict) -> None:
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise ConfigError(f"adapter_names must be a list with one adapter name per batch row, got {names!r}.")
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if first is not None and first.shape[0] != len(names):
+            raise ConfigError(
+                f"adapter_names has {len(names)} names but the batch has {first.shape[0]} rows; "
+                "give one adapter name (or '__base__') per row."
+            )
+        if self.training and torch.is_grad_enabled():
+            raise AdapterStateError(
+                "adapter_names (a mixed-adapter batch) is for inference; call gm.eval() or run under torch.no_grad()."
+            )
+        slots = self.adapter_slots()
+        unknown = [n for n in names if n not in slots]
+        if unknown:
+            raise AdapterNotFoundError(
+                f"adapter_names has unknown adapter {unknown[0]!r}; loaded adapters: "
+                f"{list(self._glora_configs)} (or '__base__' for the base model)."
+            )
+        index = torch.tensor([slots[n] for n in names], dtype=torch.long)
+        store = self.graphlora
+        current = store._buffers.get("row_index")
+        if current is not None and current.shape == index.shape:
+            current.copy_(index, non_blocking=True)  # in place: CUDA-graph captures stay valid
+        else:
+            device = next((p.device for p in store.parameters()), index.device)
+            store.register_buffer("row_index", index.to(device), persistent=False)
 
     def _describe_signatures(self) -> str:
         lines = []
-        for key in self._glora_programs:
-            lines.append("(" + ", ".join(f"{name}={'<tensor>' if d[0] == 'tensor' else d[-1]!r}" for name, d in key) + ")")
+        for sig, mixed in self._glora_programs:
+            if sig is None:
+                continue
+            desc = ", ".join(f"{name}={'<tensor>' if d[0] == 'tensor' else d[-1]!r}" for name, d in sig)
+            lines.append(f"({desc}{', adapter_names=...' if mixed else ''})")
         return "; ".join(lines)
 
-    @torch.compiler.disable
     def _trace_signature(self, kwargs: dict[str, Any], key: Any) -> _Program:
         """Trace the source model for a new call signature and splice the current adapters in."""
         try:
@@ -210,6 +281,19 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
             ) from exc
         self._adopt_attributes(gm, len(self._glora_programs))
         program = _Program(key, _copy_graph(gm.graph), locate_sites(gm, self._glora_aliases))
+        self._glora_programs[key] = program
+        self._build_variant(program)
+        return program
+
+    def _new_program(self, key: Any, kwargs: dict[str, Any]) -> _Program:
+        """A program for an unseen (signature, mixed) key; traces the signature if needed."""
+        sig, mixed = key
+        base = self._glora_programs.get((sig, False))
+        if base is None:
+            base = self._trace_signature(kwargs, (sig, False))
+        if not mixed:
+            return base
+        program = _Program(key, _copy_graph(base.base_graph), base.sites)
         self._glora_programs[key] = program
         self._build_variant(program)
         return program
@@ -251,8 +335,20 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
     def _build_variant(self, program: _Program) -> None:
         vm = fx.GraphModule(self, _copy_graph(program.base_graph), class_name=self._get_name())
         vm.add_module(STORE, self.graphlora)
-        splice_adapters(vm, program.sites, self._branch_specs())
+        if program.mixed:
+            splice_mixed(vm, program.sites, self._mixed_specs(), f"{STORE}.row_index")
+        else:
+            splice_adapters(vm, program.sites, self._branch_specs())
         program.module = vm
+
+    def _mixed_specs(self) -> dict[str, list[Union[BranchSpec, None]]]:
+        """Per site, one entry per adapter in slot order; ``None`` where the adapter is absent."""
+        slots = list(self._glora_configs)
+        out = {}
+        for site, present in self._branch_specs().items():
+            by_name = {b.adapter: b for b in present}
+            out[site] = [by_name.get(name) for name in slots]
+        return out
 
     def _rebuild(self) -> None:
         """Re-splice every program from its pristine graph with the current adapters."""
@@ -456,9 +552,25 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         active = self._glora_weights if self._glora_enabled else {}
         for _, adapter, branch in self.graphlora.branches():
             branch.set_gate(branch.scaling * active[adapter] if adapter in active else 0.0)
-            trainable = adapter in self._glora_weights and not self._glora_configs[adapter].inference_mode
+            trainable = (self._glora_trainable and adapter in self._glora_weights
+                         and not self._glora_configs[adapter].inference_mode)
             for param in branch.parameters():
-                param.requires_grad_(trainable)
+                if param.requires_grad != trainable:
+                    param.requires_grad_(trainable)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "AdaptedGraphModule":
+        """As ``nn.Module.requires_grad_``, and it decides whether active adapters train.
+
+        By default the active adapters' parameters require grad and the others do not
+        (PEFT's behaviour), so switching flips ``requires_grad`` and a compiled *training* graph
+        recompiles. For serving, ``gm.requires_grad_(False)`` freezes every adapter: switching
+        then changes gate values only, and compiled graphs never recompile.
+        ``gm.requires_grad_(True)`` makes the base trainable too, as it would on any module.
+        """
+        super().requires_grad_(requires_grad)
+        self.__dict__["_glora_trainable"] = bool(requires_grad)
+        self._sync_state()
+        return self
 
     # ------------------------------------------------------------------ introspection
     @property

@@ -5,6 +5,8 @@ Layout on the emitted module (every get_attr target the splice pass writes lives
     graphlora.<site_key>.<adapter>.lora_A.weight   [r, d_in]    trainable
     graphlora.<site_key>.<adapter>.lora_B.weight   [d_out, r]   trainable
     graphlora.<site_key>.<adapter>.gate            []           switch state (non-persistent)
+    graphlora.<site_key>.<adapter>.scale           []           alpha / r (non-persistent)
+    graphlora.row_index                            [batch]      mixed-batch adapter slots
     graphlora.<site_key>.<adapter>.lora_dropout    nn.Dropout   (only when lora_dropout > 0)
 """
 
@@ -51,6 +53,8 @@ class LoraBranch(nn.Module):
         if dropout > 0:
             self.lora_dropout = nn.Dropout(dropout)
         self.register_buffer("gate", torch.zeros((), device=device), persistent=False)
+        # the constant scale, read by mixed-adapter batches (where each row picks its adapter)
+        self.register_buffer("scale", torch.full((), float(scaling), device=device), persistent=False)
 
     @property
     def has_dropout(self) -> bool:

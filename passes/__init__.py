@@ -16,7 +16,7 @@ Each rewrite is a callable ``GraphModule -> PassResult`` (``torch.fx.passes.infr
 from .cleanup import strip_tensor_asserts
 from .dropout import follow_train_mode
 from .sites import Site, locate_sites
-from .splice import BranchSpec, splice_adapters
+from .splice import BranchSpec, splice_adapters, splice_mixed
 from .targeting import is_excluded, is_targeted, pattern_value
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "locate_sites",
     "BranchSpec",
     "splice_adapters",
+    "splice_mixed",
     "follow_train_mode",
     "strip_tensor_asserts",
     "is_targeted",

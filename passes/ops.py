@@ -9,17 +9,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lora_switch"]
+__all__ = ["lora_switch", "lora_mixed"]
 
 
 def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
-    """Combine a site's base output with its adapter branches.
+    r"""Combine a site's base output with its adapter branches.
 
     .. math::
 
-        y = \\text{base} + \\sum_i h_i B_i^\\top, \\qquad h_i = g_i \\cdot A_i\\,\\mathrm{dropout}_i(x)
+        y = \text{base} + \sum_i h_i B_i^\top, \qquad h_i = g_i \cdot A_i\,\mathrm{dropout}_i(x)
 
     where ``g_i`` (the gate, folded into ``h_i`` upstream on the rank-``r`` tensor, where it is
     cheap) is ``alpha_i / r_i`` times the adapter's weight while active and 0 otherwise. Each
@@ -37,3 +38,49 @@ def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Ten
     for h, b in zip(hs, bs):
         out = torch.addmm(out, h.reshape(-1, h.shape[-1]), b.t())
     return out.view(base.shape)
+
+
+def lora_mixed(
+    base: Tensor,
+    x: Tensor,
+    index: Tensor,
+    a_weights: Sequence[Tensor | None],
+    b_weights: Sequence[Tensor | None],
+    scales: Sequence[Tensor | None],
+) -> Tensor:
+    r"""A site's output when each batch row picks its own adapter (mixed-adapter batch).
+
+    Row ``b`` uses adapter ``index[b]`` (slot ``len(a_weights)`` means no adapter):
+
+    .. math::
+
+        y_b = \text{base}_b + s_{i_b} \, x_b A_{i_b}^\top B_{i_b}^\top
+
+    The adapters' ``A`` / ``B`` are stacked (ranks zero-padded to the largest, plus a zero slot
+    for base rows) and gathered per row, so the whole batch costs two batched matmuls of rank
+    ``r_max``, whatever the number of adapters (the BGMV idea). Base rows get an exact zero.
+
+    Args:
+        base: the base op's output, ``[batch, ..., out]`` or ``[batch * seq, out]``.
+        x: the base op's input with the same leading layout, ``[..., in]``.
+        index: ``[batch]`` int64 adapter slots.
+        a_weights / b_weights: each adapter's ``A`` ``[r_i, in]`` and ``B`` ``[out, r_i]``, ``None``
+            for an adapter without a branch at this site.
+        scales: each adapter's 0-dim ``alpha / r`` tensor (``None`` likewise).
+    """
+    present = [i for i, a in enumerate(a_weights) if a is not None]
+    ref_a, ref_b, ref_s = a_weights[present[0]], b_weights[present[0]], scales[present[0]]
+    rank = max(a_weights[i].shape[0] for i in present)
+    zero_a = ref_a.new_zeros(rank, ref_a.shape[1])
+    zero_b = ref_b.new_zeros(ref_b.shape[0], rank)
+    zero_s = ref_s.new_zeros((), dtype=x.dtype)
+    a_stack = torch.stack([zero_a if a is None else F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in a_weights]
+                          + [zero_a])
+    b_stack = torch.stack([zero_b if b is None else F.pad(b, (0, rank - b.shape[1])) for b in b_weights]
+                          + [zero_b])
+    scale = torch.stack([zero_s if s is None else s.to(x.dtype) for s in scales] + [zero_s])
+    rows = index.shape[0]
+    x3 = x.reshape(rows, -1, x.shape[-1])
+    h = torch.bmm(x3, a_stack[index].transpose(1, 2)) * scale[index].view(rows, 1, 1)
+    delta = torch.bmm(h, b_stack[index].transpose(1, 2))
+    return base + delta.view(base.shape)

@@ -24,10 +24,10 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from .ops import lora_switch
+from .ops import lora_mixed, lora_switch
 from .sites import Site
 
-__all__ = ["BranchSpec", "splice_adapters", "site_key"]
+__all__ = ["BranchSpec", "splice_adapters", "splice_mixed", "site_key"]
 
 aten = torch.ops.aten
 
@@ -102,6 +102,58 @@ def splice_adapters(
             bs.append(b)
         switch = emit("call_function", lora_switch, (base, tuple(hs), tuple(bs)), f"{key}_switch",
                       _meta(base, "switch", site.name))
+        if "val" in base.meta:
+            switch.meta["val"] = base.meta["val"]
+        base.replace_all_uses_with(switch, delete_user_cb=lambda user: user is not switch)
+        modified = True
+    if modified:
+        graph.lint()
+        gm.recompile()
+    return PassResult(gm, modified)
+
+
+def splice_mixed(
+    gm: fx.GraphModule, sites: Sequence[Site], branches: Mapping[str, Sequence[BranchSpec | None]], index: str
+) -> PassResult:
+    """Mixed-adapter-batch form: one ``lora_mixed`` switch per site, rows routed by ``index``.
+
+    ``index`` is the attribute path of a ``[batch]`` int64 buffer of adapter slots; slot ``i``
+    is the ``i``-th entry of ``branches[site]`` (every site lists the adapters in the same order,
+    ``None`` where an adapter has no branch: its rows get no contribution there). Inference only:
+    adapter dropout is not applied.
+    """
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    modified = False
+    for site in sites:
+        specs = branches.get(site.name, ())
+        if not any(specs):
+            continue
+        base = nodes[site.node]
+        x = base.args[0] if site.input_index < 0 else base.args[site.input_index]
+        key = site_key(site.name)
+        meta = _meta(base, "switch", site.name)
+        with graph.inserting_after(base):
+            idx = graph.create_node("get_attr", index, (), {}, name=f"{key}_row_index")
+        cursor, a_nodes, b_nodes, s_nodes = idx, [], [], []
+        for spec in specs:
+            if spec is None:  # this adapter has no branch here: its slot contributes zero
+                for bucket in (a_nodes, b_nodes, s_nodes):
+                    bucket.append(None)
+                continue
+            for target, bucket, suffix in ((f"{spec.prefix}.lora_A.weight", a_nodes, "lora_A_weight"),
+                                           (f"{spec.prefix}.lora_B.weight", b_nodes, "lora_B_weight"),
+                                           (f"{spec.prefix}.scale", s_nodes, "scale")):
+                with graph.inserting_after(cursor):
+                    cursor = graph.create_node("get_attr", target, (), {}, name=f"{key}_{spec.adapter}_{suffix}")
+                cursor.meta.update(_meta(base, "adapter", site.name, spec.adapter))
+                bucket.append(cursor)
+        with graph.inserting_after(cursor):
+            switch = graph.create_node(
+                "call_function", lora_mixed, (base, x, idx, tuple(a_nodes), tuple(b_nodes), tuple(s_nodes)), {},
+                name=f"{key}_switch",
+            )
+        switch.meta.update(meta)
         if "val" in base.meta:
             switch.meta["val"] = base.meta["val"]
         base.replace_all_uses_with(switch, delete_user_cb=lambda user: user is not switch)
