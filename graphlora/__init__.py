@@ -18,6 +18,7 @@ from .errors import (
     TraceError,
 )
 from .module import AdaptedGraphModule, SiteInfo
+from .viz import before_after, export_graph, to_networkx
 from .errors import AdapterFileError, MergeError
 from .freeze import specialize
 from .merge import lora_delta

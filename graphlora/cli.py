@@ -1,4 +1,4 @@
-"""The ``graphlora`` command: ``demo`` (the main job) and ``inspect`` (the sites table)."""
+"""The ``graphlora`` command: ``demo`` (the main job), ``inspect`` (the sites table) and ``viz`` (pictures)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _targets(value: str | None):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    result = run_demo(args.model, steps=args.steps, seed=args.seed)
+    result = run_demo(args.model, steps=args.steps, seed=args.seed, svg=args.svg or None)
     ok = result["identity_at_injection"] and result["disable_exact"] and result["code_unchanged"]
     return 0 if ok else 1
 
@@ -44,6 +44,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import LoraConfig, inject
+    from .viz import FORMATS, VizError, export_graph
+
+    if Path(args.output).suffix.lower() not in FORMATS:  # fail before tracing
+        print(f"graphlora viz: cannot write {args.output!r}: name the file with one of {', '.join(FORMATS)}.",
+              file=sys.stderr)
+        return 2
+    gm = inject(_load_model(args.model), LoraConfig(r=args.r, target_modules=_targets(args.target)))
+    try:
+        path = export_graph(gm, args.output, view=args.view, depth=args.depth, within=args.within)
+    except VizError as exc:
+        print(f"graphlora viz: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote the {args.view} view of {gm._get_name()} ({len([s for s in gm.sites if s.ranks])} adapted sites) "
+          f"to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphlora", description="Adapters injected by rewriting the traced graph.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", metavar="DIR", help="a local transformers checkpoint directory")
     demo.add_argument("--steps", type=int, default=120, help="training steps per adapter (default 120)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--svg", metavar="PATH", default="graphlora-demo-modules.svg",
+                      help="where to draw the modules view (default ./graphlora-demo-modules.svg; '' skips it)")
     demo.set_defaults(func=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="print the sites table of a model")
@@ -61,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--r", type=int, default=8)
     inspect.add_argument("--all", action="store_true", help="list every linear site, adapted or not")
     inspect.set_defaults(func=_cmd_inspect)
+
+    viz = sub.add_parser("viz", help="draw where the adapters sit (.svg .html .graphml .json .dot .mmd)")
+    viz.add_argument("--model", metavar="DIR", help="a local transformers checkpoint (default: the demo's Llama)")
+    viz.add_argument("--target", default="all-linear",
+                     help="target_modules: 'all-linear', a comma list (q_proj,v_proj) or a regex")
+    viz.add_argument("--r", type=int, default=8)
+    viz.add_argument("--view", choices=("modules", "full", "diff"), default="modules",
+                     help="modules: one node per block (default); full: every op; diff: traced vs rewritten")
+    viz.add_argument("--depth", type=int, default=None,
+                     help="modules view: path components per node (default: one node per repeated block)")
+    viz.add_argument("--within", metavar="PATH", help="only this module and below (e.g. model.layers.0.self_attn)")
+    viz.add_argument("-o", "--output", required=True, metavar="FILE", help="output file; the suffix picks the format")
+    viz.set_defaults(func=_cmd_viz)
     return parser
 
 

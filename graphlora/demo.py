@@ -4,7 +4,8 @@
 2. inject LoRA into every linear but the head; print the sites table;
 3. fine-tune adapter ``succ`` on a synthetic task (next token = token + 1) with a progress bar;
 4. add adapter ``pred`` (next token = token - 1), train it, switch between the two;
-5. show that ``disable_adapters()`` gives the base model's outputs exactly.
+5. show that ``disable_adapters()`` gives the base model's outputs exactly;
+6. draw the modules view (where the adapters sit) to an SVG file.
 """
 
 from __future__ import annotations
@@ -74,8 +75,18 @@ def _train(gm: AdaptedGraphModule, name: str, batch, steps: int, gen: torch.Gene
     return losses
 
 
-def run_demo(model_dir: str | None = None, steps: int = 120, seed: int = 0, lr: float = 1e-2) -> dict:
-    """Run the demo; returns the numbers it printed (for tests)."""
+def _write_svg(gm: AdaptedGraphModule, path: str) -> str:
+    """Step 6: the modules view of ``gm`` as an SVG (graphlora.viz); returns the absolute path."""
+    from .viz import export_graph
+
+    return str(export_graph(gm, path, view="modules").resolve())
+
+
+def run_demo(
+    model_dir: str | None = None, steps: int = 120, seed: int = 0, lr: float = 1e-2,
+    svg: str | None = "graphlora-demo-modules.svg",
+) -> dict:
+    """Run the demo; returns the numbers it printed (for tests). ``svg=None`` skips the picture."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = _load(model_dir) if model_dir else small_llama(seed)
@@ -123,8 +134,13 @@ def run_demo(model_dir: str | None = None, steps: int = 120, seed: int = 0, lr: 
     exact = torch.equal(disabled, base_logits)
     print(f"\ndisable_adapters() reproduces the base model's logits exactly: {exact}")
     print(f"graph code unchanged by set_adapter / disable_adapters: {gm.code == code_before}")
+
+    svg_path = _write_svg(gm, svg) if svg else None
+    if svg_path:
+        print(f"modules view (where the adapters sit) written to {svg_path}")
     print(f"done in {time.perf_counter() - start:.1f}s")
     return {
+        "svg": svg_path,
         "identity_at_injection": same,
         "loss_succ": (losses_succ[0], losses_succ[-1]),
         "loss_pred": (losses_pred[0], losses_pred[-1]),
