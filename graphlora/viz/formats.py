@@ -13,7 +13,7 @@ from typing import Any
 
 import networkx as nx
 
-from .style import EDGE, REMOVED, SWITCH, adapter_colors, look, node_lines
+from .style import adapter_names, EDGE, REMOVED, SWITCH, adapter_colors, look, node_lines
 
 __all__ = ["graphml_ready", "write_graphml", "node_link", "json_text", "dot_text", "mermaid_text"]
 
@@ -79,7 +79,7 @@ def _edge_style(g: nx.DiGraph, u: Hashable, v: Hashable, colors: Mapping) -> tup
 
 
 def _colors(g: nx.DiGraph) -> dict:
-    names = sorted({a for _, d in g.nodes(data=True) for a in ([d["adapter"]] if d.get("adapter") else d.get("adapters", []))})
+    names = adapter_names(g)
     return adapter_colors(names)
 
 

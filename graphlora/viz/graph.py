@@ -101,7 +101,7 @@ def _val_facts(node: fx.Node) -> tuple[str, str]:
     val = node.meta.get("val", node.meta.get("tensor_meta"))
     if val is None:
         return "", ""
-    if isinstance(val, (list, tuple)):
+    if isinstance(val, (list, tuple)) and not hasattr(val, "shape"):  # TensorMetadata is a namedtuple
         parts = [_val_facts_of(v) for v in val]
         shapes = [s for s, _ in parts if s]
         dtypes = sorted({d for _, d in parts if d})
@@ -317,7 +317,7 @@ def _modules(gm: fx.GraphModule, graph: fx.Graph, depth: Union[int, None]) -> nx
             f"{s} " + ",".join(f"{a}:{r}" for a, r in ranks.get(s, {}).items())
             for s in site_names
         ]
-        adapters = sorted({a for s in site_names for a in ranks.get(s, {})})
+        adapters = list(dict.fromkeys(a for s in site_names for a in ranks.get(s, {})))
         g.add_node(
             gid, role="module", path=path, label=path or "(root)",
             module_type=types.get(path, root_label if not path else ""),
@@ -426,7 +426,10 @@ def to_networkx(
         g = _modules(gm, gm.graph, depth)
     else:
         g = before_after(gm)
+    adapters = getattr(gm, "adapters", None)
     g.graph.update(view=view, title=_title(gm))
+    if isinstance(adapters, Mapping):
+        g.graph["adapters"] = list(adapters)
     if view == "modules":
         g.graph["depth"] = depth if depth is not None else "auto"
     return _within(g, within) if within else g

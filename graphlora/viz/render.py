@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape, quoteattr
 import networkx as nx
 
 from .layout import Layout, layered_layout
-from .style import ADDED, EDGE, FONT, REMOVED, SWITCH, Line, Look, adapter_colors, legend, look, node_lines
+from .style import adapter_names, ADDED, EDGE, FONT, REMOVED, SWITCH, Line, Look, adapter_colors, legend, look, node_lines
 
 __all__ = ["Drawing", "auto_fold", "draw", "render_svg"]
 
@@ -165,7 +165,7 @@ def draw(
         show_legend: draw the title and legend band.
     """
     view = g.graph.get("view", "full")
-    adapters = sorted({a for _, d in g.nodes(data=True) for a in ([d["adapter"]] if d.get("adapter") else d.get("adapters", []))})
+    adapters = adapter_names(g)
     colors = adapter_colors(adapters)
     folded = _folded(g, fold)
     hidden = {(u, v) for u, targets in folded.items() for v in targets}

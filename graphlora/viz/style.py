@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Look", "Line", "look", "node_lines", "adapter_colors", "legend", "EDGE", "REMOVED", "ADDED", "SWITCH"]
+__all__ = ["Look", "Line", "look", "adapter_names", "node_lines", "adapter_colors", "legend", "EDGE", "REMOVED", "ADDED", "SWITCH"]
 
 FONT = "DejaVu Sans Mono, Menlo, Consolas, monospace"
 EDGE = "#94a3b8"
@@ -61,6 +61,14 @@ class Line:
         return "".join(t for t, _ in self.parts)
 
 
+def adapter_names(g: Any) -> list[str]:
+    """Adapter names of a view in the order they were added (graph attribute), then first seen."""
+    names = list(g.graph.get("adapters") or [])
+    for _, d in g.nodes(data=True):
+        names += [d["adapter"]] if d.get("adapter") else list(d.get("adapters") or [])
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def adapter_colors(names: Iterable[str]) -> dict[str, tuple[str, str]]:
     """Adapter name -> (fill, stroke), in first-seen order, cycling through the palette."""
     out: dict[str, tuple[str, str]] = {}
@@ -97,11 +105,15 @@ def _short_path(path: str, keep: int = 2) -> str:
     return ".".join(parts[-keep:]) if len(parts) > keep else path
 
 
-def _site_line(site: str, group: str, colors: Mapping[str, tuple[str, str]]) -> Line:
+def _relative(site: str, group: str) -> str:
+    path = site.partition(" ")[0]
+    return path[len(group) + 1:] if group and path.startswith(group + ".") else path
+
+
+def _site_line(site: str, group: str, colors: Mapping[str, tuple[str, str]], pad: int = 0) -> Line:
     """``"model.layers.0.self_attn.q_proj default:8,pred:4"`` -> ``self_attn.q_proj  default r8  pred r4``."""
-    path, _, ranks = site.partition(" ")
-    rel = path[len(group) + 1:] if group and path.startswith(group + ".") else path
-    parts: list[tuple[str, str]] = [("◆ " + rel, "")]
+    ranks = site.partition(" ")[2]
+    parts: list[tuple[str, str]] = [("◆ " + _relative(site, group).ljust(pad), "")]
     for item in filter(None, ranks.split(",")):
         name, _, r = item.rpartition(":")
         parts.append(("  ", ""))
@@ -119,8 +131,9 @@ def node_lines(attrs: Mapping[str, Any], colors: Mapping[str, tuple[str, str]], 
         detail = " · ".join(x for x in (attrs.get("module_type", ""), f"{attrs.get('num_ops', 0)} op{'' if attrs.get('num_ops') == 1 else 's'}") if x)
         lines.append(Line(((detail, ""),), small=True))
         sites = list(attrs.get("sites") or [])
+        pad = max((len(_relative(site, attrs.get("path", ""))) for site in sites[:max_sites]), default=0)
         for site in sites[:max_sites]:
-            lines.append(_site_line(site, attrs.get("path", ""), colors))
+            lines.append(_site_line(site, attrs.get("path", ""), colors, pad))
         if len(sites) > max_sites:
             lines.append(Line(((f"… {len(sites) - max_sites} more adapted sites", ""),), small=True))
         return lines
