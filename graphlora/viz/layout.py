@@ -236,7 +236,8 @@ def layered_layout(
     total_w = cursor - column_gap + margin
     y: dict = {}
     col_bottom = defaultdict(float)
-    cursor_y = {c: margin for c in range(ncols)}
+    top = margin + (30.0 if ncols > 1 else 0.0)  # room for "continued from" stubs
+    cursor_y = {c: top for c in range(ncols)}
     for k in levels:
         c = col_of[k]
         h = max((height(n) for n in ranks[k]), default=0.0)

@@ -95,6 +95,13 @@ def _curve(points: list[tuple[float, float]]) -> str:
     return " ".join(d)
 
 
+def _stub(x: float, y0: float, y1: float, text: str, color: str, marker_id: str, text_y: float) -> str:
+    """A short vertical arrow with a caption: one end of an edge that continues in another column."""
+    return (f'<path d="M{x:.1f},{y0:.1f} L{x:.1f},{y1:.1f}" stroke="{color}" stroke-width="1.3" '
+            f'marker-end="url(#{marker_id})"/><text x="{x + 6:.1f}" y="{text_y:.1f}" font-size="10" '
+            f'fill="#64748b">{escape(text)}</text>')
+
+
 def _tooltip(attrs: Mapping, folded: list | None, g: nx.DiGraph) -> str:
     keys = ("path", "module_type", "num_ops", "name", "op", "target", "shape", "dtype", "module", "role",
             "adapter", "site", "status")
@@ -194,6 +201,13 @@ def draw(
     for (u, v), pts in lay.edges.items():
         color, dash = _edge_color(g, u, v, colors)
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        a, b = lay.boxes[u], lay.boxes[v]
+        if a.column != b.column:  # wrapped layout: a stub out of u and a stub into v, each naming the other end
+            body.append(_stub(a.x, a.bottom, a.bottom + 16, f"↪ {g.nodes[v].get('label', v)}", color,
+                              marker(color), a.bottom + 28))
+            body.append(_stub(b.x, b.top - 18, b.top, f"{g.nodes[u].get('label', u)} ↩", color,
+                              marker(color), b.top - 22))
+            continue
         body.append(f'<path d="{_curve(pts)}" fill="none" stroke="{color}" stroke-width="1.3"{dash_attr} '
                     f'marker-end="url(#{marker(color)})" data-u={quoteattr(str(u))} data-v={quoteattr(str(v))}/>')
     body.append("</g>")
