@@ -13,7 +13,15 @@ from typing import Any
 
 import networkx as nx
 
-from .style import adapter_names, EDGE, REMOVED, SWITCH, adapter_colors, look, node_lines
+from .style import (
+    EDGE,
+    REMOVED,
+    SWITCH,
+    adapter_colors,
+    adapter_names,
+    look,
+    node_lines,
+)
 
 __all__ = ["graphml_ready", "write_graphml", "node_link", "json_text", "dot_text", "mermaid_text"]
 

@@ -273,10 +273,6 @@ def _adapter_ranks(gm: fx.GraphModule, graph: fx.Graph) -> dict[str, dict[str, i
     return {s: r for s, r in ranks.items() if r}
 
 
-def _relative(site: str, group: str) -> str:
-    return site[len(group) + 1:] if group and site.startswith(group + ".") else site
-
-
 def _modules(gm: fx.GraphModule, graph: fx.Graph, depth: Union[int, None]) -> nx.DiGraph:
     homes = module_of(gm, graph)
     blocks = block_depth(p for p, _ in homes.values())

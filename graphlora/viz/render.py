@@ -15,7 +15,20 @@ from xml.sax.saxutils import escape, quoteattr
 import networkx as nx
 
 from .layout import Layout, layered_layout
-from .style import adapter_names, ADDED, EDGE, FONT, REMOVED, SWITCH, Line, Look, adapter_colors, legend, look, node_lines
+from .style import (
+    ADDED,
+    EDGE,
+    FONT,
+    REMOVED,
+    SWITCH,
+    Line,
+    Look,
+    adapter_colors,
+    adapter_names,
+    legend,
+    look,
+    node_lines,
+)
 
 __all__ = ["Drawing", "auto_fold", "draw", "render_svg"]
 
