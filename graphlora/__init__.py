@@ -22,7 +22,7 @@ from .viz import before_after, export_graph, to_networkx
 from .errors import AdapterFileError, MergeError
 from .freeze import specialize
 from .merge import lora_delta
-from .peft_io import read_adapter_dir
+from .peft_io import read_adapter_config, read_adapter_dir
 
 __version__ = "0.1.0"
 
@@ -45,4 +45,5 @@ __all__ = [
     "specialize",
     "lora_delta",
     "read_adapter_dir",
+    "read_adapter_config",
 ]

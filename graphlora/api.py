@@ -45,6 +45,9 @@ def inject(
             left as it was.
     """
     if isinstance(config, (str, os.PathLike)):
+        from .peft_io import read_adapter_config
+
+        read_adapter_config(config, adapter_name)  # fail before the (slow) trace on a bad path or config
         gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
         gm.load_adapter(config, adapter_name)
         return gm

@@ -40,13 +40,38 @@ from .peft_format import (
 )
 from .passes.splice import site_key
 
-__all__ = ["PeftFileMixin", "read_adapter_dir"]
+__all__ = ["PeftFileMixin", "read_adapter_dir", "read_adapter_config"]
 
 PathLike = Union[str, os.PathLike]
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
+
+
+def _read_config(directory: str) -> LoraConfig:
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise AdapterFileError(
+            f"no {CONFIG_NAME} in {directory!r}; pass the directory PEFT's save_pretrained or "
+            "gm.save_adapter wrote (adapters other than 'default' live in a subdirectory named after them)."
+        )
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError(f"cannot read {config_path!r}: {exc}") from exc
+    return config_from_peft(data, source=config_path)
+
+
+def read_adapter_config(path: PathLike, adapter_name: str = "default") -> LoraConfig:
+    """The :class:`LoraConfig` of a PEFT adapter directory (``path/<adapter_name>/`` for a
+    non-default name when it exists, as :meth:`PeftFileMixin.load_adapter` resolves it).
+
+    Raises:
+        AdapterFileError: no readable config, or one graphlora cannot reproduce.
+    """
+    return _read_config(_resolve_dir(path, adapter_name))
 
 
 def read_adapter_dir(directory: PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -60,18 +85,7 @@ def read_adapter_dir(directory: PathLike) -> tuple[LoraConfig, dict[str, torch.T
             graphlora can reproduce.
     """
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise AdapterFileError(
-            f"no {CONFIG_NAME} in {directory!r}; pass the directory PEFT's save_pretrained or "
-            "gm.save_adapter wrote (adapters other than 'default' live in a subdirectory named after them)."
-        )
-    try:
-        with open(config_path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise AdapterFileError(f"cannot read {config_path!r}: {exc}") from exc
-    config = config_from_peft(data, source=config_path)
+    config = _read_config(directory)
 
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     legacy_path = os.path.join(directory, LEGACY_WEIGHTS_NAME)

@@ -198,6 +198,26 @@ def test_hotswap_copies_in_place(clean, tmp_path):
     assert all(p.requires_grad for p in params)
 
 
+def test_hotswap_with_new_dropout_rebuilds(clean, tmp_path):
+    """A dropout that appears needs a call node: the graph is re-spliced, the parameters stay the same objects."""
+    gm = clean["bert"]
+    params = [p for _, _, b in gm.graphlora.branches("default") for p in b.parameters()]
+    ref = peft_model("bert", r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.2)
+    ref.save_pretrained(tmp_path)
+    gm.load_adapter(tmp_path, "default")
+    assert "lora_dropout" in gm.code and gm.adapters["default"].lora_dropout == 0.2
+    assert [p for _, _, b in gm.graphlora.branches("default") for p in b.parameters()] == params
+    torch.testing.assert_close(run(gm, IDS), run(ref, IDS), **TOL)  # eval: dropout is the identity
+    gm.train()
+    try:
+        assert all(b.lora_dropout.training and b.lora_dropout.p == 0.2 for _, _, b in gm.graphlora.branches("default"))
+    finally:
+        gm.eval()
+    with pytest.raises(AdapterFileError, match="not a directory"):  # before any tracing
+        graphlora.inject(base("bert"), str(tmp_path / "missing"))
+    assert graphlora.read_adapter_config(tmp_path).lora_dropout == 0.2
+
+
 # ---------------------------------------------------------------------------------- errors
 def _snapshot(gm):
     return (list(gm.adapters), gm.active_adapters, gm.code,
