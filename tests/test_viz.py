@@ -323,3 +323,15 @@ def test_demo_writes_the_modules_svg(tmp_path):
     root = ET.parse(result["svg"]).getroot()
     text = " ".join(root.itertext())
     assert "model.layers.0.mlp.down_proj" in text and "pred" in text and "succ" in text
+
+
+@pytest.mark.skipif(__import__("shutil").which("dot") is None, reason="system Graphviz is optional (apt-get install graphviz)")
+def test_graphviz_reads_the_dot_file_and_draws_the_svg(llama, tmp_path):
+    import subprocess
+
+    dot = export_graph(llama, tmp_path / "m.dot", "diff", within="model.layers.0.self_attn")
+    done = subprocess.run(["dot", "-Tsvg", str(dot)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count('class="node"') == to_networkx(llama, "diff", within="model.layers.0.self_attn").number_of_nodes()
+    svg = export_graph(llama, tmp_path / "g.svg", "modules", engine="graphviz").read_text()
+    assert "model.layers.3" in svg and ET.fromstring(svg.encode()).tag.endswith("svg")
