@@ -15,6 +15,41 @@ from torch import Tensor
 __all__ = ["lora_switch", "lora_mixed"]
 
 
+def _switch_eager(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
+    out = base.reshape(-1, base.shape[-1])
+    for h, b in zip(hs, bs):
+        out = torch.addmm(out, h.reshape(-1, h.shape[-1]), b.t())
+    return out.view(base.shape)
+
+
+@torch.library.custom_op("graphlora::lora_switch", mutates_args=())
+def _switch_op(base: Tensor, hs: list[Tensor], bs: list[Tensor]) -> Tensor:
+    return _switch_eager(base, hs, bs)
+
+
+@_switch_op.register_fake
+def _switch_fake(base: Tensor, hs: list[Tensor], bs: list[Tensor]) -> Tensor:
+    return base.new_empty(base.shape)
+
+
+def _switch_setup(ctx, inputs, output) -> None:
+    _, hs, bs = inputs
+    ctx.count = len(hs)
+    ctx.save_for_backward(*hs, *bs)
+
+
+def _switch_backward(ctx, grad: Tensor):
+    saved = ctx.saved_tensors
+    hs, bs = saved[: ctx.count], saved[ctx.count:]
+    g = grad.reshape(-1, grad.shape[-1])
+    grad_hs = [(g @ b).view(h.shape) for h, b in zip(hs, bs)]
+    grad_bs = [g.t() @ h.reshape(-1, h.shape[-1]) for h in hs]
+    return grad, grad_hs, grad_bs
+
+
+_switch_op.register_autograd(_switch_backward, setup_context=_switch_setup)
+
+
 def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
     r"""Combine a site's base output with its adapter branches.
 
@@ -27,6 +62,10 @@ def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Ten
     term is one ``addmm`` into the running output, so the add costs no extra pass over the
     ``[tokens, out]`` tensor. With every gate at 0 the result equals ``base`` exactly.
 
+    Under ``torch.compile`` the same math is the custom op ``graphlora::lora_switch`` (with its
+    backward), so Inductor calls the ``addmm`` kernels as they are instead of decomposing the
+    rank-``r`` products.
+
     Args:
         base: output of the base linear op, ``[..., out]``.
         hs: gated rank-``r_i`` activations, each ``[..., r_i]`` with ``base``'s leading dims.
@@ -34,10 +73,13 @@ def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Ten
     """
     if not hs:
         return base
-    out = base.reshape(-1, base.shape[-1])
-    for h, b in zip(hs, bs):
-        out = torch.addmm(out, h.reshape(-1, h.shape[-1]), b.t())
-    return out.view(base.shape)
+    if torch.compiler.is_compiling() and COMPILE_AS_CUSTOM_OP:
+        return _switch_op(base, list(hs), list(bs))
+    return _switch_eager(base, hs, bs)
+
+
+#: Use the opaque custom op under torch.compile (benchmarks flip it to compare).
+COMPILE_AS_CUSTOM_OP = True
 
 
 def lora_mixed(
