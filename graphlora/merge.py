@@ -185,6 +185,12 @@ class MergeMixin:
             if not names:
                 raise MergeError("adapter_names is empty; name at least one adapter to merge.")
         self._check_known(names)  # type: ignore[attr-defined]
+        dora = [n for n in names if getattr(self._glora_configs[n], "use_dora", False)]  # type: ignore[attr-defined]
+        if dora:
+            raise MergeError(
+                f"adapter(s) {dora} use DoRA, whose merge (W' = m (W + s B A) / ||W + s B A||) is not "
+                "implemented here; serve them unmerged (graphlora.specialize)."
+            )
         again = [n for n in names if n in self._merge_state.merged]
         if again:
             raise MergeError(

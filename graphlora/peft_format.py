@@ -34,6 +34,7 @@ __all__ = [
     "adapter_subdir",
     "config_from_peft",
     "config_to_peft",
+    "check_writable",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -53,6 +54,11 @@ INERT_FIELDS = frozenset({
     "inference_mode", "megatron_core", "qalora_group_size", "ensure_weight_tying", "fan_in_fan_out",
     "runtime_config",
 })
+
+#: Known config fields whose tensors or math this module does not read or write yet: a file (or an
+#: adapter) with them set is refused rather than saved or loaded without them. DoRA adds a
+#: ``lora_magnitude_vector`` per site and changes the merge.
+UNSUPPORTED_WHEN_SET = ("use_dora",)
 
 #: ``init_lora_weights`` values that rewrite the base weights at initialisation (PiSSA, OLoRA,
 #: CorDA, LoftQ): the saved A/B only make sense against the rewritten base, which graphlora does
@@ -117,6 +123,12 @@ def config_from_peft(data: Mapping[str, Any], source: str = "adapter_config.json
                 f"the adapter's outputs, so loading without it would be wrong. Use an adapter saved "
                 f"without {name}."
             )
+    for name in UNSUPPORTED_WHEN_SET:
+        if not _is_empty(data.get(name)):
+            raise AdapterFileError(
+                f"{source}: {name}={data[name]!r} is not supported by graphlora's PEFT-format I/O yet "
+                "(its extra tensors would be dropped); use an adapter saved without it."
+            )
     init = fields.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise AdapterFileError(
@@ -131,6 +143,22 @@ def config_from_peft(data: Mapping[str, Any], source: str = "adapter_config.json
         return LoraConfig(**kwargs)
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(f"{source}: not a usable LoRA config: {exc}") from exc
+
+
+def check_writable(config: LoraConfig, adapter_name: str) -> None:
+    """Refuse an adapter whose state this format module cannot write completely (see
+    :data:`UNSUPPORTED_WHEN_SET`).
+
+    Raises:
+        AdapterFileError: naming the adapter and the field.
+    """
+    for name in UNSUPPORTED_WHEN_SET:
+        value = getattr(config, name, None)
+        if not _is_empty(value):
+            raise AdapterFileError(
+                f"adapter {adapter_name!r} has {name}={value!r}; graphlora's PEFT-format I/O does not write "
+                "it yet (its extra tensors would be lost)."
+            )
 
 
 def config_to_peft(

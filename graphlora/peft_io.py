@@ -33,6 +33,7 @@ from .peft_format import (
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
     adapter_subdir,
+    check_writable,
     config_from_peft,
     config_to_peft,
     parse_key,
@@ -149,6 +150,7 @@ class PeftFileMixin:
             AdapterNotFoundError: unknown adapter.
         """
         self._check_known([adapter_name])  # type: ignore[attr-defined]
+        check_writable(self._glora_configs[adapter_name], adapter_name)  # type: ignore[attr-defined]
         out: dict[str, torch.Tensor] = {}
         for site in self._glora_plans[adapter_name]:  # type: ignore[attr-defined]
             branch = self.graphlora.branch(site_key(site), adapter_name)  # type: ignore[attr-defined]

@@ -35,6 +35,13 @@ __all__ = ["freeze_switches"]
 _MULS = {torch.ops.aten.mul.Tensor, torch.mul}
 
 
+def _is_switch(node: fx.Node) -> bool:
+    """A ``lora_switch`` call: the Python function, or its custom op ``graphlora::lora_switch``."""
+    if node.op != "call_function":
+        return False
+    return node.target is lora_switch or str(node.target).startswith("graphlora.lora_switch")
+
+
 def _gate_of(h: fx.Node) -> fx.Node | None:
     """The ``get_attr`` gate node of ``h = mul(x, gate)``, or ``None`` if ``h`` is not that."""
     if h.op != "call_function" or h.target not in _MULS or len(h.args) != 2:
@@ -69,7 +76,7 @@ def freeze_switches(gm: fx.GraphModule) -> PassResult:
     """
     graph = gm.graph
     modified = False
-    for switch in [n for n in graph.nodes if n.op == "call_function" and n.target is lora_switch]:
+    for switch in [n for n in graph.nodes if _is_switch(n)]:
         base, hs, bs = switch.args
         keep_h, keep_b, dead = [], [], []
         for h, b in zip(hs, bs):
