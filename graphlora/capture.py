@@ -146,9 +146,13 @@ def trace_export(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     was_training = model.training
     model.eval()
     try:
-        return export_module(model, widen_for_trace(kwargs))
+        gm = export_module(model, widen_for_trace(kwargs))
     finally:
         model.train(was_training)
+    # ep.module() starts in training mode and refuses .train()/.eval(); the graph was traced in
+    # eval mode, so say so (modules the base passes add inherit this flag)
+    gm.training = False
+    return gm
 
 
 def _first_line(exc: BaseException) -> str:

@@ -296,3 +296,23 @@ def test_delete_then_readd_gives_same_code():
     gm.delete_adapter("b")
     gm.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj"]))
     assert gm.code == code
+
+
+def test_new_call_signatures_follow_eval_mode():
+    """A signature traced after injection (here: with attention_mask) must not run dropout in eval mode."""
+    model = tiny_bert()
+    gm = graphlora.inject(model, LoraConfig(r=2, target_modules=["query"]))
+    ids = token_ids(2, 6)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        first = gm(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(first, gm(input_ids=ids, attention_mask=mask).last_hidden_state)
+        torch.testing.assert_close(first, model(input_ids=ids, attention_mask=mask).last_hidden_state)
+        gm.train()
+        assert not torch.equal(gm(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               gm(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_layers_to_transform_needs_a_list_of_targets():
+    with pytest.raises(graphlora.ConfigError, match="layers_to_transform"):
+        LoraConfig(target_modules="all-linear", layers_to_transform=[1])
