@@ -122,75 +122,98 @@ def main() -> None:
             with open(args.out, "w") as fh:
                 json.dump(results, fh, indent=1, default=str)
 
-    def fwd(m):
-        return lambda: m(input_ids=ids, use_cache=False) if m is base or m is peft_model else m(input_ids=ids)
+    def compiled_ms(label: str, m, call) -> None:
+        counters.clear()
+        t = time.perf_counter()
+        call()
+        results[f"compile_s {label}"] = time.perf_counter() - t
+        ms[f"{label} compiled"] = timer(call, warmup, iters, device)
+        print(label, ms[f"{label} compiled"], flush=True)
 
+    call_base = lambda m: (lambda: m(input_ids=ids, use_cache=False))  # noqa: E731
     with torch.no_grad():
         ref = gm(input_ids=ids).logits.float()
         got = peft_model(input_ids=ids, use_cache=False).logits.float()
         results["max_abs_diff_vs_peft"] = (ref - got).abs().max().item()
-        ms["base eager"] = timer(fwd(base), warmup, iters, device)
-        ms["graphlora eager"] = timer(fwd(gm), warmup, iters, device)
-        ms["peft eager"] = timer(fwd(peft_model), warmup, iters, device)
+        results["max_rel_diff_vs_peft"] = ((ref - got).norm() / got.norm()).item()
+        ms["base eager"] = timer(call_base(base), warmup, iters, device)
+        ms["graphlora eager"] = timer(lambda: gm(input_ids=ids), warmup, iters, device)
+        ms["peft eager"] = timer(call_base(peft_model), warmup, iters, device)
         print(ms, flush=True)
+        if not args.skip_compile:
+            for label, m in [("base", base), ("graphlora", gm), ("peft", peft_model)]:
+                cm = torch.compile(m)
+                compiled_ms(label, m, (lambda cm=cm: cm(input_ids=ids)) if m is gm else call_base(cm))
+                torch._dynamo.reset()
+            sm = graphlora.specialize(gm)
+            csm = torch.compile(sm)
+            compiled_ms("graphlora specialized", sm, call_base(csm))
+            torch._dynamo.reset()
+        dump()
 
-        # mixed batch: 4 adapters, one per row
-        for i, name in enumerate(["a1", "a2", "a3"]):
+        # four adapters loaded: mixed batch (one adapter per row), switching under compile
+        for name in ["a1", "a2", "a3"]:
             gm.add_adapter(name, graphlora.LoraConfig(**lora))
             peft_model.add_adapter(name, peft.LoraConfig(**lora))
         randomize_lora(gm, 1)
         for name in ["default", "a1", "a2", "a3"]:
             copy_into_peft(gm, peft_model, name)
         gm.set_adapter("default")
+        peft_model.set_adapter("default")
         gm.requires_grad_(False)
         peft_model.requires_grad_(False)
         names = ["default", "a1", "a2", "a3"][:batch]
         mixed = gm(input_ids=ids, adapter_names=names).logits.float()
         mixed_peft = peft_model(input_ids=ids, use_cache=False, adapter_names=names).logits.float()
         results["mixed_max_abs_diff_vs_peft"] = (mixed - mixed_peft).abs().max().item()
+        results["mixed_max_rel_diff_vs_peft"] = ((mixed - mixed_peft).norm() / mixed_peft.norm()).item()
         ms["graphlora mixed4 eager"] = timer(lambda: gm(input_ids=ids, adapter_names=names), warmup, iters, device)
         ms["peft mixed4 eager"] = timer(lambda: peft_model(input_ids=ids, use_cache=False, adapter_names=names),
                                         warmup, iters, device)
+        ms["graphlora 4-loaded eager"] = timer(lambda: gm(input_ids=ids), warmup, iters, device)
         print(ms, flush=True)
+        dump()
+        if not args.skip_compile:
+            cm = torch.compile(gm)
+            compiled_ms("graphlora mixed4", gm, lambda: cm(input_ids=ids, adapter_names=names))
+            compiled_ms("graphlora 4-loaded", gm, lambda: cm(input_ids=ids))
+            for label, m, call in [("graphlora", gm, lambda: cm(input_ids=ids)),
+                                   ("peft", peft_model, None)]:
+                if m is peft_model:
+                    torch._dynamo.reset()
+                    cp = torch.compile(peft_model)
+                    call = call_base(cp)
+                    call()
+                counters.clear()
+                stalls, steady = [], timer(call, 2, 5, device)
+                for name in (["a1", "a2", "default", "a3"] if m is gm else ["a1", "default"]):
+                    m.set_adapter(name)
+                    m.requires_grad_(False)
+                    stalls.append(timer(call, 0, 1, device))
+                results[f"switch recompiles {label}"] = counters["stats"]["unique_graphs"]
+                results[f"switch first-call ms {label}"] = stalls
+                results[f"switch steady ms {label}"] = steady
+                m.set_adapter("default")
+                m.requires_grad_(False)
+                print({k: v for k, v in results.items() if "switch" in k}, flush=True)
+            torch._dynamo.reset()
+        dump()
+        for name in ["a1", "a2", "a3"]:
+            gm.delete_adapter(name)
+            peft_model.delete_adapter(name)
 
     if not args.skip_compile:
-        with torch.no_grad():
-            for label, m in [("base", base), ("graphlora", gm), ("peft", peft_model)]:
-                counters.clear()
-                cm = torch.compile(m)
-                t = time.perf_counter()
-                call = (lambda cm=cm: cm(input_ids=ids, use_cache=False)) if m is not gm else (lambda cm=cm: cm(input_ids=ids))
-                call()
-                results[f"compile_s {label}"] = time.perf_counter() - t
-                ms[f"{label} compiled"] = timer(call, warmup, iters, device)
-                if m is gm or m is peft_model:
-                    # switching under compile: first call after each switch, and recompilations
-                    graphs_before = counters["stats"]["unique_graphs"]
-                    stalls = []
-                    for name in (["a1", "a2", "default", "a3"] if m is gm else ["a1", "default"]):
-                        m.set_adapter(name)
-                        if m is peft_model:
-                            m.requires_grad_(False)
-                        stalls.append(timer(call, 0, 1, device))
-                    results[f"switch recompiles {label}"] = counters["stats"]["unique_graphs"] - graphs_before
-                    results[f"switch first-call ms {label}"] = stalls
-                    m.set_adapter("default")
-                    if m is peft_model:
-                        m.requires_grad_(False)
-                print(ms, {k: v for k, v in results.items() if "switch" in k or "compile_s" in k}, flush=True)
-                dump()
-                torch._dynamo.reset()
-
-        # forward + backward (adapters trainable), compiled
+        # forward + backward (one trainable adapter), compiled
         for label, m in [("graphlora", gm), ("peft", peft_model)]:
             m.train()
+            m.set_adapter("default")
             if m is gm:
                 gm.requires_grad_(True)
                 for p in gm._base_parameters():
                     p.requires_grad_(False)
-                gm.set_adapter("default")
             else:
-                m.set_adapter("default")
+                for n, p in m.named_parameters():
+                    p.requires_grad_("lora_" in n)
             cm = torch.compile(m)
 
             def step(cm=cm, m=m):
@@ -208,6 +231,7 @@ def main() -> None:
             dump()
 
     with torch.no_grad():
+        gm.requires_grad_(False)
         gm.set_adapter("default")
         merged = gm.merge_and_unload()
         ms["merged eager"] = timer(lambda: merged(input_ids=ids, use_cache=False), warmup, iters, device)
