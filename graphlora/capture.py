@@ -141,18 +141,29 @@ def bind_inputs(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
     return kwargs
 
 
-def trace_export(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
-    """Export ``model`` in eval mode on ``kwargs`` (size-1 batch/sequence dims widened first)."""
+def _export_eval(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
     was_training = model.training
     model.eval()
     try:
-        gm = export_module(model, widen_for_trace(kwargs))
+        gm = export_module(model, kwargs)
     finally:
         model.train(was_training)
     # ep.module() starts in training mode and refuses .train()/.eval(); the graph was traced in
     # eval mode, so say so (modules the base passes add inherit this flag)
     gm.training = False
     return gm
+
+
+def trace_export(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
+    """Export ``model`` in eval mode on ``kwargs`` (size-1 batch/sequence dims widened first).
+
+    Deep models with a stack of identical layers are traced with two layers and replicated
+    (:mod:`graphlora.repeat`), checked bit for bit against the model; otherwise a full export.
+    """
+    from .repeat import trace_repeated
+
+    kwargs = widen_for_trace(kwargs)
+    return trace_repeated(model, kwargs, _export_eval) or _export_eval(model, kwargs)
 
 
 def _first_line(exc: BaseException) -> str:
