@@ -6,7 +6,7 @@
 """
 
 from .api import inject, list_sites
-from .config import LoraConfig
+from .config import IA3Config, LoraConfig
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -30,6 +30,7 @@ __all__ = [
     "inject",
     "list_sites",
     "LoraConfig",
+    "IA3Config",
     "AdaptedGraphModule",
     "SiteInfo",
     "GraphLoraError",

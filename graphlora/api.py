@@ -8,7 +8,7 @@ from typing import Any, Union
 from torch import nn
 
 from .capture import capture
-from .config import LoraConfig
+from .config import IA3Config, LoraConfig
 from .errors import ConfigError
 from .module import AdaptedGraphModule
 
@@ -17,7 +17,7 @@ __all__ = ["inject", "list_sites"]
 
 def inject(
     model: nn.Module,
-    config: Union[LoraConfig, str, os.PathLike, None] = None,
+    config: Union[LoraConfig, IA3Config, str, os.PathLike, None] = None,
     *,
     adapter_name: str = "default",
     example_inputs: Any = None,
@@ -26,7 +26,8 @@ def inject(
 
     Args:
         model: any ``nn.Module``; transformers models need no example inputs.
-        config: the adapter's :class:`LoraConfig` (default: ``LoraConfig()``), or the path of a
+        config: the adapter's :class:`LoraConfig` (DoRA with ``use_dora=True``) or
+            :class:`IA3Config` (default: ``LoraConfig()``), or the path of a
             PEFT LoRA adapter directory (``adapter_config.json`` + weights, as PEFT's
             ``save_pretrained`` writes it): its config is used and its weights loaded (frozen, as
             PEFT's ``from_pretrained``; see ``AdaptedGraphModule.load_adapter``).
@@ -52,8 +53,11 @@ def inject(
         gm.load_adapter(config, adapter_name)
         return gm
     config = LoraConfig() if config is None else config
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"config must be a graphlora.LoraConfig or a PEFT adapter directory, got {type(config).__name__}.")
+    if not isinstance(config, (LoraConfig, IA3Config)):
+        raise ConfigError(
+            f"config must be a graphlora.LoraConfig, a graphlora.IA3Config or a PEFT adapter directory, "
+            f"got {type(config).__name__}."
+        )
     gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
     gm.add_adapter(adapter_name, config)
     return gm

@@ -27,7 +27,7 @@ from typing import Any, Union
 
 from .errors import ConfigError, closest
 
-__all__ = ["LoraConfig", "ALL_LINEAR", "DEFAULT_TARGET_MODULES"]
+__all__ = ["LoraConfig", "IA3Config", "ALL_LINEAR", "DEFAULT_TARGET_MODULES", "DEFAULT_IA3_MODULES"]
 
 ALL_LINEAR = "all-linear"
 
@@ -79,8 +79,48 @@ def _check_regex(value: str, field_name: str) -> None:
         ) from None
 
 
+class _PeftConfigIO:
+    """``to_dict`` / ``from_dict`` in PEFT's ``adapter_config.json`` shape, for any frozen config
+    dataclass with a ``peft_type`` class attribute."""
+
+    peft_type = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with PEFT's keys (``peft_type`` included)."""
+        out: dict[str, Any] = {"peft_type": self.peft_type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = False) -> "_PeftConfigIO":
+        """Build from a PEFT ``adapter_config.json`` dict.
+
+        Keys PEFT writes that graphlora does not use are dropped unless ``strict`` is set;
+        with ``strict`` an unknown key raises a :class:`ConfigError` naming the closest field.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        peft_type = data.get("peft_type", cls.peft_type)
+        if str(peft_type).upper() != cls.peft_type:
+            raise ConfigError(
+                f"peft_type={peft_type!r} is not {cls.peft_type!r}; this config is for another adapter method."
+            )
+        unknown = [k for k in data if k not in fields and k != "peft_type"]
+        if strict and unknown:
+            key = unknown[0]
+            raise ConfigError(
+                f"unknown {cls.__name__} field {key!r}; did you mean {closest(key, fields, 3)}?"
+            )
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(_PeftConfigIO):
     """Configuration of one LoRA adapter (PEFT's ``LoraConfig`` field names).
 
     Args:
@@ -101,6 +141,9 @@ class LoraConfig:
             regexes matched as PEFT does (``(.*\\.)?(key)$``).
         fan_in_fan_out: ``True`` when the weight is stored (in, out); ``None`` detects it per site
             (GPT-2's ``Conv1D``).
+        use_dora: weight-decomposed LoRA (DoRA): the adapted weight is
+            ``m * (W + s B A) / ||W + s B A||_row`` with a learned magnitude ``m`` per output
+            feature (``lora_magnitude_vector``), the norm detached as in PEFT.
 
     Raises:
         ConfigError: a field has an unusable value (the message names it and the fix).
@@ -118,6 +161,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     fan_in_fan_out: Union[bool, None] = None
+    use_dora: bool = False
     bias: str = "none"
     task_type: Union[str, None] = None
     base_model_name_or_path: Union[str, None] = None
@@ -162,6 +206,11 @@ class LoraConfig:
             if any(i < 0 for i in ((layers,) if isinstance(layers, int) else layers)):
                 raise ConfigError(f"layers_to_transform={layers!r} has a negative index; layer indices start at 0.")
             set_(self, "layers_to_transform", layers)
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ConfigError(
+                f"layers_to_transform={self.layers_to_transform!r} cannot be used with target_modules="
+                f"{self.target_modules!r} (a string); list the module names instead (PEFT has the same rule)."
+            )
         if self.layers_pattern is not None:
             if self.layers_to_transform is None:
                 raise ConfigError(
@@ -179,41 +228,92 @@ class LoraConfig:
             set_(self, name, pattern)
         if self.use_rslora and not isinstance(self.use_rslora, bool):
             raise ConfigError(f"use_rslora={self.use_rslora!r} must be True or False.")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora={self.use_dora!r} must be True or False.")
 
     # ------------------------------------------------------------------ helpers
     def scaling(self, r: int, alpha: float) -> float:
         """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with PEFT's keys (``peft_type`` included)."""
-        out: dict[str, Any] = {"peft_type": self.peft_type}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
-            out[f.name] = value
-        return out
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = False) -> LoraConfig:
-        """Build from a PEFT ``adapter_config.json`` dict.
+#: PEFT's default IA3 ``target_modules`` / ``feedforward_modules`` per ``model_type``.
+DEFAULT_IA3_MODULES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mixtral": (("k_proj", "v_proj", "w2"), ("w2",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
+    "t5": (("k", "v", "wo"), ("wo",)),
+    "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
+}
 
-        Keys PEFT writes that graphlora does not use are dropped unless ``strict`` is set;
-        with ``strict`` an unknown key raises a :class:`ConfigError` naming the closest field.
-        """
-        fields = {f.name for f in dataclasses.fields(cls)}
-        peft_type = data.get("peft_type", cls.peft_type)
-        if str(peft_type).upper() != cls.peft_type:
-            raise ConfigError(
-                f"peft_type={peft_type!r} is not {cls.peft_type!r}; this config is for another adapter method."
-            )
-        unknown = [k for k in data if k not in fields and k != "peft_type"]
-        if strict and unknown:
-            key = unknown[0]
-            raise ConfigError(
-                f"unknown LoraConfig field {key!r}; did you mean {closest(key, fields, 3)}?"
-            )
-        return cls(**{k: v for k, v in data.items() if k in fields})
+
+@dataclass(frozen=True)
+class IA3Config(_PeftConfigIO):
+    """Configuration of one (IA)³ adapter (PEFT's ``IA3Config`` field names).
+
+    Per targeted linear site with ``y = W x + b`` it learns one vector ``l`` and computes
+
+    .. math::
+
+        y = l \\odot (W x + b) \\quad\\text{(output scaling, } l \\in \\mathbb{R}^{d_{out}}\\text{)}
+        \\qquad\\text{or}\\qquad
+        y = W (l \\odot x) + b \\quad\\text{(feed-forward sites, } l \\in \\mathbb{R}^{d_{in}}\\text{)}
+
+    adding ``d_out`` (or ``d_in``) parameters per site. ``l`` starts at ones: injection is the
+    identity.
+
+    Args:
+        target_modules: as :class:`LoraConfig` (list, regex string, ``"all-linear"``; ``None``
+            uses PEFT's IA3 default for the model type).
+        feedforward_modules: which targeted sites scale their *input*: a regex string
+            (``re.fullmatch`` on the path) or a list of names (a path *ending with* an entry, PEFT's
+            rule: no ``"."`` boundary). ``None`` uses PEFT's default for the model type. Each list
+            entry must also be a ``target_modules`` entry when both are lists.
+        exclude_modules: as :class:`LoraConfig`.
+        init_ia3_weights: ``True``: ``l = 1``; ``False``: ``l ~ N(0, 1)`` (not the identity; tests).
+        fan_in_fan_out: weight stored (in, out); ``None`` detects it per site (GPT-2 ``Conv1D``).
+
+    Raises:
+        ConfigError: a field has an unusable value (the message names it and the fix).
+    """
+
+    target_modules: TargetSpec = None
+    feedforward_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    init_ia3_weights: bool = True
+    fan_in_fan_out: Union[bool, None] = None
+    modules_to_save: None = None
+    task_type: Union[str, None] = None
+    base_model_name_or_path: Union[str, None] = None
+    inference_mode: bool = False
+
+    peft_type = "IA3"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            set_(self, "target_modules", ALL_LINEAR)
+        for name in ("target_modules", "feedforward_modules", "exclude_modules"):
+            value = _as_names(getattr(self, name), name)
+            set_(self, name, value)
+            if isinstance(value, str) and value != ALL_LINEAR:
+                _check_regex(value, name)
+        targets, ff = self.target_modules, self.feedforward_modules
+        if isinstance(targets, tuple) and isinstance(ff, tuple):
+            stray = [m for m in ff if m not in targets]
+            if stray:
+                raise ConfigError(
+                    f"feedforward_modules={list(ff)!r} has {stray!r}, which is not in target_modules={list(targets)!r}; "
+                    "feedforward modules must be a subset of the targets (PEFT's rule): add them to target_modules."
+                )
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ConfigError(f"init_ia3_weights={self.init_ia3_weights!r} must be True (ones) or False (random).")
+        if self.modules_to_save:
+            raise ConfigError(f"modules_to_save={self.modules_to_save!r} is not supported; leave it None.")

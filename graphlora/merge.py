@@ -12,8 +12,15 @@ active set (``set_adapter_weights``; 1 otherwise). The product is formed in floa
 ``W`` in float32, then rounded once to ``W``'s dtype. The base weights are the original
 model's tensors (graphlora shares them), so the original model sees the merge too, as with PEFT.
 
-While an adapter is merged its gate is 0 in every switch state (its branch scaling is parked at
-0), so it is never counted twice; its parameters and config are untouched, so it can still be
+Other methods bring their own merge math (their rule's ``merge``): DoRA folds
+``W' = W + w [(f - 1) W_0 + f s B A]`` (``f = m / ||W_0 + s B A||_row`` on the unmerged ``W_0``), and
+IA3 scales rows (``diag(v) W``, and the bias) or, at feed-forward sites, columns (``W diag(v)``).
+Every merged weight is recomputed from the exact original, additive methods first and scaling
+methods after them (they wrap the adapted layer, as in the unmerged graph), so the merge order
+of adapters does not matter.
+
+While an adapter is merged its gate is 0 in every switch state (``_sync_state`` treats merged
+adapters as inactive), so it is never counted twice; its parameters and config are untouched, so it can still be
 saved. Un-merging restores **exact copies** of the original weights taken at the first merge
 (bit-for-bit restoration in any dtype, at the cost of one copy of each merged weight), then
 re-merges any adapters that stay merged.
@@ -58,6 +65,16 @@ def set_branch_scaling(branch: torch.nn.Module, value: float) -> None:
             scale.fill_(value)
 
 
+def _maybe_attr(root: torch.nn.Module, path: Union[str, None]) -> Union[torch.Tensor, None]:
+    if path is None:
+        return None
+    try:
+        value = getattr_path(root, path)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
 @dataclass
 class MergeState:
     """What a merge changed, so that it can be undone.
@@ -65,12 +82,10 @@ class MergeState:
     Attributes:
         originals: weight attribute path -> exact copy of the weight before the first merge.
         merged: adapter -> the weight ``w_a`` it was folded in with (in merge order).
-        scalings: ``(site_key, adapter)`` -> the branch scaling parked while merged.
     """
 
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     merged: dict[str, float] = field(default_factory=dict)
-    scalings: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 class MergeMixin:
@@ -104,43 +119,62 @@ class MergeMixin:
         return out
 
     def _compute_merge(self, weights: Mapping[str, float], safe_merge: bool) -> dict[str, torch.Tensor]:
-        """New values of every weight that ``weights`` (adapter -> w) touch; nothing is written."""
+        """New values of every weight (and bias) the merged set touches once ``weights`` (adapter ->
+        w) join the adapters already merged; nothing is written. Each value is recomputed from the
+        exact original: additive methods first, then scaling methods."""
         sites = self._site_weights()
         aliases = self._glora_aliases  # type: ignore[attr-defined]
-        deltas: dict[str, torch.Tensor] = {}
-        owners: dict[str, list[str]] = {}
-        for adapter, w in weights.items():
+        state = self._merge_state
+        known = self._glora_configs  # type: ignore[attr-defined]
+        everything = {**{a: w for a, w in state.merged.items() if a in known}, **weights}
+        rules = {a: self._rule(a) for a in everything}  # type: ignore[attr-defined]
+        order = sorted(everything, key=lambda a: rules[a].merge_order())
+        work: dict[str, list[tuple[str, str, float]]] = {}
+        for adapter in order:
             for site in self._glora_plans[adapter]:  # type: ignore[attr-defined]
                 path, fan_in_fan_out = sites[site]
-                tied = aliases.get(path) or aliases.get(f"{site}.weight")
-                if tied:
-                    raise MergeError(
-                        f"cannot merge adapter {adapter!r}: the weight of site {site!r} is tied to "
-                        f"{[t for t in tied if t != path]}; merging would change those too. Serve it "
-                        "unmerged (graphlora.specialize) or exclude the site (exclude_modules)."
-                    )
-                weight = getattr_path(self, path)
-                if not weight.is_floating_point():
-                    raise MergeError(
-                        f"cannot merge adapter {adapter!r} into {path!r}: its dtype {weight.dtype} is not "
-                        "floating point (quantized?); serve it unmerged (graphlora.specialize)."
-                    )
-                branch = self.graphlora.branch(site_key(site), adapter)  # type: ignore[attr-defined]
-                delta = lora_delta(branch.lora_A.weight, branch.lora_B.weight, w * branch.scaling, fan_in_fan_out)
-                delta = delta.to(weight.device)
-                deltas[path] = deltas[path] + delta if path in deltas else delta
-                owners.setdefault(path, []).append(f"{adapter}@{site}")
+                if adapter in weights:
+                    tied = aliases.get(path) or aliases.get(f"{site}.weight")
+                    if tied:
+                        raise MergeError(
+                            f"cannot merge adapter {adapter!r}: the weight of site {site!r} is tied to "
+                            f"{[t for t in tied if t != path]}; merging would change those too. Serve it "
+                            "unmerged (graphlora.specialize) or exclude the site (exclude_modules)."
+                        )
+                    weight = getattr_path(self, path)
+                    if not weight.is_floating_point():
+                        raise MergeError(
+                            f"cannot merge adapter {adapter!r} into {path!r}: its dtype {weight.dtype} is not "
+                            "floating point (quantized?); serve it unmerged (graphlora.specialize)."
+                        )
+                work.setdefault(path, []).append((adapter, site, everything[adapter]))
         new = {}
-        for path, delta in deltas.items():
+        for path, items in work.items():
+            if not any(a in weights for a, _, _ in items):
+                continue  # untouched by this call: its merged value stays as it is
             weight = getattr_path(self, path)
-            value = (weight.detach().float() + delta).to(weight.dtype)
-            if safe_merge and not torch.isfinite(value).all():
-                raise MergeError(
-                    f"safe_merge: merging {owners[path]} into {path!r} gives non-finite values; nothing was "
-                    "merged. The adapter's weights (or the base weight) contain inf/NaN or overflow "
-                    f"{weight.dtype}."
-                )
-            new[path] = value
+            original = state.originals.get(path, weight.detach())
+            bias_path = path[: -len("weight")] + "bias" if path.endswith("weight") else None
+            bias = _maybe_attr(self, bias_path)
+            bias0 = None if bias is None else state.originals.get(bias_path, bias.detach()).float()
+            value, bvalue = original.float(), bias0
+            fan_in_fan_out = sites[items[0][1]][1]
+            for adapter, site, w in items:
+                branch = self.graphlora.branch(site_key(site), adapter)  # type: ignore[attr-defined]
+                value, bvalue = rules[adapter].merge(value, bvalue, branch, w, fan_in_fan_out, original=original.float())
+            value = value.to(weight.device, weight.dtype)
+            owners = [f"{a}@{s}" for a, s, _ in items]
+            checks = [(path, value)]
+            if bias is not None and bvalue is not bias0:
+                checks.append((bias_path, bvalue.to(bias.device, bias.dtype)))
+            for target, tensor in checks:
+                if safe_merge and not torch.isfinite(tensor).all():
+                    raise MergeError(
+                        f"safe_merge: merging {owners} into {target!r} gives non-finite values; nothing was "
+                        "merged. The adapter's weights (or the base weight) contain inf/NaN or overflow "
+                        f"{tensor.dtype}."
+                    )
+                new[target] = tensor
         return new
 
     def _apply_merge(self, weights: Mapping[str, float], safe_merge: bool) -> None:
@@ -154,9 +188,6 @@ class MergeMixin:
                 weight.copy_(value)
         for adapter, w in weights.items():
             state.merged[adapter] = w
-            for key, _, branch in self.graphlora.branches(adapter):  # type: ignore[attr-defined]
-                state.scalings[(key, adapter)] = branch.scaling
-                set_branch_scaling(branch, 0.0)
         self._sync_state()  # type: ignore[attr-defined]
 
     def merge_adapter(self, adapter_names: Union[Iterable[str], None] = None, safe_merge: bool = False) -> None:
@@ -185,12 +216,6 @@ class MergeMixin:
             if not names:
                 raise MergeError("adapter_names is empty; name at least one adapter to merge.")
         self._check_known(names)  # type: ignore[attr-defined]
-        dora = [n for n in names if getattr(self._glora_configs[n], "use_dora", False)]  # type: ignore[attr-defined]
-        if dora:
-            raise MergeError(
-                f"adapter(s) {dora} use DoRA, whose merge (W' = m (W + s B A) / ||W + s B A||) is not "
-                "implemented here; serve them unmerged (graphlora.specialize)."
-            )
         again = [n for n in names if n in self._merge_state.merged]
         if again:
             raise MergeError(
@@ -219,12 +244,6 @@ class MergeMixin:
         with torch.no_grad():
             for path, original in state.originals.items():
                 getattr_path(self, path).copy_(original)
-        for (key, adapter), scaling in state.scalings.items():
-            try:
-                branch = self.graphlora.branch(key, adapter)  # type: ignore[attr-defined]
-            except KeyError:  # the adapter was deleted while merged
-                continue
-            set_branch_scaling(branch, scaling)
         self.__dict__["_glora_merge"] = MergeState()
         if stay:
             self._apply_merge(stay, safe_merge=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import re
 import warnings
@@ -33,7 +34,6 @@ from graphlora.passes import (
     follow_train_mode,
     is_targeted,
     locate_sites,
-    pattern_value,
     splice_adapters,
     splice_mixed,
     strip_tensor_asserts,
@@ -43,7 +43,7 @@ from graphlora.passes.splice import site_key
 
 from ._compat import is_pretrained_model
 from .capture import Captured, call_key, forward_params, trace_export
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
+from .config import ALL_LINEAR, IA3Config, LoraConfig
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -53,7 +53,8 @@ from .errors import (
     SignatureError,
     closest,
 )
-from .state import AdapterStore, LoraBranch
+from .methods import MethodRule, rule_for
+from .state import AdapterStore
 from .merge import MergeMixin
 from .peft_io import PeftFileMixin
 
@@ -65,17 +66,26 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """A located site as users see it: path, op kind, feature sizes, rank per adapter."""
+    """A located site as users see it: path, op kind, feature sizes, rank per adapter.
+
+    ``ranks`` has every adapter placed on the site (0 for IA3, which has a vector, not a
+    low-rank pair); ``methods`` says which method each uses (``"lora"``, ``"dora"``, ``"ia3"``)
+    and ``parameters`` how many parameters each adds here.
+    """
 
     name: str
     kind: str
     in_features: int
     out_features: int
     ranks: Mapping[str, int]
+    methods: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    parameters: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_parameters(self) -> int:
-        """``sum_a r_a * (d_in + d_out)``."""
+        """``sum_a r_a * (d_in + d_out)`` for LoRA (``+ d_out`` with DoRA); ``d_out`` or ``d_in`` for IA3."""
+        if self.parameters:
+            return sum(self.parameters.values())
         return sum(r * (self.in_features + self.out_features) for r in self.ranks.values())
 
 
@@ -249,6 +259,12 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
                 f"adapter_names has unknown adapter {unknown[0]!r}; loaded adapters: "
                 f"{list(self._glora_configs)} (or '__base__' for the base model)."
             )
+        unmixable = [n for n in dict.fromkeys(names) if n != "__base__" and not self._rule(n).mixable(self._glora_configs[n])]
+        if unmixable:
+            raise ConfigError(
+                f"adapter_names has {unmixable[0]!r}, a {self._rule(unmixable[0]).variant(self._glora_configs[unmixable[0]])} "
+                "adapter; mixed-adapter batches support plain LoRA adapters only (as in PEFT). Run it with set_adapter instead."
+            )
         index = torch.tensor([slots[n] for n in names], dtype=torch.long)
         store = self.graphlora
         current = store._buffers.get("row_index")
@@ -280,6 +296,7 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
                 "the original model accepts."
             ) from exc
         self._adopt_attributes(gm, len(self._glora_programs))
+        self.train(self.training)  # the new graph's dropout modules follow this module's mode
         program = _Program(key, _copy_graph(gm.graph), locate_sites(gm, self._glora_aliases))
         self._glora_programs[key] = program
         self._build_variant(program)
@@ -323,13 +340,25 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         gm.recompile()
 
     # ------------------------------------------------------------------ splicing
+    def _rule(self, adapter: str) -> MethodRule:
+        return rule_for(self._glora_configs[adapter])
+
+    def _site_records(self) -> dict[str, Site]:
+        """site name -> its :class:`Site` record in the primary program (first occurrence)."""
+        records: dict[str, Site] = {}
+        for site in self._primary.sites:
+            records.setdefault(site.name, site)
+        return records
+
     def _branch_specs(self) -> dict[str, list[BranchSpec]]:
         specs: dict[str, list[BranchSpec]] = defaultdict(list)
+        records = self._site_records()
         for adapter in self._glora_configs:
+            rule = self._rule(adapter)
             for site in self._glora_plans[adapter]:
                 key = site_key(site)
                 branch = self.graphlora.branch(key, adapter)
-                specs[site].append(BranchSpec(adapter, f"{STORE}.{key}.{adapter}", branch.has_dropout))
+                specs[site].append(rule.branch_spec(adapter, f"{STORE}.{key}.{adapter}", branch, records[site]))
         return specs
 
     def _build_variant(self, program: _Program) -> None:
@@ -346,7 +375,7 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         slots = list(self._glora_configs)
         out = {}
         for site, present in self._branch_specs().items():
-            by_name = {b.adapter: b for b in present}
+            by_name = {b.adapter: b for b in present if self._rule(b.adapter).mixable(self._glora_configs[b.adapter])}
             out[site] = [by_name.get(name) for name in slots]
         return out
 
@@ -373,11 +402,11 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
     def _primary(self) -> _Program:
         return self._glora_programs[self._glora_primary]
 
-    def _resolve_targets(self, config: LoraConfig) -> Any:
+    def _resolve_targets(self, config: Union[LoraConfig, IA3Config]) -> Any:
         targets = config.target_modules
         candidates = [s.name for s in self._primary.sites]
         if targets is None:
-            default = DEFAULT_TARGET_MODULES.get(self._glora_model_type or "")
+            default = rule_for(config).default_targets(self._glora_model_type)
             if default is None:
                 raise ConfigError(
                     f"target_modules is not set and there is no default for model type "
@@ -389,19 +418,21 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
             return tuple(n for n in candidates if n != self._glora_head)
         return targets
 
-    def _plan(self, config: LoraConfig) -> dict[str, tuple[int, float, float]]:
-        """site name -> (r, alpha, scaling) for the sites ``config`` selects."""
+    def _plan(self, config: Union[LoraConfig, IA3Config]) -> dict[str, Any]:
+        """site name -> the method's per-site constants (LoRA: ``(r, alpha, scaling)``) for the
+        sites ``config`` selects."""
+        rule = rule_for(config)
         targets = self._resolve_targets(config)
+        resolved = rule.resolve_config(config, self._glora_model_type)
         plan = {}
         for site in self._primary.sites:
             if site.name in plan or not is_targeted(
                 site.name, targets, exclude_modules=config.exclude_modules,
-                layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+                layers_to_transform=getattr(config, "layers_to_transform", None),
+                layers_pattern=getattr(config, "layers_pattern", None),
             ):
                 continue
-            r = int(pattern_value(config.rank_pattern, site.name, config.r))
-            alpha = float(pattern_value(config.alpha_pattern, site.name, config.lora_alpha))
-            plan[site.name] = (r, alpha, config.scaling(r, alpha))
+            plan[site.name] = rule.site_plan(resolved, site.name)
         if not plan:
             wanted = targets if isinstance(targets, str) else ", ".join(targets)
             names = list(dict.fromkeys(s.name for s in self._primary.sites))
@@ -409,7 +440,7 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
             raise NoTargetError(
                 f"target_modules={config.target_modules!r} matched no linear op "
                 f"(looked for: {wanted}; exclude_modules={config.exclude_modules!r}, "
-                f"layers_to_transform={config.layers_to_transform!r}). "
+                f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r}). "
                 f"Closest linear sites: {closest(probe, names)}. "
                 f"Use names from gm.sites or graphlora.list_sites(model)."
             )
@@ -435,8 +466,9 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
                 )
 
     # ------------------------------------------------------------------ adapter controls
-    def add_adapter(self, adapter_name: str, config: LoraConfig | None = None) -> None:
-        """Add a LoRA adapter and make it the active one.
+    def add_adapter(self, adapter_name: str, config: Union[LoraConfig, IA3Config, None] = None) -> None:
+        """Add an adapter (a :class:`LoraConfig`, DoRA included, or an :class:`IA3Config`) and
+        make it the active one. Adapters of different methods can be loaded side by side.
 
         Raises:
             AdapterExistsError: the name is taken.
@@ -445,18 +477,14 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         On any error the module and its adapters are left as they were.
         """
         config = LoraConfig() if config is None else config
-        if not isinstance(config, LoraConfig):
-            raise ConfigError(f"config must be a graphlora.LoraConfig, got {type(config).__name__}.")
+        rule = rule_for(config)
         self._check_new_name(adapter_name)
         plan = self._plan(config)
-        sites = {s.name: s for s in self._primary.sites}
+        sites = self._site_records()
         branches = {}
-        for name, (r, alpha, scaling) in plan.items():
+        for name, site_plan in plan.items():
             site = sites[name]
-            weight = getattr_path(self, site.weight)
-            branch = LoraBranch(site.in_features, site.out_features, r, alpha, scaling, config.lora_dropout,
-                                dtype=weight.dtype, device=weight.device)
-            branch.reset_parameters(config.init_lora_weights)
+            branch = rule.make_branch(config, site, site_plan, getattr_path(self, site.weight))
             branch.train(self.training)
             branches[name] = branch
         try:
@@ -548,10 +576,15 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
             self._sync_state()
 
     def _sync_state(self) -> None:
-        """Write gates (``scaling * weight`` or 0) and requires_grad from the switch state."""
+        """Write every branch's switch buffers (``apply_state``) and requires_grad from the switch state.
+
+        An adapter's weight is its active weight, or 0 when it is inactive, disabled or merged.
+        """
         active = self._glora_weights if self._glora_enabled else {}
+        merged = set(getattr(self, "merged_adapters", ()))
         for _, adapter, branch in self.graphlora.branches():
-            branch.set_gate(branch.scaling * active[adapter] if adapter in active else 0.0)
+            weight = active[adapter] if adapter in active and adapter not in merged else 0.0
+            branch.apply_state(weight, adapter in merged)
             trainable = (self._glora_trainable and adapter in self._glora_weights
                          and not self._glora_configs[adapter].inference_mode)
             for param in branch.parameters():
@@ -572,6 +605,56 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         self._sync_state()
         return self
 
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Union[int, None] = None,
+        svd_clamp: Union[float, None] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Union[str, None] = None,
+    ) -> None:
+        """Add ``adapter_name`` made from ``adapters`` with ``weights`` (PEFT's ``add_weighted_adapter``).
+
+        LoRA: ``combination_type`` ``"linear"`` (same ranks; ``A = sum sign(w s) sqrt|w s| A_i``,
+        ``B = sum sqrt|w s| B_i``), ``"cat"`` (exact: ``B A = sum w_i s_i B_i A_i`` at rank
+        ``sum r_i``) or ``"svd"`` (truncated SVD of that sum at ``svd_rank``, default the largest
+        rank). IA3: ``l = sum w_i l_i`` (``"linear"``). The new adapter has scaling 1
+        (``lora_alpha = r``), is frozen and is not activated, as in PEFT. See
+        :mod:`graphlora.methods.weighted`.
+
+        Raises:
+            AdapterNotFoundError: an unknown adapter. AdapterExistsError: the name is taken.
+            ConfigError: mixed methods, DoRA adapters, unequal ranks for ``"linear"``, an unknown
+                ``combination_type``, or weights that are not one finite number per adapter.
+        On any error nothing is added.
+        """
+        from .methods.weighted import COMBINATIONS
+
+        adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+        if not adapters:
+            raise ConfigError("adapters is empty; name at least one adapter to combine.")
+        self._check_known(adapters)
+        weights = list(weights)
+        if len(weights) != len(adapters) or any(
+            isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf") for w in weights
+        ):
+            raise ConfigError(f"weights={weights!r} must be one finite number per adapter ({len(adapters)} adapters).")
+        if combination_type not in COMBINATIONS:
+            raise ConfigError(
+                f"combination_type={combination_type!r} is not supported; use one of {list(COMBINATIONS)} "
+                "(PEFT's ties / dare variants are not implemented)."
+            )
+        self._check_new_name(adapter_name)
+        rules = {self._rule(a).name for a in adapters}
+        if len(rules) > 1:
+            raise ConfigError(f"adapters {adapters} mix methods ({sorted(rules)}); combine adapters of one method.")
+        self._rule(adapters[0]).combine(self, adapters, [float(w) for w in weights], adapter_name, combination_type,
+                                        svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                                        svd_driver=svd_driver)
+
     # ------------------------------------------------------------------ introspection
     @property
     def active_adapters(self) -> list[str]:
@@ -585,12 +668,12 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         return active[0] if active else None
 
     @property
-    def adapters(self) -> dict[str, LoraConfig]:
+    def adapters(self) -> dict[str, Union[LoraConfig, IA3Config]]:
         """Adapter name -> config, in the order they were added."""
         return dict(self._glora_configs)
 
     @property
-    def peft_config(self) -> dict[str, LoraConfig]:
+    def peft_config(self) -> dict[str, Union[LoraConfig, IA3Config]]:
         """Alias of :attr:`adapters` (PEFT's name)."""
         return self.adapters
 
@@ -611,8 +694,11 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
             if site.name in seen:
                 continue
             seen.add(site.name)
-            ranks = {a: plan[site.name][0] for a, plan in self._glora_plans.items() if site.name in plan}
-            out.append(SiteInfo(site.name, site.kind, site.in_features, site.out_features, ranks))
+            placed = [a for a, plan in self._glora_plans.items() if site.name in plan]
+            ranks = {a: self._rule(a).rank(self._glora_plans[a][site.name]) for a in placed}
+            methods = {a: self._rule(a).variant(self._glora_configs[a]) for a in placed}
+            params = {a: self.graphlora.branch(site_key(site.name), a).num_parameters() for a in placed}
+            out.append(SiteInfo(site.name, site.kind, site.in_features, site.out_features, ranks, methods, params))
         return out
 
     def sites_table(self, adapted_only: bool = True) -> str:
@@ -621,7 +707,8 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         header = ("site", "kind", "in", "out", "adapters (rank)", "params")
         body = [
             (s.name, s.kind, str(s.in_features), str(s.out_features),
-             ", ".join(f"{a}:{r}" for a, r in s.ranks.items()) or "-", f"{s.num_parameters:,}")
+             ", ".join(f"{a}:{r}" if s.methods.get(a, "lora") == "lora" else f"{a}:{s.methods[a]}" + (f"/{r}" if r else "")
+                       for a, r in s.ranks.items()) or "-", f"{s.num_parameters:,}")
             for s in rows
         ]
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]

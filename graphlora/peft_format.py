@@ -55,10 +55,11 @@ INERT_FIELDS = frozenset({
     "runtime_config",
 })
 
-#: Known config fields whose tensors or math this module does not read or write yet: a file (or an
-#: adapter) with them set is refused rather than saved or loaded without them. DoRA adds a
-#: ``lora_magnitude_vector`` per site and changes the merge.
-UNSUPPORTED_WHEN_SET = ("use_dora",)
+#: Known config fields whose tensors or math graphlora does not read or write yet: a file (or an
+#: adapter) with them set is refused rather than saved or loaded without them. (DoRA's
+#: ``use_dora`` was here until its ``lora_magnitude_vector`` got read and written: see
+#: :mod:`graphlora.methods.lora`.)
+UNSUPPORTED_WHEN_SET: tuple[str, ...] = ()
 
 #: ``init_lora_weights`` values that rewrite the base weights at initialisation (PiSSA, OLoRA,
 #: CorDA, LoftQ): the saved A/B only make sense against the rewritten base, which graphlora does

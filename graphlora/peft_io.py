@@ -25,19 +25,18 @@ import torch
 from torch import nn
 
 from ._atomic import AtomicWriter
-from .config import LoraConfig
+from .config import IA3Config, LoraConfig
 from .merge import set_branch_scaling
-from .errors import AdapterFileError, AdapterStateError, NoTargetError
+from .errors import ConfigError, AdapterFileError, AdapterStateError, NoTargetError
+from .methods import RULES, rule_for, rule_for_peft_type
 from .peft_format import (
     CONFIG_NAME,
+    KEY_PREFIX,
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
     adapter_subdir,
     check_writable,
-    config_from_peft,
-    config_to_peft,
     parse_key,
-    tensor_key,
 )
 from .passes.splice import site_key
 
@@ -50,7 +49,28 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _read_config(directory: str) -> LoraConfig:
+AnyConfig = Union[LoraConfig, IA3Config]
+
+
+def _module_key(site: str, suffix: str) -> str:
+    """``base_model.model.<site>.<suffix>`` (``suffix``: ``lora_A.weight``, ``ia3_l``, ...)."""
+    return f"{KEY_PREFIX}{site}.{suffix}"
+
+
+def _config_from_dict(data: Any, source: str) -> AnyConfig:
+    """The config of a PEFT ``adapter_config.json`` dict, by its ``peft_type`` (the method's rule reads it)."""
+    if not isinstance(data, Mapping):
+        raise AdapterFileError(f"{source} must hold a JSON object, got {type(data).__name__}.")
+    rule = rule_for_peft_type(data.get("peft_type"))
+    if rule is None:
+        known = ", ".join(repr(r.peft_type) for r in RULES)
+        raise AdapterFileError(
+            f"{source}: peft_type={data.get('peft_type')!r} is not supported; graphlora reads {known} adapters."
+        )
+    return rule.config_from_peft(data, source)
+
+
+def _read_config(directory: str) -> AnyConfig:
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise AdapterFileError(
@@ -62,11 +82,11 @@ def _read_config(directory: str) -> LoraConfig:
             data = json.load(fh)
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"cannot read {config_path!r}: {exc}") from exc
-    return config_from_peft(data, source=config_path)
+    return _config_from_dict(data, source=config_path)
 
 
-def read_adapter_config(path: PathLike, adapter_name: str = "default") -> LoraConfig:
-    """The :class:`LoraConfig` of a PEFT adapter directory (``path/<adapter_name>/`` for a
+def read_adapter_config(path: PathLike, adapter_name: str = "default") -> AnyConfig:
+    """The config (:class:`LoraConfig` or :class:`IA3Config`) of a PEFT adapter directory (``path/<adapter_name>/`` for a
     non-default name when it exists, as :meth:`PeftFileMixin.load_adapter` resolves it).
 
     Raises:
@@ -75,8 +95,8 @@ def read_adapter_config(path: PathLike, adapter_name: str = "default") -> LoraCo
     return _read_config(_resolve_dir(path, adapter_name))
 
 
-def read_adapter_dir(directory: PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The config and tensors (on CPU) of a PEFT LoRA adapter directory.
+def read_adapter_dir(directory: PathLike) -> tuple[AnyConfig, dict[str, torch.Tensor]]:
+    """The config and tensors (on CPU) of a PEFT adapter directory (LoRA, DoRA or IA3).
 
     Reads ``adapter_model.safetensors``, or PEFT's legacy ``adapter_model.bin`` (with
     ``torch.load(weights_only=True)``) when there is no safetensors file.
@@ -102,7 +122,11 @@ def read_adapter_dir(directory: PathLike) -> tuple[LoraConfig, dict[str, torch.T
     except AdapterFileError:
         raise
     except Exception as exc:  # safetensors raises its own error types
-        raise AdapterFileError(f"cannot read the adapter weights in {directory!r}: {type(exc).__name__}: {exc}") from exc
+        raise AdapterFileError(
+            f"cannot read the adapter weights in {directory!r}: {type(exc).__name__}: {exc}. The file is "
+            "truncated, corrupt or not in the format its name says (safetensors / torch pickle); save or "
+            "download it again."
+        ) from exc
     if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise AdapterFileError(f"the adapter weights in {directory!r} are not a mapping of names to tensors.")
     return config, dict(tensors)
@@ -143,7 +167,8 @@ class PeftFileMixin:
         """The adapter's tensors under PEFT's keys (no adapter name in them).
 
         ``{"base_model.model.<site>.lora_A.weight": A [r, d_in], "...lora_B.weight": B [d_out, r]}``
-        per adapted site, in graph order. The tensors are detached and share storage with the
+        per adapted site, in graph order (plus ``...lora_magnitude_vector`` [d_out] for DoRA; IA3:
+        ``...ia3_l`` [d_out, 1] or [1, d_in]). The tensors are detached and share storage with the
         parameters: clone them to keep a snapshot.
 
         Raises:
@@ -151,26 +176,28 @@ class PeftFileMixin:
         """
         self._check_known([adapter_name])  # type: ignore[attr-defined]
         check_writable(self._glora_configs[adapter_name], adapter_name)  # type: ignore[attr-defined]
+        rule = self._rule(adapter_name)  # type: ignore[attr-defined]
         out: dict[str, torch.Tensor] = {}
         for site in self._glora_plans[adapter_name]:  # type: ignore[attr-defined]
             branch = self.graphlora.branch(site_key(site), adapter_name)  # type: ignore[attr-defined]
-            out[tensor_key(site, "lora_A")] = branch.lora_A.weight.detach()
-            out[tensor_key(site, "lora_B")] = branch.lora_B.weight.detach()
+            for suffix, tensor in rule.tensors(branch).items():
+                out[_module_key(site, suffix)] = tensor
         return out
 
     def _peft_config_dict(self, adapter_name: str) -> dict[str, Any]:
-        config: LoraConfig = self._glora_configs[adapter_name]  # type: ignore[attr-defined]
+        config = self._glora_configs[adapter_name]  # type: ignore[attr-defined]
+        rule = rule_for(config)
         plan = self._glora_plans[adapter_name]  # type: ignore[attr-defined]
         records = self._site_records()
         source = self._glora_source  # type: ignore[attr-defined]
         name_or_path = getattr(source, "name_or_path", None) or getattr(
             getattr(source, "config", None), "_name_or_path", None
         )
-        return config_to_peft(
-            config,
+        return rule.config_to_peft(
+            rule.resolve_config(config, self._glora_model_type),  # type: ignore[attr-defined]
             plan,
-            resolved_targets=self._resolve_targets(config),  # type: ignore[attr-defined]
-            fan_in_fan_out=any(records[s].fan_in_fan_out for s in plan),
+            self._resolve_targets(config),  # type: ignore[attr-defined]
+            any(records[s].fan_in_fan_out for s in plan),
             base_model_name_or_path=name_or_path or None,
             auto_mapping={"base_model_class": type(source).__name__, "parent_library": type(source).__module__},
         )
@@ -219,13 +246,13 @@ class PeftFileMixin:
         return written
 
     # ------------------------------------------------------------------ load
-    def _expected_shapes(self, plan: Mapping[str, tuple[int, float, float]]) -> dict[str, tuple[int, int]]:
+    def _expected_shapes(self, plan: Mapping[str, Any], config: AnyConfig) -> dict[str, tuple[int, ...]]:
         records = self._site_records()
+        rule = rule_for(config)
         out = {}
-        for site, (r, _, _) in plan.items():
-            rec = records[site]
-            out[tensor_key(site, "lora_A")] = (r, rec.in_features)
-            out[tensor_key(site, "lora_B")] = (rec.out_features, r)
+        for site, site_plan in plan.items():
+            for suffix, shape in rule.shapes(records[site], site_plan, config).items():
+                out[_module_key(site, suffix)] = shape
         return out
 
     def _check_tensors(
@@ -236,8 +263,8 @@ class PeftFileMixin:
             key = unexpected[0]
             parsed = parse_key(key)
             if parsed is None:
-                why = ("it is not a LoRA A/B weight (DoRA magnitudes, biases, embeddings and modules_to_save "
-                       "are not supported)")
+                why = ("it is not a tensor this adapter's config has (LoRA A/B, DoRA magnitudes with "
+                       "use_dora, IA3 vectors); biases, embeddings and modules_to_save are not supported")
             else:
                 why = (f"the adapter config does not select site {parsed[0]!r} on this model "
                        f"(selected: {sorted({parse_key(k)[0] for k in expected})[:6]}...)")
@@ -262,7 +289,7 @@ class PeftFileMixin:
                     "or its config's r/rank_pattern disagrees with its weights."
                 )
             if not t.is_floating_point():
-                raise AdapterFileError(f"{directory!r}: tensor {key!r} has dtype {t.dtype}; LoRA weights are floating point.")
+                raise AdapterFileError(f"{directory!r}: tensor {key!r} has dtype {t.dtype}; adapter weights are floating point.")
 
     def load_adapter(
         self,
@@ -300,25 +327,29 @@ class PeftFileMixin:
             self._check_new_name(adapter_name)  # type: ignore[attr-defined]
         try:
             plan = self._plan(config)  # type: ignore[attr-defined]
-        except NoTargetError as exc:
+        except ConfigError as exc:  # no site, a non-linear target, layers out of range
             raise AdapterFileError(f"{directory!r}: {exc}") from exc
-        expected = self._expected_shapes(plan)
+        expected = self._expected_shapes(plan, config)
         self._check_tensors(directory, tensors, expected)
+        if exists and type(self._glora_configs[adapter_name]) is not type(config):  # type: ignore[attr-defined]
+            old = type(self._glora_configs[adapter_name]).__name__  # type: ignore[attr-defined]
+            raise AdapterFileError(
+                f"{directory!r} holds a {type(config).__name__} adapter but {adapter_name!r} is a {old} adapter; "
+                f"delete_adapter({adapter_name!r}) first or load it under another name."
+            )
         if exists:
             self._hotswap(directory, adapter_name, config, plan, tensors)
         else:
             self._load_new(adapter_name, config, tensors, activate)
 
-    def _load_new(self, adapter_name: str, config: LoraConfig, tensors: Mapping[str, torch.Tensor],
+    def _load_new(self, adapter_name: str, config: AnyConfig, tensors: Mapping[str, torch.Tensor],
                   activate: Union[bool, None]) -> None:
         previous = dict(self._glora_weights)  # type: ignore[attr-defined]
         self.add_adapter(adapter_name, config)  # type: ignore[attr-defined]
         try:
             with torch.no_grad():
-                for site in self._glora_plans[adapter_name]:  # type: ignore[attr-defined]
-                    branch = self.graphlora.branch(site_key(site), adapter_name)  # type: ignore[attr-defined]
-                    branch.lora_A.weight.copy_(tensors[tensor_key(site, "lora_A")])
-                    branch.lora_B.weight.copy_(tensors[tensor_key(site, "lora_B")])
+                for key, param in self.get_adapter_state_dict(adapter_name).items():
+                    param.copy_(tensors[key])
             keep_previous = activate is False or (activate is None and previous)
             if keep_previous and previous:
                 self._set_active(previous)  # type: ignore[attr-defined]
@@ -328,8 +359,8 @@ class PeftFileMixin:
                 self._set_active(previous)  # type: ignore[attr-defined]
             raise
 
-    def _hotswap(self, directory: str, adapter_name: str, config: LoraConfig,
-                 plan: Mapping[str, tuple[int, float, float]], tensors: Mapping[str, torch.Tensor]) -> None:
+    def _hotswap(self, directory: str, adapter_name: str, config: AnyConfig,
+                 plan: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy ``tensors`` into the existing adapter in place; update its scaling and dropout."""
         if adapter_name in getattr(self, "merged_adapters", ()):
             raise AdapterStateError(
@@ -337,7 +368,7 @@ class PeftFileMixin:
                 "loading new weights into it."
             )
         current = self.get_adapter_state_dict(adapter_name)
-        for key, shape in self._expected_shapes(plan).items():
+        for key, shape in self._expected_shapes(plan, config).items():
             if key not in current:
                 raise AdapterFileError(
                     f"{directory!r}: tensor {key!r} (shape {shape}) has no counterpart in the loaded adapter "
@@ -359,9 +390,10 @@ class PeftFileMixin:
         branches = {site: self.graphlora.branch(site_key(site), adapter_name) for site in plan}  # type: ignore[attr-defined]
         backup = {k: v.clone() for k, v in current.items()}
         old = {}
+        lora = isinstance(config, LoraConfig)  # IA3 has no scaling or dropout to update
         for site, b in branches.items():
             dropout = b._modules.get("lora_dropout")
-            old[site] = (b.lora_alpha, b.scaling, dropout, getattr(dropout, "p", None))
+            old[site] = (getattr(b, "lora_alpha", None), getattr(b, "scaling", None), dropout, getattr(dropout, "p", None))
         old_config = self._glora_configs[adapter_name]  # type: ignore[attr-defined]
         old_plan = self._glora_plans[adapter_name]  # type: ignore[attr-defined]
         needs_rebuild = False
@@ -369,7 +401,7 @@ class PeftFileMixin:
             with torch.no_grad():
                 for key, value in tensors.items():
                     current[key].copy_(value)
-            for site, (r, alpha, scaling) in plan.items():
+            for site, (r, alpha, scaling) in (plan.items() if lora else ()):
                 branch = branches[site]
                 branch.lora_alpha = alpha
                 set_branch_scaling(branch, scaling)
@@ -391,7 +423,7 @@ class PeftFileMixin:
             with torch.no_grad():
                 for key, value in backup.items():
                     current[key].copy_(value)
-            for site, (alpha, scaling, dropout, p) in old.items():
+            for site, (alpha, scaling, dropout, p) in (old.items() if lora else ()):
                 branch = branches[site]
                 branch.lora_alpha = alpha
                 set_branch_scaling(branch, scaling)

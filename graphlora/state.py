@@ -8,6 +8,13 @@ Layout on the emitted module (every get_attr target the splice pass writes lives
     graphlora.<site_key>.<adapter>.scale           []           alpha / r (non-persistent)
     graphlora.row_index                            [batch]      mixed-batch adapter slots
     graphlora.<site_key>.<adapter>.lora_dropout    nn.Dropout   (only when lora_dropout > 0)
+    graphlora.<site_key>.<adapter>.lora_magnitude_vector  [d_out]  trainable (DoRA only)
+    graphlora.<site_key>.<adapter>.dora_scale      []           alpha / r, never parked (DoRA only)
+    graphlora.<site_key>.<adapter>.dora_on         []           the adapter's weight or 0 (DoRA only)
+    graphlora.<site_key>.<adapter>.ia3_l           [d_out, 1] or [1, d_in]   trainable (IA3)
+
+Every branch has ``apply_state(weight, merged)``, which writes its switch buffers in place from
+the adapter's current weight (0 when inactive or disabled).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class LoraBranch(nn.Module):
         in_features, out_features: the site's feature sizes.
         r, alpha, scaling: rank, alpha, and the resulting scale.
         dropout: probability of the input dropout (0 means none).
+        use_dora: add DoRA's magnitude vector (``lora_magnitude_vector``, ``[d_out]``) and
+            its buffers; see :func:`graphlora.passes.method_ops.dora_factor` for the math.
         dtype, device: of the parameters (the base weight's by default).
     """
 
@@ -43,6 +52,7 @@ class LoraBranch(nn.Module):
         scaling: float,
         dropout: float = 0.0,
         *,
+        use_dora: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -55,14 +65,28 @@ class LoraBranch(nn.Module):
         self.register_buffer("gate", torch.zeros((), device=device), persistent=False)
         # the constant scale, read by mixed-adapter batches (where each row picks its adapter)
         self.register_buffer("scale", torch.full((), float(scaling), device=device), persistent=False)
+        self.use_dora = use_dora
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device))
+            self.register_buffer("dora_scale", torch.full((), float(scaling), device=device), persistent=False)
+            self.register_buffer("dora_on", torch.zeros((), device=device), persistent=False)
 
     @property
     def has_dropout(self) -> bool:
         return "lora_dropout" in self._modules
 
     def num_parameters(self) -> int:
-        """``r * (d_in + d_out)``."""
-        return self.lora_A.weight.numel() + self.lora_B.weight.numel()
+        """``r * (d_in + d_out)`` (``+ d_out`` with DoRA)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_magnitude(self, weight: torch.Tensor, fan_in_fan_out: bool) -> None:
+        """DoRA: ``m = ||W + s B A||_row`` (PEFT's init), so the adapter starts as plain LoRA."""
+        from graphlora.passes.method_ops import dora_factor
+
+        ones = torch.ones_like(self.lora_magnitude_vector)
+        norm = 1 / dora_factor(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, ones, fan_in_fan_out)
+        self.lora_magnitude_vector.copy_(norm)
 
     @torch.no_grad()
     def reset_parameters(self, init: bool | str = True, generator: torch.Generator | None = None) -> None:
@@ -90,11 +114,21 @@ class LoraBranch(nn.Module):
         """Write the gate in place (keeps CUDA-graph captures valid)."""
         self.gate.fill_(value)
 
+    @torch.no_grad()
+    def apply_state(self, weight: float, merged: bool = False) -> None:
+        """Write the switch buffers in place: ``gate = scaling * weight`` (``weight`` is 0 when the
+        adapter is inactive, disabled or merged); the mixed-batch ``scale`` is 0 while merged."""
+        self.gate.fill_(self.scaling * weight)
+        self.scale.fill_(0.0 if merged else self.scaling)
+        if self.use_dora:
+            self.dora_scale.fill_(self.scaling)
+            self.dora_on.fill_(weight)
+
 
 class AdapterStore(nn.Module):
     """``graphlora``: per site key, a ``ModuleDict`` of adapter name -> branch."""
 
-    def branch(self, key: str, adapter: str) -> LoraBranch:
+    def branch(self, key: str, adapter: str) -> nn.Module:
         return self._modules[key][adapter]  # type: ignore[index]
 
     def add(self, key: str, adapter: str, branch: nn.Module) -> None:

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .method_ops import dora_residual, scale_switch
 from .ops import lora_switch
 from .sites import getattr_path
 
@@ -104,7 +105,58 @@ def freeze_switches(gm: fx.GraphModule) -> PassResult:
             switch.replace_all_uses_with(base)
             dead.append(switch)
         _erase_dead(graph, dead)
+    modified = _freeze_method_switches(gm) or modified
     if modified:
         graph.lint()
         gm.recompile()
     return PassResult(gm, modified)
+
+
+def _gate_value(gm: fx.GraphModule, gate) -> float:
+    return float(getattr_path(gm, gate.target)) if isinstance(gate, fx.Node) else float(gate)
+
+
+def _freeze_method_switches(gm: fx.GraphModule) -> bool:
+    """Freeze IA3's ``scale_switch`` and DoRA's ``dora_residual`` gates the same way.
+
+    - ``scale_switch(t, (l, ...), (g, ...))``: vectors with ``g == 0`` are dropped, other gates
+      become float constants; with no vector left the node is replaced by ``t``.
+    - ``dora_residual(..., on)``: ``on == 0`` removes the residual and the ``add`` consuming it
+      (its low-rank term is dropped by the ``lora_switch`` freezing above); else ``on`` becomes a
+      constant.
+    """
+    graph = gm.graph
+    modified = False
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in (scale_switch, dora_residual)]:
+        dead: list[fx.Node] = []
+        if node.target is scale_switch:
+            t, vectors, gates = node.args
+            keep_v, keep_g = [], []
+            for vec, gate in zip(vectors, gates):
+                value = _gate_value(gm, gate)
+                dead += [g for g in (gate,) if isinstance(g, fx.Node)]
+                if value == 0.0:
+                    dead.append(vec)
+                    continue
+                keep_v.append(vec)
+                keep_g.append(value)
+            if keep_v:
+                node.args = (t, tuple(keep_v), tuple(keep_g))
+            else:
+                node.replace_all_uses_with(t)
+                dead.append(node)
+        else:
+            base, wx, bias, factor, on = node.args
+            value = _gate_value(gm, on)
+            dead += [on] if isinstance(on, fx.Node) else []
+            if value == 0.0:
+                for add in list(node.users):  # y + residual -> y
+                    other = add.args[0] if add.args[1] is node else add.args[1]
+                    add.replace_all_uses_with(other)
+                    dead.append(add)
+                dead.append(node)
+            else:
+                node.args = (base, wx, bias, factor, value)
+        modified = True
+        _erase_dead(graph, dead)
+    return modified
