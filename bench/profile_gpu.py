@@ -41,11 +41,18 @@ def linear_forms(tokens: int, d_in: int, d_out: int, r: int = 16) -> dict[str, f
     def a_only():
         return F.linear(x, a)
 
-    def addmm_only(y=base()):
-        return torch.addmm(y, F.linear(x, a), b.t())
+    h = F.linear(x, a)
+    y0 = base()
+
+    def addmm_only():
+        return torch.addmm(y0, h, b.t())
+
+    def kernel_only():
+        return ops.kernels.lora_add(y0, [h], [b])
 
     forms = {"base": base, "peft-style": peft_style, "graphlora eager": graphlora_eager,
-             "x@A^T alone": a_only, "addmm(y,h,B^T) alone": addmm_only}
+             "x@A^T alone": a_only, "addmm(y,h,B^T) alone": addmm_only,
+             "triton y+h@B^T alone": kernel_only}
     out = {name: timer(fn, 10, 50, dev) for name, fn in forms.items()}
     for flag in (True, False):
         ops.COMPILE_AS_CUSTOM_OP = flag
@@ -74,12 +81,15 @@ def top_kernels(fn, n: int = 10) -> str:
 
 def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
+    linear_only = "--linear-only" in sys.argv
     for shape in [(4096, 4096, 4096), (4096, 4096, 11008), (4096, 11008, 4096)]:
         res = linear_forms(*shape)
         base = res["base"]
         print(f"\nlinear tokens={shape[0]} in={shape[1]} out={shape[2]}")
         for name, ms in res.items():
             print(f"  {name:<40s} {ms * 1000:8.1f} us  {ms / base:5.2f} x base")
+    if linear_only:
+        return
 
     model, cfg = build(False, torch.device("cuda"), torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (4, 1024), device="cuda")

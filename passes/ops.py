@@ -12,19 +12,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
+
 __all__ = ["lora_switch", "lora_mixed"]
 
 
-def _switch_eager(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
+def _switch_math(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
+    """The switch's forward without autograd bookkeeping: the fused GPU kernel or ``addmm``."""
     out = base.reshape(-1, base.shape[-1])
+    if kernels.available(out):
+        return kernels.lora_add(out, [h.reshape(-1, h.shape[-1]) for h in hs], bs).view(base.shape)
     for h, b in zip(hs, bs):
         out = torch.addmm(out, h.reshape(-1, h.shape[-1]), b.t())
     return out.view(base.shape)
 
 
+def _needs_grad(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> bool:
+    return torch.is_grad_enabled() and (base.requires_grad or any(t.requires_grad for t in (*hs, *bs)))
+
+
+def _switch_eager(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
+    if not base.is_cuda:  # plain addmm: autograd, CPU
+        return _switch_math(base, hs, bs)
+    if _needs_grad(base, hs, bs):  # the custom op carries the backward for the GPU kernel
+        return _switch_op(base, list(hs), list(bs))
+    return _switch_math(base, hs, bs)
+
+
 @torch.library.custom_op("graphlora::lora_switch", mutates_args=())
 def _switch_op(base: Tensor, hs: list[Tensor], bs: list[Tensor]) -> Tensor:
-    return _switch_eager(base, hs, bs)
+    return _switch_math(base, hs, bs)
 
 
 @_switch_op.register_fake
@@ -59,8 +76,9 @@ def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Ten
 
     where ``g_i`` (the gate, folded into ``h_i`` upstream on the rank-``r`` tensor, where it is
     cheap) is ``alpha_i / r_i`` times the adapter's weight while active and 0 otherwise. Each
-    term is one ``addmm`` into the running output, so the add costs no extra pass over the
-    ``[tokens, out]`` tensor. With every gate at 0 the result equals ``base`` exactly.
+    term is one ``addmm`` into the running output (on CUDA, one Triton kernel for all terms,
+    :mod:`graphlora.passes.kernels`), so the add costs no extra pass over the ``[tokens, out]``
+    tensor. With every gate at 0 the result equals ``base`` exactly.
 
     Under ``torch.compile`` the same math is the custom op ``graphlora::lora_switch`` with its own
     backward: Inductor treats it as one opaque op (the seam where a fused kernel would plug in).
