@@ -24,12 +24,10 @@ def main() -> None:
             y = torch.randn(m, n, device=dev, dtype=dtype)
             hs = [torch.randn(m, r, device=dev, dtype=dtype) for r in ranks]
             bs = [torch.randn(n, r, device=dev, dtype=dtype) * 0.1 for r in ranks]
-            y.view(-1)[0] = float("nan")  # poison check: output must be written from y, elsewhere finite
-            y.view(-1)[0] = 1.0
             got = ops.lora_switch(y, hs, bs)
             ref = y.double() + sum(h.double() @ b.double().T for h, b in zip(hs, bs))
             worst[(dtype, m, n, len(ranks))] = rel(got, ref)
-            assert torch.isfinite(got).all()
+            assert torch.isfinite(got).all()  # the output is a fresh empty tensor: unwritten tiles show here
             zero = ops.lora_switch(y, [torch.zeros_like(h) for h in hs], bs)
             assert torch.equal(zero, y), "zero gates must give the base output exactly"
     for key, err in worst.items():
