@@ -35,9 +35,9 @@ def main() -> None:
         limit = 1e-2 if key[0] != torch.float32 else 1e-5
         assert err < limit, (key, err)
     # autograd through the custom op (kernel forward, matmul backward) vs plain addmm
-    base = torch.randn(2, 64, 256, device=dev, requires_grad=True)
-    h = torch.randn(2, 64, 8, device=dev, requires_grad=True)
-    b = torch.randn(256, 8, device=dev, requires_grad=True)
+    base = torch.randn(2, 64, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    h = torch.randn(2, 64, 8, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(256, 8, device=dev, dtype=torch.bfloat16, requires_grad=True)
     out = ops.lora_switch(base, [h], [b])
     (out * out).sum().backward()
     grads = [t.grad.clone() for t in (base, h, b)]
@@ -46,7 +46,7 @@ def main() -> None:
     ref = base + h @ b.T
     (ref * ref).sum().backward()
     for g, t in zip(grads, (base, h, b)):
-        assert rel(g, t.grad) < 1e-5, rel(g, t.grad)
+        assert rel(g, t.grad) < 1e-2, rel(g, t.grad)  # bf16: different rounding order only
     print("kernel checks passed")
 
 

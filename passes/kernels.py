@@ -7,7 +7,7 @@ This Triton kernel reads each ``[BM, BN]`` tile of ``y`` once, adds ``h_tile @ B
 one write of ``y``. Several adapters are handled by concatenating their ``h`` and ``B`` along
 the rank dimension. When every gate is 0 (``h == 0``) the result equals ``y`` exactly.
 
-Used for CUDA tensors when Triton is importable; everything else takes the ``addmm`` path.
+Used for bf16/fp16 CUDA tensors when Triton is importable; everything else takes ``addmm``.
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ def _triton():
 
 
 def available(t: Tensor) -> bool:
-    """Whether the kernel can serve this tensor (CUDA, floating point, Triton importable)."""
-    return t.is_cuda and t.is_floating_point() and _triton() is not None
+    """Whether the kernel serves this tensor: CUDA, bf16/fp16, Triton importable.
+
+    fp32 keeps ``addmm``: Triton's fp32 dot rounds inputs to tf32 (~3e-4 relative error).
+    """
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _triton() is not None
 
 
 def lora_add(y: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
