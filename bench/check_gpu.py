@@ -17,7 +17,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     dev = torch.device("cuda")
-    assert kernels.available(torch.empty(1, device=dev)), "Triton kernel not available"
+    assert kernels.available(torch.empty(1, device=dev, dtype=torch.bfloat16)), "Triton kernel not available"
     worst = {}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for m, n, ranks in [(4096, 4096, [16]), (4096, 11008, [16]), (1000, 333, [8, 4]), (3, 4096, [16, 16, 16, 16])]:
