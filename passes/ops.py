@@ -134,12 +134,17 @@ def lora_mixed(
     rank = max(a_weights[i].shape[0] for i in present)
     zero_a = ref_a.new_zeros(rank, ref_a.shape[1])
     zero_b = ref_b.new_zeros(ref_b.shape[0], rank)
-    zero_s = ref_s.new_zeros((), dtype=x.dtype)
-    a_stack = torch.stack([zero_a if a is None else F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in a_weights]
-                          + [zero_a])
-    b_stack = torch.stack([zero_b if b is None else F.pad(b, (0, rank - b.shape[1])) for b in b_weights]
-                          + [zero_b])
-    scale = torch.stack([zero_s if s is None else s.to(x.dtype) for s in scales] + [zero_s])
+
+    def padded(t: Tensor, dim: int) -> Tensor:  # eager launches matter here: pad only when needed
+        missing = rank - t.shape[dim]
+        if not missing:
+            return t
+        return F.pad(t, (0, 0, 0, missing) if dim == 0 else (0, missing))
+
+    a_stack = torch.stack([zero_a if a is None else padded(a, 0) for a in a_weights] + [zero_a])
+    b_stack = torch.stack([zero_b if b is None else padded(b, 1) for b in b_weights] + [zero_b])
+    zero_s = ref_s.new_zeros(())
+    scale = torch.stack([zero_s if t is None else t for t in scales] + [zero_s]).to(x.dtype)
     rows = index.shape[0]
     x3 = x.reshape(rows, -1, x.shape[-1])
     h = torch.bmm(x3, a_stack[index].transpose(1, 2)) * scale[index].view(rows, 1, 1)
