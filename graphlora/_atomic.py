@@ -5,15 +5,40 @@ the destination's directory and flushes them to disk; :meth:`AtomicWriter.commit
 staged file onto its destination with ``os.replace`` (atomic on POSIX and Windows for a path on
 the same filesystem). Until the commit, the previous files are untouched; if anything fails
 before or during the commit, the temporaries are removed and the error propagates. Readers thus
-see each file either entirely old or entirely new, never half-written.
+see each file either entirely old or entirely new, never half-written, and an error raised during
+the renames puts back the files already replaced, so a failed write changes nothing. (A crash of
+the process *between* two renames cannot be undone that way: it can pair a new file with an old
+one.)
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 __all__ = ["AtomicWriter"]
+
+
+def _remove(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _keep(path: str, backup: str) -> str:
+    """Keep ``path``'s current contents at ``backup`` (hard link, else a copy); returns ``backup``."""
+    try:
+        try:
+            os.link(path, backup)
+        except OSError:
+            shutil.copy2(path, backup)
+    except BaseException:
+        _remove(backup)
+        raise
+    return backup
 
 
 class AtomicWriter:
@@ -40,11 +65,34 @@ class AtomicWriter:
             os.fsync(fh.fileno())
 
     def commit(self) -> None:
-        """Rename every staged file onto its destination, in staging order."""
-        while self._staged:
-            tmp, path = self._staged[0]
-            os.replace(tmp, path)
-            self._staged.pop(0)
+        """Rename every staged file onto its destination, in staging order, all or nothing.
+
+        Before a destination is replaced, its previous contents are kept under a hidden backup
+        name (a hard link, or a copy where links are not supported). If a rename raises, the
+        files already replaced get their previous contents back (new destinations are removed),
+        so an error leaves the directory as it was; the backups are removed afterwards.
+        """
+        done: list[tuple[str, str | None]] = []  # (destination, backup of its previous contents)
+        try:
+            while self._staged:
+                tmp, path = self._staged[0]
+                backup = _keep(path, f"{tmp}.bak") if os.path.exists(path) else None
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    _remove(backup)
+                    raise
+                done.append((path, backup))
+                self._staged.pop(0)
+        except BaseException:
+            for path, backup in reversed(done):  # best effort: a backup that cannot be put back stays
+                try:
+                    os.replace(backup, path) if backup is not None else os.remove(path)
+                except OSError:
+                    pass
+            raise
+        for _, backup in done:
+            _remove(backup)
 
     def discard(self) -> None:
         """Remove the temporaries not yet committed."""

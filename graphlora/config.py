@@ -317,3 +317,30 @@ class IA3Config(_PeftConfigIO):
             raise ConfigError(f"init_ia3_weights={self.init_ia3_weights!r} must be True (ones) or False (random).")
         if self.modules_to_save:
             raise ConfigError(f"modules_to_save={self.modules_to_save!r} is not supported; leave it None.")
+
+
+def _name_unknown_fields(cls: type) -> type:
+    """Make ``cls(**kwargs)`` with a misspelt keyword raise :class:`UnknownFieldError` (a
+    ``TypeError`` and a :class:`ConfigError`) naming the closest fields, instead of Python's bare
+    "unexpected keyword argument"."""
+    from .errors import UnknownFieldError
+
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in cls.__dataclass_fields__]
+        if unknown:
+            raise UnknownFieldError(
+                f"{cls.__name__} has no field {unknown[0]!r}; did you mean {closest(unknown[0], names, 3)}? "
+                f"(PEFT field names; all of them: {names})."
+            )
+        init(self, *args, **kwargs)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
+
+
+for _cls in (LoraConfig, IA3Config):
+    _name_unknown_fields(_cls)

@@ -21,6 +21,9 @@ __all__ = [
     "SignatureError",
     "AdapterFileError",
     "MergeError",
+    "UnknownFieldError",
+    "TargetTypeError",
+    "PlacementError",
     "closest",
 ]
 
@@ -66,6 +69,19 @@ class AdapterFileError(GraphLoraError, ValueError):
 
 class MergeError(AdapterStateError):
     """Merging or unmerging adapter weights into the base weights is not possible as asked."""
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """A config keyword that is not a field (a typo): both a :class:`ConfigError` and the
+    ``TypeError`` Python raises for an unexpected keyword argument."""
+
+
+class TargetTypeError(ConfigError):
+    """A target names a module that exists but is not a linear op graphlora can adapt."""
+
+
+class PlacementError(GraphLoraError, TypeError):
+    """Adapter and base weights disagree on dtype or device (or the base is still on ``meta``)."""
 
 
 def closest(value: str, candidates: Iterable[str], n: int = 5) -> list[str]:

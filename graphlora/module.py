@@ -41,6 +41,7 @@ from graphlora.passes import (
 from graphlora.passes.sites import getattr_path
 from graphlora.passes.splice import site_key
 
+from ._checks import check_fx_call, check_layers_in_range, check_placement, check_target_types
 from ._compat import is_pretrained_model
 from .capture import Captured, call_key, forward_params, trace_export
 from .config import ALL_LINEAR, IA3Config, LoraConfig
@@ -210,9 +211,14 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         adapters or changing row names never recompiles.
         """
         target, args, kwargs = self._route(args, kwargs)
-        if target is None:
-            return super().__call__(*args, **kwargs)
-        return target(*args, **kwargs)
+        try:
+            if target is None:
+                return super().__call__(*args, **kwargs)
+            return target(*args, **kwargs)
+        except TypeError as exc:  # say what was traced when the arguments do not fit
+            if self._glora_frontend == "fx":
+                check_fx_call(self.forward, args, kwargs, exc)
+            raise
 
     @torch.compiler.disable
     def _route(self, args: tuple, kwargs: dict) -> tuple[Union[fx.GraphModule, None], tuple, dict]:
@@ -395,6 +401,8 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         for key, program in programs.items():
             if key != self._glora_primary:
                 self._build_variant(program)
+        if "_glora_configs" in self.__dict__:  # new buffers (to_empty: garbage): rewrite the switch state
+            self._sync_state()
         return result
 
     # ------------------------------------------------------------------ planning
@@ -433,6 +441,8 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
             ):
                 continue
             plan[site.name] = rule.site_plan(resolved, site.name)
+        check_target_types(self._glora_source, config, config.target_modules, self._site_records())
+        check_layers_in_range(config, self._site_records(), self._glora_source)
         if not plan:
             wanted = targets if isinstance(targets, str) else ", ".join(targets)
             names = list(dict.fromkeys(s.name for s in self._primary.sites))
@@ -480,6 +490,7 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         rule = rule_for(config)
         self._check_new_name(adapter_name)
         plan = self._plan(config)
+        check_placement(self, plan, f"add adapter {adapter_name!r}")
         sites = self._site_records()
         branches = {}
         for name, site_plan in plan.items():
@@ -487,18 +498,23 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
             branch = rule.make_branch(config, site, site_plan, getattr_path(self, site.weight))
             branch.train(self.training)
             branches[name] = branch
+        previous = dict(self._glora_weights)
+        grads = [(param, param.requires_grad) for param in self._base_parameters()]
         try:
             for name, branch in branches.items():
                 self.graphlora.add(site_key(name), adapter_name, branch)
             self._glora_configs[adapter_name] = config
             self._glora_plans[adapter_name] = plan
             self._rebuild()
-        except Exception:
+            for param, _ in grads:
+                param.requires_grad_(False)
+            self.set_adapter(adapter_name)
+        except BaseException:  # roll back: graph, store, active set, requires_grad
             self._forget(adapter_name)
+            for param, flag in grads:
+                param.requires_grad_(flag)
+            self._set_active(previous)
             raise
-        for param in self._base_parameters():
-            param.requires_grad_(False)
-        self.set_adapter(adapter_name)
 
     def _forget(self, adapter_name: str) -> None:
         for key, name, _ in list(self.graphlora.branches(adapter_name)):

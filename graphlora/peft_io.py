@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._atomic import AtomicWriter
+from ._checks import check_placement
 from .config import IA3Config, LoraConfig
 from .merge import set_branch_scaling
 from .errors import ConfigError, AdapterFileError, AdapterStateError, NoTargetError
@@ -331,6 +332,7 @@ class PeftFileMixin:
             raise AdapterFileError(f"{directory!r}: {exc}") from exc
         expected = self._expected_shapes(plan, config)
         self._check_tensors(directory, tensors, expected)
+        check_placement(self, plan, f"load adapter {adapter_name!r} from {directory!r}", loading=True)
         if exists and type(self._glora_configs[adapter_name]) is not type(config):  # type: ignore[attr-defined]
             old = type(self._glora_configs[adapter_name]).__name__  # type: ignore[attr-defined]
             raise AdapterFileError(

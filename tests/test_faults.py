@@ -1,0 +1,200 @@
+"""Fault injection: an exception raised at any step of a save leaves the previous files byte for
+byte as they were (and loadable, and no temporaries behind); an exception at any step of a load
+leaves the module (graph, weights, adapters, active set) exactly as it was.
+
+Each test first counts how often the patched function is called by a successful run, then
+fails each of those calls in turn ("at each step").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from models import FunctionalMLP
+from snapshot import assert_unchanged, snapshot
+
+import graphlora
+from graphlora import LoraConfig
+from graphlora.module import AdaptedGraphModule
+
+
+class Boom(OSError):
+    pass
+
+
+@contextlib.contextmanager
+def fail_at(monkeypatch, owner, name: str, n: int | None):
+    """Patch ``owner.name`` so that its ``n``-th call raises :class:`Boom` (``None``: never; count calls)."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Boom(f"simulated failure in {name} (call {n})")
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, wrapper)
+        yield calls
+
+
+def _randomize(gm, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, branch in gm.graphlora.branches():
+            for layer in (branch.lora_A, branch.lora_B):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen))
+
+
+def _files(root) -> dict[str, bytes]:
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+def _module():
+    model = FunctionalMLP()
+    gm = graphlora.inject(model, LoraConfig(r=2, target_modules=["fc1", "proj"]))
+    gm.add_adapter("b", LoraConfig(r=3, lora_alpha=6, target_modules=["fc2"]))
+    _randomize(gm, 0)
+    return model, gm
+
+
+# The steps of a save, as (owner, attribute): every one is made to fail at each of its calls.
+SAVE_STEPS = [
+    (safetensors.torch, "save"),  # serializing the tensors (per adapter)
+    (json, "dumps"),  # the config (per adapter)
+    (os, "makedirs"),  # the adapter subdirectory
+    (os, "fsync"),  # flushing each staged file
+    (os, "replace"),  # renaming each staged file into place
+    (os, "link"),  # keeping the previous file's contents before replacing it
+]
+
+
+@pytest.mark.parametrize("which", [["default"], None], ids=["one-adapter", "all-adapters"])
+@pytest.mark.parametrize("owner,name", SAVE_STEPS, ids=[n for _, n in SAVE_STEPS])
+def test_interrupted_save_keeps_previous_files(monkeypatch, tmp_path, owner, name, which):
+    model, gm = _module()
+    gm.save_adapter(tmp_path, which)
+    previous = _files(tmp_path)
+    expected = {n: {k: v.clone() for k, v in gm.get_adapter_state_dict(n).items()} for n in gm.adapters}
+    _randomize(gm, 1)  # new weights: a successful save would change the files
+    with fail_at(monkeypatch, owner, name, None) as calls:
+        gm.save_adapter(tmp_path / "probe", which)
+    assert calls["n"] > 0 or name == "link", f"{name} is not a step of save_adapter"
+    for n in range(1, calls["n"] + 1):
+        with fail_at(monkeypatch, owner, name, n):
+            with pytest.raises(Boom):
+                gm.save_adapter(tmp_path, which)
+        now = {k: v for k, v in _files(tmp_path).items() if not k.startswith("probe")}
+        assert now == previous, f"save failing at {name} call {n} changed {set(now) ^ set(previous) or 'contents'}"
+    # the previous files still load, with the previous weights
+    fresh = graphlora.inject(FunctionalMLP(), tmp_path)
+    for adapter in ([] if which else ["b"]):
+        fresh.load_adapter(tmp_path, adapter)
+    for adapter, tensors in fresh_state(fresh).items():
+        for key, value in tensors.items():
+            assert torch.equal(value, expected[adapter][key])
+
+
+def fresh_state(gm):
+    return {n: gm.get_adapter_state_dict(n) for n in gm.adapters}
+
+
+def test_interrupted_save_into_new_directory_writes_no_adapter_file(monkeypatch, tmp_path):
+    _, gm = _module()
+    with fail_at(monkeypatch, os, "replace", 2):  # after the first file of two was renamed
+        with pytest.raises(Boom):
+            gm.save_adapter(tmp_path / "new")
+    assert _files(tmp_path / "new") == {}
+
+
+def test_save_after_failures_succeeds(monkeypatch, tmp_path):
+    _, gm = _module()
+    with fail_at(monkeypatch, os, "fsync", 1):
+        with pytest.raises(Boom):
+            gm.save_adapter(tmp_path, None)
+    gm.save_adapter(tmp_path, None)
+    assert sorted(_files(tmp_path)) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors", "b/adapter_config.json", "b/adapter_model.safetensors"]
+    )
+
+
+# ------------------------------------------------------------------------------------ loading
+def _saved_variant(tmp_path, dropout: float):
+    """An adapter 'default' with the module's sites but new weights (and maybe a dropout)."""
+    _, other = _module()
+    _randomize(other, 7)
+    if dropout:
+        other.delete_adapter("b")
+        other.add_adapter("d", LoraConfig(r=2, target_modules=["fc1", "proj"], lora_dropout=dropout))
+        _randomize(other, 7)
+        other.save_adapter(tmp_path / "v", "d")
+        return tmp_path / "v" / "d"
+    other.save_adapter(tmp_path / "v", "default")
+    return tmp_path / "v"
+
+
+LOAD_STEPS = [
+    ("graphlora.peft_io", "read_adapter_dir"),
+    (torch.Tensor, "copy_"),
+    (AdaptedGraphModule, "_sync_state"),
+    (AdaptedGraphModule, "_rebuild"),
+    (AdaptedGraphModule, "add_adapter"),
+    (AdaptedGraphModule, "_set_active"),
+    (AdaptedGraphModule, "recompile"),
+]
+
+
+def _owner(owner):
+    if isinstance(owner, str):
+        import importlib
+
+        return importlib.import_module(owner)
+    return owner
+
+
+@pytest.mark.parametrize("mode", ["new-name", "hotswap", "hotswap-new-dropout"])
+@pytest.mark.parametrize("owner,name", LOAD_STEPS, ids=[n for _, n in LOAD_STEPS])
+def test_load_failing_half_way_leaves_module_unchanged(monkeypatch, tmp_path, owner, name, mode):
+    owner = _owner(owner)
+    directory = _saved_variant(tmp_path, 0.25 if mode == "hotswap-new-dropout" else 0.0)
+    target = "fresh" if mode == "new-name" else "default"
+    calls_seen = 0
+    n = 1
+    while True:
+        model, gm = _module()
+        gm.set_adapter_weights({"default": 0.5, "b": 2.0})
+        x = torch.randn(3, 12)
+        with torch.no_grad():
+            y = gm(x)
+        before = snapshot(gm, model)
+        with fail_at(monkeypatch, owner, name, n) as calls:
+            try:
+                gm.load_adapter(directory, target)
+            except Boom:
+                failed = True
+            else:
+                failed = False
+        if not failed:
+            break
+        assert_unchanged(before, snapshot(gm, model))
+        with torch.no_grad():
+            assert torch.equal(gm(x), y)
+        calls_seen = n
+        n += 1
+    # the last run made every call without failing; the loaded adapter works
+    assert calls["n"] >= calls_seen
+    assert target in gm.adapters
+    if name in ("copy_", "read_adapter_dir", "_sync_state"):
+        assert calls_seen > 0, f"{name} was never failed: not a step of this load"
