@@ -162,6 +162,15 @@ def trace_export(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     """
     from .repeat import trace_repeated
 
+    params = inspect.signature(model.forward).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    through_var_kw = sorted(set(kwargs) - named)
+    if through_var_kw:
+        raise TraceError(
+            f"{', '.join(through_var_kw)} reach {type(model).__name__}.forward only through **kwargs, which "
+            "the torch.export capture cannot trace yet; call without them (for transformers models: "
+            "set them on model.config before graphlora.inject instead, e.g. config.output_hidden_states=True)."
+        )
     kwargs = widen_for_trace(kwargs)
     return trace_repeated(model, kwargs, _export_eval) or _export_eval(model, kwargs)
 

@@ -258,6 +258,11 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
             raise AdapterStateError(
                 "adapter_names (a mixed-adapter batch) is for inference; call gm.eval() or run under torch.no_grad()."
             )
+        if self.merged:
+            raise AdapterStateError(
+                f"adapter_names cannot be used while adapters {self.merged_adapters} are merged into the base "
+                "weights (every row would carry them); call gm.unmerge_adapter() first."
+            )
         slots = self.adapter_slots()
         unknown = [n for n in names if n not in slots]
         if unknown:
@@ -553,7 +558,15 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         if not names:
             raise ConfigError("set_adapter needs at least one adapter name; use disable_adapters() for none.")
         self._check_known(names)
+        self._unmerge_before("set_adapter")
         self._set_active({n: 1.0 for n in names})
+
+    def _unmerge_before(self, action: str) -> None:
+        """PEFT's rule: switching adapters while some are merged unmerges them first (with a warning)."""
+        if self.merged:
+            warnings.warn(f"{action} while adapters {self.merged_adapters} are merged: unmerging them first.",
+                          stacklevel=3)
+            self.unmerge_adapter()
 
     def set_adapter_weights(self, weights: Mapping[str, float]) -> None:
         """Activate the given adapters with per-adapter weights: ``y = Wx + sum_a w_a s_a B_a A_a x``."""
@@ -563,6 +576,7 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         for name, w in weights.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf"):
                 raise ConfigError(f"weight {w!r} for adapter {name!r} must be a finite number.")
+        self._unmerge_before("set_adapter_weights")
         self._set_active({n: float(w) for n, w in weights.items()})
 
     def _set_active(self, weights: Mapping[str, float]) -> None:
@@ -571,7 +585,11 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         self._sync_state()
 
     def disable_adapters(self) -> None:
-        """Run the base model: every gate is 0; the active set is kept for ``enable_adapters``."""
+        """Run the base model: every gate is 0; the active set is kept for ``enable_adapters``.
+
+        Merged adapters are unmerged first (with a warning), as PEFT does.
+        """
+        self._unmerge_before("disable_adapters")
         self.__dict__["_glora_enabled"] = False
         self._sync_state()
 

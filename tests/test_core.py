@@ -316,3 +316,39 @@ def test_new_call_signatures_follow_eval_mode():
 def test_layers_to_transform_needs_a_list_of_targets():
     with pytest.raises(graphlora.ConfigError, match="layers_to_transform"):
         LoraConfig(target_modules="all-linear", layers_to_transform=[1])
+
+
+def test_switching_while_merged_unmerges_and_mixed_batches_are_refused():
+    model = tiny_llama()
+    base = copy.deepcopy(model)
+    gm = graphlora.inject(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    gm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))
+    _randomize(gm)
+    ids = token_ids(2, 5)
+    with torch.no_grad():
+        only_b = gm(ids).logits
+        gm.set_adapter("default")
+        gm.merge_adapter()
+        with pytest.raises(graphlora.AdapterStateError, match="unmerge"):
+            gm(input_ids=ids, adapter_names=["default", "b"])
+        with pytest.warns(UserWarning, match="unmerging"):
+            gm.set_adapter("b")
+        assert not gm.merged
+        torch.testing.assert_close(gm(ids).logits, only_b)
+        gm.merge_adapter()
+        with pytest.warns(UserWarning, match="unmerging"):
+            gm.disable_adapters()
+        assert torch.equal(gm(ids).logits, base(ids, use_cache=False).logits)
+
+
+def test_arguments_only_var_keyword_takes_get_a_clear_error_and_the_config_route_works():
+    model = tiny_llama()
+    gm = graphlora.inject(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    code = gm.code
+    with pytest.raises(graphlora.SignatureError, match="output_hidden_states.*model.config"):
+        gm(input_ids=token_ids(2, 5), output_hidden_states=True)
+    assert gm.code == code
+    model = tiny_llama()
+    model.config.output_hidden_states = True
+    out = graphlora.inject(model, LoraConfig(r=2, target_modules=["q_proj"]))(input_ids=token_ids(2, 5))
+    assert len(out.hidden_states) == 3
