@@ -62,8 +62,8 @@ def forward_params(model: torch.nn.Module) -> tuple[tuple[str, ...], dict[str, A
 
 
 def _describe(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype, value.dim(), value.device.type)
+    if isinstance(value, torch.Tensor):  # not the device: graphs follow the module's device
+        return ("tensor", value.dtype, value.dim())
     if value is None or isinstance(value, (bool, int, float, str)):
         return ("const", value)
     return ("object", type(value).__qualname__)

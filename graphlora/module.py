@@ -38,6 +38,7 @@ from graphlora.passes import (
     splice_mixed,
     strip_tensor_asserts,
 )
+from graphlora.passes.device import retarget_device
 from graphlora.passes.sites import getattr_path
 from graphlora.passes.splice import site_key
 
@@ -165,6 +166,8 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
         d["_glora_weights"] = {}
         d["_glora_enabled"] = True
         d["_glora_trainable"] = True
+        devices = {p.device for p in model.parameters()}
+        d["_glora_device"] = next(iter(devices)) if len(devices) == 1 else None
         self.add_module(STORE, AdapterStore())
         sig = call_key(self._normalize(captured.kwargs)) if captured.frontend == "export" else None
         key = (sig, False)
@@ -401,14 +404,53 @@ class AdaptedGraphModule(PeftFileMixin, MergeMixin, fx.GraphModule):
                 self._build_variant(program)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): variants see new tensors
+        before = {name: t for name, t in (*self.named_parameters(), *self.named_buffers())}
         result = super()._apply(fn, recurse)
         programs = self.__dict__.get("_glora_programs", {})
+        if programs:
+            after = {name: t for name, t in (*self.named_parameters(), *self.named_buffers())}
+            self._share_with_source({id(before[n]): t for n, t in after.items() if n in before and before[n] is not t})
+            if self._retarget_devices():
+                self._rebuild()  # every program re-spliced from its retargeted pristine graph
         for key, program in programs.items():
             if key != self._glora_primary:
                 self._build_variant(program)
         if "_glora_configs" in self.__dict__:  # new buffers (to_empty: garbage): rewrite the switch state
             self._sync_state()
         return result
+
+    def _share_with_source(self, replaced: Mapping[int, torch.Tensor]) -> None:
+        """Keep the source model on the same tensors after a move that replaced them (``to_empty``).
+
+        New call signatures are traced from the source model, so every slot of it that held a
+        replaced tensor (tied aliases included) now holds its replacement.
+        """
+        if not replaced:
+            return
+        for module in self._glora_source.modules():
+            for slots in (module._parameters, module._buffers):
+                for key, tensor in slots.items():
+                    if tensor is not None and id(tensor) in replaced:
+                        slots[key] = replaced[id(tensor)]
+
+    def _retarget_devices(self) -> bool:
+        """After a move to one device, make the traced graphs create their tensors there too.
+
+        Only when every parameter is on a single device (a model spread over devices keeps its
+        graphs as traced). Returns True when a pristine graph changed.
+        """
+        devices = {p.device for p in self.parameters()}
+        traced = self.__dict__.get("_glora_device")
+        if len(devices) != 1 or traced is None:
+            return False
+        (new,) = devices
+        if new == traced:
+            return False
+        changed = False
+        for program in self._glora_programs.values():
+            changed |= retarget_device(program.base_graph, traced, new)
+        self.__dict__["_glora_device"] = new
+        return changed
 
     # ------------------------------------------------------------------ planning
     @property

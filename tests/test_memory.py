@@ -153,9 +153,8 @@ def test_inject_on_meta_then_materialize_fx(tmp_path):
 
 def test_inject_on_meta_llama_traces_and_refuses_loading():
     """The export frontend traces a meta model (no weight is allocated) and finds the same sites;
-    loading an adapter before materializing is refused. Materializing an *exported* meta graph is
-    not supported: torch.export bakes ``device='meta'`` into factory ops (positions, masks), so
-    inject transformers models on their real device (docs/errors.md, PlacementError)."""
+    loading an adapter before materializing is refused (docs/errors.md, PlacementError).
+    Materializing is the next test."""
     real_gm = graphlora.inject(tiny_llama(layers=1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with torch.device("meta"):
         model = tiny_llama(layers=1)
@@ -170,3 +169,24 @@ def test_inject_on_meta_llama_traces_and_refuses_loading():
         assert "meta device" in str(exc) and "to_empty" in str(exc)
     else:
         raise AssertionError("loading onto meta weights was not refused")
+
+
+def test_inject_on_meta_llama_then_materialize(tmp_path):
+    """Export-traced graphs bake the trace device into factory ops; moving the module retargets them."""
+    real = tiny_llama(layers=2)
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    real_gm = _real_with_adapter(copy.deepcopy(real), config, tmp_path)
+    with torch.device("meta"):
+        model = tiny_llama(layers=2)
+    gm = graphlora.inject(model, config)
+    assert "device(type='meta')" in gm.code
+    gm.to_empty(device="cpu")
+    assert "device(type='meta')" not in gm.code and "device(type='cpu')" in gm.code
+    with torch.no_grad():  # materialize: parameters and (non-persistent) buffers from the real model
+        for name, tensor in [*real.named_parameters(), *real.named_buffers()]:
+            target = gm.get_parameter(name) if name in dict(gm.named_parameters()) else gm.get_buffer(name)
+            target.copy_(tensor)
+    gm.load_adapter(tmp_path, "default")
+    ids = token_ids(2, 6)
+    _check_materialized(gm, real_gm, lambda m: m(input_ids=ids).logits)
+    _check_materialized(gm, real_gm, lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
