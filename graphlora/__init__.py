@@ -9,20 +9,24 @@ from .api import inject, list_sites
 from .config import IA3Config, LoraConfig
 from .errors import (
     AdapterExistsError,
+    AdapterFileError,
     AdapterNotFoundError,
     AdapterStateError,
     ConfigError,
     GraphLoraError,
+    MergeError,
     NoTargetError,
+    PlacementError,
     SignatureError,
+    TargetTypeError,
     TraceError,
+    UnknownFieldError,
 )
-from .module import AdaptedGraphModule, SiteInfo
-from .viz import before_after, export_graph, to_networkx
-from .errors import AdapterFileError, MergeError
 from .freeze import specialize
 from .merge import lora_delta
+from .module import AdaptedGraphModule, SiteInfo
 from .peft_io import read_adapter_config, read_adapter_dir
+from .viz import before_after, export_graph, to_networkx
 
 __version__ = "0.1.0"
 
@@ -43,6 +47,12 @@ __all__ = [
     "SignatureError",
     "AdapterFileError",
     "MergeError",
+    "PlacementError",
+    "TargetTypeError",
+    "UnknownFieldError",
+    "to_networkx",
+    "export_graph",
+    "before_after",
     "specialize",
     "lora_delta",
     "read_adapter_dir",

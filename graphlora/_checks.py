@@ -14,7 +14,6 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from graphlora.passes import is_targeted

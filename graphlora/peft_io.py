@@ -28,7 +28,7 @@ from ._atomic import AtomicWriter
 from ._checks import check_placement
 from .config import IA3Config, LoraConfig
 from .merge import set_branch_scaling
-from .errors import ConfigError, AdapterFileError, AdapterStateError, NoTargetError
+from .errors import ConfigError, AdapterFileError, AdapterStateError
 from .methods import RULES, rule_for, rule_for_peft_type
 from .peft_format import (
     CONFIG_NAME,

@@ -10,7 +10,7 @@ import tracemalloc
 import weakref
 
 import torch
-from models import FunctionalMLP, main_output, tiny_llama, token_ids
+from models import FunctionalMLP, tiny_llama, token_ids
 
 import graphlora
 from graphlora import LoraConfig

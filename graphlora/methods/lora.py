@@ -17,17 +17,12 @@ residual ``(f - 1) * W x`` gated by ``dora_on``.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from graphlora.config import DEFAULT_TARGET_MODULES, LoraConfig
-from graphlora.errors import ConfigError
 from graphlora.passes import BranchSpec, Site
 from graphlora.passes.method_ops import dora_factor, dora_residual, row_scale
 from graphlora.passes.splice import SiteBuilder, emit_low_rank
