@@ -100,3 +100,24 @@ def test_inductor_fullgraph_on_functional_mlp():
             switch()
             torch.testing.assert_close(compiled(x), gm(x), rtol=1e-5, atol=1e-5)
     assert _graphs() == 1
+
+
+def test_hotswap_under_compile_changes_outputs_without_recompiling(tmp_path):
+    """load_adapter into an existing adapter of the same shapes writes in place: no recompilation."""
+    targets = ["q_proj", "v_proj"]
+    donor = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=targets))
+    _random_b(donor, seed=5)
+    donor.save_adapter(tmp_path)
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=targets))
+    _random_b(gm, seed=6)
+    gm.requires_grad_(False)
+    compiled = torch.compile(gm, fullgraph=True, backend="eager")
+    ids = token_ids(2, 6)
+    with torch.no_grad():
+        before = compiled(input_ids=ids).logits
+        warm = _graphs()
+        gm.load_adapter(tmp_path, "default")
+        after = compiled(input_ids=ids).logits
+        assert _graphs() == warm == 1
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, donor(input_ids=ids).logits)
