@@ -65,6 +65,14 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    """The model and adapter options shared by ``inspect`` and ``viz``."""
+    parser.add_argument("--model", metavar="DIR", help="a local transformers checkpoint (default: the demo's Llama)")
+    parser.add_argument("--target", default="all-linear",
+                        help="target_modules: 'all-linear', a comma list (q_proj,v_proj) or a regex")
+    parser.add_argument("--r", type=int, default=8)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graphlora", description="Adapters injected by rewriting the traced graph.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,18 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     inspect = sub.add_parser("inspect", help="print the sites table of a model")
-    inspect.add_argument("--model", metavar="DIR", help="a local transformers checkpoint (default: the demo's Llama)")
-    inspect.add_argument("--target", default="all-linear",
-                         help="target_modules: 'all-linear', a comma list (q_proj,v_proj) or a regex")
-    inspect.add_argument("--r", type=int, default=8)
+    _model_args(inspect)
     inspect.add_argument("--all", action="store_true", help="list every linear site, adapted or not")
     inspect.set_defaults(func=_cmd_inspect)
 
     viz = sub.add_parser("viz", help="draw where the adapters sit (.svg .html .graphml .json .dot .mmd)")
-    viz.add_argument("--model", metavar="DIR", help="a local transformers checkpoint (default: the demo's Llama)")
-    viz.add_argument("--target", default="all-linear",
-                     help="target_modules: 'all-linear', a comma list (q_proj,v_proj) or a regex")
-    viz.add_argument("--r", type=int, default=8)
+    _model_args(viz)
     viz.add_argument("--view", choices=("modules", "full", "diff"), default="modules",
                      help="modules: one node per block (default); full: every op; diff: traced vs rewritten")
     viz.add_argument("--depth", type=int, default=None,

@@ -63,3 +63,15 @@ def main_output(out):
         if getattr(out, name, None) is not None:
             return getattr(out, name)
     return out[0]
+
+
+def reset_to_default(gms) -> None:
+    """Leave each module with only its ``default`` adapter, active, enabled and unmerged."""
+    for gm in gms:
+        if gm.merged:
+            gm.unmerge_adapter()
+        for name in list(gm.adapters):
+            if name != "default":
+                gm.delete_adapter(name)
+        gm.set_adapter("default")
+        gm.enable_adapters()

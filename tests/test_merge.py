@@ -14,7 +14,7 @@ from graphlora.passes.ops import lora_switch
 from graphlora.passes.sites import getattr_path
 from graphlora.passes.specialize import freeze_switches
 
-from models import FunctionalMLP, token_ids
+from models import FunctionalMLP, token_ids, reset_to_default
 from peft_oracle import base, peft_model, run
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -38,15 +38,9 @@ def gms():
 
 @pytest.fixture
 def clean(gms):
+    """After a test: only the first adapter remains, active, unmerged."""
     yield gms
-    for gm in gms.values():
-        if gm.merged:
-            gm.unmerge_adapter()
-        for name in list(gm.adapters):
-            if name != "default":
-                gm.delete_adapter(name)
-        gm.set_adapter("default")
-        gm.enable_adapters()
+    reset_to_default(gms.values())
 
 
 def _site_weights(gm) -> dict[str, torch.Tensor]:

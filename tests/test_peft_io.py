@@ -15,7 +15,7 @@ import graphlora
 from graphlora import AdapterFileError, LoraConfig
 from graphlora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
-from models import token_ids
+from models import token_ids, reset_to_default
 from peft_oracle import base, peft_from_pretrained, peft_model, run
 
 pytest.importorskip("peft")
@@ -59,14 +59,7 @@ def gms():
 def clean(gms):
     """After a test: only the first adapter remains, active, unmerged."""
     yield gms
-    for gm in gms.values():
-        if gm.merged:
-            gm.unmerge_adapter()
-        for name in list(gm.adapters):
-            if name != "default":
-                gm.delete_adapter(name)
-        gm.set_adapter("default")
-        gm.enable_adapters()
+    reset_to_default(gms.values())
 
 
 def _peft_sites(model) -> list[str]:
