@@ -11,6 +11,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .result import finish
+
 __all__ = ["strip_tensor_asserts"]
 
 _ASSERTS = {torch.ops.aten._assert_tensor_metadata.default}
@@ -23,7 +25,4 @@ def strip_tensor_asserts(gm: fx.GraphModule) -> PassResult:
         if node.op == "call_function" and node.target in _ASSERTS and not node.users:
             gm.graph.erase_node(node)
             modified = True
-    if modified:
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+    return finish(gm, modified)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .result import finish
 from .sites import module_path
 
 __all__ = ["follow_train_mode"]
@@ -69,7 +70,4 @@ def follow_train_mode(gm: fx.GraphModule) -> PassResult:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         modified = True
-    if modified:
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+    return finish(gm, modified)

@@ -29,6 +29,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .method_ops import dora_residual, scale_switch
 from .ops import lora_switch
+from .result import finish
 from .sites import getattr_path
 
 __all__ = ["freeze_switches"]
@@ -106,10 +107,7 @@ def freeze_switches(gm: fx.GraphModule) -> PassResult:
             dead.append(switch)
         _erase_dead(graph, dead)
     modified = _freeze_method_switches(gm) or modified
-    if modified:
-        graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+    return finish(gm, modified)
 
 
 def _gate_value(gm: fx.GraphModule, gate) -> float:

@@ -42,6 +42,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .method_ops import scale_switch
 from .ops import lora_mixed, lora_switch
+from .result import finish
 from .sites import Site
 
 __all__ = ["BranchSpec", "SiteBuilder", "splice_adapters", "splice_mixed", "site_key", "emit_low_rank"]
@@ -240,10 +241,7 @@ def splice_adapters(
             continue
         SiteBuilder(gm, site, nodes[site.node]).build(specs)
         modified = True
-    if modified:
-        graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+    return finish(gm, modified)
 
 
 def splice_mixed(
@@ -292,7 +290,4 @@ def splice_mixed(
             switch.meta["val"] = base.meta["val"]
         base.replace_all_uses_with(switch, delete_user_cb=lambda user: user is not switch)
         modified = True
-    if modified:
-        graph.lint()
-        gm.recompile()
-    return PassResult(gm, modified)
+    return finish(gm, modified)
