@@ -41,7 +41,7 @@ from graphlora.passes.sites import getattr_path
 from graphlora.passes.splice import site_key
 
 from ._checks import check_layers_in_range, check_placement, check_target_types
-from ._compat import is_pretrained_model
+from ._compat import adopt_graph, is_pretrained_model
 from .capture import Captured, call_key, forward_params
 from .config import ALL_LINEAR, IA3Config, LoraConfig
 from .errors import (
@@ -193,8 +193,9 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
         specs = self._branch_specs()
         for key, program in self._glora_programs.items():
             if key == self._glora_primary:
-                self.graph = copy_graph(program.base_graph)
-                splice_adapters(self, program.sites, specs)
+                adopt_graph(self, copy_graph(program.base_graph))  # code regenerated once, below
+                if not splice_adapters(self, program.sites, specs).modified:
+                    self.recompile()
             else:
                 self._build_variant(program)
 
