@@ -222,8 +222,32 @@ class MergeMixin:
                 f"adapter(s) {again} are already merged (merged: {self.merged_adapters}); "
                 "unmerge_adapter() first to merge them again."
             )
+        self._check_scaling_merge(names)
         active = self._glora_weights  # type: ignore[attr-defined]
         self._apply_merge({n: float(active.get(n, 1.0)) for n in names}, safe_merge)
+
+    def _check_scaling_merge(self, names: list[str]) -> None:
+        """Refuse folding a scaling method (IA3) under an additive adapter that stays unmerged.
+
+        The graph computes ``v ⊙ (W x + Δx)``; with ``v`` folded into ``W`` and ``Δ`` still a branch
+        it would compute ``v ⊙ W x + Δx``, a different function.
+        """
+        plans = self._glora_plans  # type: ignore[attr-defined]
+        live = self._glora_weights if self._glora_enabled else {}  # type: ignore[attr-defined]
+        for name in names:
+            if self._rule(name).merge_order() == 0:  # type: ignore[attr-defined]
+                continue
+            for other in live:
+                if other in names or other in self._merge_state.merged or self._rule(other).merge_order() != 0:  # type: ignore[attr-defined]
+                    continue
+                shared = sorted(set(plans[name]) & set(plans[other]))
+                if shared:
+                    raise MergeError(
+                        f"merging {name!r} (it scales the whole layer) while the active adapter {other!r} stays "
+                        f"unmerged at {shared[:3]} would move {other!r} outside that scaling and change the "
+                        f"outputs; merge them together (merge_adapter([{name!r}, {other!r}])) or deactivate "
+                        f"{other!r} first."
+                    )
 
     def unmerge_adapter(self, adapter_names: Union[Iterable[str], None] = None) -> None:
         """Restore the base weights saved at the first merge (exactly), then re-merge the adapters

@@ -245,3 +245,26 @@ def test_bf16_merge_within_bf16_tolerance():
     gm.unmerge_adapter()
     for path, w in _site_weights(gm).items():
         assert torch.equal(w, before[path])
+
+
+def test_merging_a_scaling_adapter_under_an_unmerged_lora_is_refused():
+    """IA3 scales the whole adapted layer; folding it alone would move an active LoRA outside it."""
+    from models import tiny_llama
+
+    from graphlora import IA3Config, MergeError
+
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=2, target_modules=["down_proj"]))
+    gm.add_adapter("ia3", IA3Config(target_modules=["down_proj"], feedforward_modules=[], init_ia3_weights=False))
+    with torch.no_grad():
+        for _, _, branch in gm.graphlora.branches("default"):
+            branch.lora_B.weight.normal_()
+    gm.set_adapter(["default", "ia3"])
+    ids = token_ids(2, 5)
+    with torch.no_grad():
+        before = gm(ids).logits
+        weights = {n: p.clone() for n, p in gm.named_parameters()}
+        with pytest.raises(MergeError, match="default"):
+            gm.merge_adapter(["ia3"])
+        assert not gm.merged and all(torch.equal(p, weights[n]) for n, p in gm.named_parameters())
+        gm.merge_adapter(["ia3", "default"])  # together is exact
+        torch.testing.assert_close(gm(ids).logits, before, rtol=1e-5, atol=1e-5)
