@@ -377,9 +377,16 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
 
         Raises:
             AdapterNotFoundError: unknown name.
-            AdapterStateError: it is the only adapter (use ``disable_adapters()`` instead).
+            AdapterStateError: it is the only adapter (use ``disable_adapters()`` instead), or it
+                is merged into the base weights (unmerge it first).
         """
         self._check_known([adapter_name])
+        if adapter_name in self.merged_adapters:
+            raise AdapterStateError(
+                f"{adapter_name!r} is merged into the base weights; deleting it would leave its "
+                f"contribution there with nothing to undo it. Call unmerge_adapter([{adapter_name!r}]) "
+                "first (or merge_and_unload() to keep it in the weights for good)."
+            )
         if len(self._glora_configs) == 1:
             raise AdapterStateError(
                 f"{adapter_name!r} is the only adapter; deleting it would leave no adapter. "

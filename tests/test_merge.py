@@ -268,3 +268,17 @@ def test_merging_a_scaling_adapter_under_an_unmerged_lora_is_refused():
         assert not gm.merged and all(torch.equal(p, weights[n]) for n, p in gm.named_parameters())
         gm.merge_adapter(["ia3", "default"])  # together is exact
         torch.testing.assert_close(gm(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_deleting_a_merged_adapter_is_refused():
+    from models import tiny_llama
+
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    gm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))
+    gm.merge_adapter(["b"])
+    with pytest.raises(graphlora.AdapterStateError, match="unmerge_adapter"):
+        gm.delete_adapter("b")
+    assert gm.merged_adapters == ["b"] and "b" in gm.adapters
+    gm.unmerge_adapter(["b"])
+    gm.delete_adapter("b")
+    assert list(gm.adapters) == ["default"]
