@@ -69,6 +69,17 @@ def _as_names(value: TargetSpec, field_name: str) -> TargetSpec:
     )
 
 
+def _normalize_targets(config: Any, fields: Sequence[str]) -> None:
+    """In place on a frozen config: ``"ALL-LINEAR"`` -> ``"all-linear"``, lists -> tuples, regexes checked."""
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        object.__setattr__(config, "target_modules", ALL_LINEAR)
+    for name in fields:
+        value = _as_names(getattr(config, name), name)
+        object.__setattr__(config, name, value)
+        if isinstance(value, str) and value != ALL_LINEAR:
+            _check_regex(value, name)
+
+
 def _check_regex(value: str, field_name: str) -> None:
     try:
         re.compile(value)
@@ -176,13 +187,7 @@ class LoraConfig(_PeftConfigIO):
         set_(self, "r", int(self.r))
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, numbers.Real) or not math.isfinite(self.lora_alpha):
             raise ConfigError(f"lora_alpha={self.lora_alpha!r} must be a finite number, e.g. lora_alpha=16.")
-        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
-            set_(self, "target_modules", ALL_LINEAR)
-        for name in ("target_modules", "exclude_modules"):
-            value = _as_names(getattr(self, name), name)
-            set_(self, name, value)
-            if isinstance(value, str) and value != ALL_LINEAR:
-                _check_regex(value, name)
+        _normalize_targets(self, ("target_modules", "exclude_modules"))
         if not isinstance(self.lora_dropout, numbers.Real) or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout!r} must be a number in [0, 1).")
         if self.init_lora_weights not in _INIT_CHOICES or (
@@ -297,14 +302,7 @@ class IA3Config(_PeftConfigIO):
     peft_type = "IA3"
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
-            set_(self, "target_modules", ALL_LINEAR)
-        for name in ("target_modules", "feedforward_modules", "exclude_modules"):
-            value = _as_names(getattr(self, name), name)
-            set_(self, name, value)
-            if isinstance(value, str) and value != ALL_LINEAR:
-                _check_regex(value, name)
+        _normalize_targets(self, ("target_modules", "feedforward_modules", "exclude_modules"))
         targets, ff = self.target_modules, self.feedforward_modules
         if isinstance(targets, tuple) and isinstance(ff, tuple):
             stray = [m for m in ff if m not in targets]

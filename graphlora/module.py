@@ -122,11 +122,11 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
         d["_glora_source"] = model
         d["_glora_frontend"] = captured.frontend
         names, defaults = forward_params(model) if captured.frontend == "export" else ((), {})
-        sig = inspect.signature(model.forward)
+        params = inspect.signature(model.forward).parameters
         d["_glora_arg_names"] = names
         d["_glora_call_defaults"] = defaults
         d["_glora_none_defaults"] = frozenset(
-            p.name for p in sig.parameters.values() if p.default is None and p.name not in defaults
+            p.name for p in params.values() if p.default is None and p.name not in defaults
         )
         d["_glora_aliases"] = _param_aliases(model)
         d["_glora_head"] = _output_head(model)
