@@ -116,7 +116,7 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_capture(cls, model: nn.Module, captured: Captured) -> "AdaptedGraphModule":
-        base = prepare_base(captured.gm)
+        base = prepare_base(captured.gm, model)
         self = cls(base, base.graph, class_name=type(model).__name__)
         d = self.__dict__
         d["_glora_source"] = model

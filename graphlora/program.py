@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import torch.fx as fx
+from torch import nn
 
-from graphlora.passes import Site, follow_train_mode, strip_tensor_asserts
+from graphlora.passes import Site, causal_attention, follow_train_mode, strip_tensor_asserts
 
 __all__ = ["Program", "copy_graph", "prepare_base"]
 
@@ -39,8 +40,28 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
         return copy.deepcopy(graph)
 
 
-def prepare_base(gm: fx.GraphModule) -> fx.GraphModule:
-    """The passes every traced graph gets before adapters: mode-following dropout, no dtype pins."""
+#: Config fields (transformers) that bound how far a token attends: a mask may be causal only below them.
+_WINDOW_FIELDS = ("sliding_window", "attention_chunk_size", "window_size", "local_attention", "attention_window")
+
+
+def window_lengths(model: Union[nn.Module, None]) -> tuple[int, ...]:
+    """Sequence lengths just past every attention window or chunk in ``model.config`` (and its text config)."""
+    config = getattr(model, "config", None)
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    found: set[int] = set()
+    for cfg in configs:
+        for field in _WINDOW_FIELDS:
+            value = getattr(cfg, field, None)
+            for w in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(w, int) and not isinstance(w, bool) and w > 0:
+                    found.update((w + 1, w + 2))
+    return tuple(sorted(found))
+
+
+def prepare_base(gm: fx.GraphModule, model: Union[nn.Module, None] = None) -> fx.GraphModule:
+    """The passes every traced graph gets before adapters: mode-following dropout, no dtype pins,
+    ``is_causal`` attention where the traced mask is shown causal (past ``model``'s windows too)."""
     follow_train_mode(gm)
     strip_tensor_asserts(gm)
+    causal_attention(gm, window_lengths(model))
     return gm

@@ -153,7 +153,7 @@ class RoutingMixin:
     def _trace_signature(self, kwargs: dict[str, Any], key: Any) -> Program:
         """Trace the source model for a new call signature and splice the current adapters in."""
         try:
-            gm = prepare_base(trace_export(self._glora_source, kwargs))
+            gm = prepare_base(trace_export(self._glora_source, kwargs), self._glora_source)
         except Exception as exc:
             given = ", ".join(f"{k}={'<tensor>' if isinstance(v, torch.Tensor) else v!r}" for k, v in kwargs.items())
             raise SignatureError(

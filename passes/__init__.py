@@ -8,11 +8,13 @@ Passes work on ``torch.fx`` graphs and know nothing of transformers:
 - :mod:`.splice` — *splice*: insert adapter branches and one named switch node per site.
 - :mod:`.dropout` — turn trace-time-frozen dropout into mode-following dropout.
 - :mod:`.cleanup` — drop trace-time assertions that pin dtype/device.
+- :mod:`.attention` — run attention whose traced mask is provably causal with ``is_causal=True``.
 - :mod:`.ops` — the runtime functions the inserted nodes call.
 
 Each rewrite is a callable ``GraphModule -> PassResult`` (``torch.fx.passes.infra``).
 """
 
+from .attention import causal_attention, causal_sdpa
 from .cleanup import strip_tensor_asserts
 from .dropout import follow_train_mode
 from .sites import Site, locate_sites
@@ -27,6 +29,8 @@ __all__ = [
     "splice_mixed",
     "follow_train_mode",
     "strip_tensor_asserts",
+    "causal_attention",
+    "causal_sdpa",
     "is_targeted",
     "is_excluded",
     "pattern_value",
