@@ -1,24 +1,38 @@
-"""GPU kernel for the switch's rank-r update: ``out = y + h @ B^T`` in one pass over ``y``.
+"""Triton kernels for the adapter path on CUDA (bf16/fp16); everything else takes plain PyTorch.
 
-``torch.addmm(y, h, B^T)`` with a rank-16 inner dimension runs far above its bandwidth floor on
-Hopper (44 us for a 4096 x 4096 ``y`` on an H200, where reading and writing ``y`` takes ~14 us).
-This Triton kernel reads each ``[BM, BN]`` tile of ``y`` once, adds ``h_tile @ B_tile^T``
-(accumulated in fp32, as ``addmm`` does) and writes it, so the update costs about one read and
-one write of ``y``. Several adapters are handled by concatenating their ``h`` and ``B`` along
-the rank dimension. When every gate is 0 (``h == 0``) the result equals ``y`` exactly.
+Two kernels for the update ``y += h B^T`` (``h = g x A^T``, rank ``r``), which cuBLAS runs far
+above its bandwidth floor when the inner dimension is ``r`` (16):
 
-Used for bf16/fp16 CUDA tensors when Triton is importable; everything else takes ``addmm``.
+- :func:`lora_add`: ``out = y + h B^T`` in one pass over ``y`` (``addmm(y, h, B^T)`` with a
+  rank-16 inner dimension took 44 us for a 4096 x 4096 ``y`` on an H200, whose read+write floor
+  is ~14 us).
+- :func:`lora_linear`: the base GEMM with the rank-``r`` update as its epilogue,
+  ``y = x W^T + b + h B^T``: after the ``K`` loop over ``x`` and ``W`` the fp32 accumulator gets
+  ``h_tile @ B_tile^T`` before the single store, so the adapter costs no pass over ``y`` at all.
+
+Every kernel accumulates in fp32 and rounds once on store. Several adapters at one site are
+handled by concatenating their ``h`` and ``B`` along the rank dimension. Tile configurations are
+fixed per shape class (measured on an H200, ``bench/bench_kernels.py``) rather than autotuned at
+first call, so two runs of the same model use the same kernels.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "lora_add"]
+__all__ = ["available", "fused_linear_ok", "lora_add", "lora_linear"]
+
+#: ``lora_add`` tiles: (BM, BN, num_warps).
+ADD_CONFIG = (64, 128, 4)
+#: ``lora_linear`` tiles: (BM, BN, BK, GROUP_M, num_warps, num_stages, flatten, warp_specialize, programs).
+LINEAR_CONFIG = (128, 256, 64, 8, 8, 3, False, False, 0)
+#: ``lora_linear`` serves outputs at least this wide: where it measured faster than cuBLAS + ``lora_add``.
+FUSED_MIN_OUT = 8192
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,15 +43,9 @@ def _triton():
     except Exception:  # not installed, or no usable backend
         return None
 
-    configs = [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=w)
-        for bm, bn, w in [(64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 256, 4)]
-    ]
-
-    @triton.autotune(configs=configs, key=["M", "N", "BR"])
     @triton.jit
-    def lora_add_kernel(y, h, b, out, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br, s_om, s_on,
-                        BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    def add_kernel(y, h, b, out, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br, s_om, s_on,
+                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -53,32 +61,123 @@ def _triton():
         acc += yt.to(tl.float32)
         tl.store(out + rm[:, None] * s_om + rn[None, :] * s_on, acc.to(out.dtype.element_ty), mask=mask)
 
-    return triton, lora_add_kernel
+    @triton.jit
+    def linear_tma_kernel(x_d, w_d, h_d, b_d, o_d, bias, M, N, K, HAS_BIAS: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                          GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, WS: tl.constexpr):
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        k_tiles = tl.cdiv(K, BK)
+        per_group = GROUP_M * num_n
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=FLATTEN, warp_specialize=WS):
+            first_m = (tile // per_group) * GROUP_M
+            group_m = min(num_m - first_m, GROUP_M)
+            om = (first_m + (tile % group_m)) * BM
+            on = ((tile % per_group) // group_m) * BN
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for ki in range(k_tiles):
+                xt = x_d.load([om, ki * BK])
+                wt = w_d.load([on, ki * BK])
+                acc = tl.dot(xt, wt.T, acc)
+            ht = h_d.load([om, 0])
+            bt = b_d.load([on, 0])
+            acc = tl.dot(ht, bt.T, acc)
+            if HAS_BIAS:
+                rn = on + tl.arange(0, BN)
+                acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            o_d.store([om, on], acc.to(o_d.dtype))
+
+    return SimpleNamespace(triton=triton, add=add_kernel, linear=linear_tma_kernel)
 
 
 def available(t: Tensor) -> bool:
-    """Whether the kernel serves this tensor: CUDA, bf16/fp16, Triton importable.
+    """Whether the kernels serve this tensor: CUDA, bf16/fp16, Triton importable.
 
-    fp32 keeps ``addmm``: Triton's fp32 dot rounds inputs to tf32 (~3e-4 relative error).
+    fp32 keeps PyTorch's ops: Triton's fp32 dot rounds inputs to tf32 (~3e-4 relative error).
     """
     return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and _triton() is not None
 
 
-def lora_add(y: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
-    """``y + sum_i h_i @ B_i^T`` for 2-D ``y`` ``[M, N]``, ``h_i`` ``[M, r_i]``, ``B_i`` ``[N, r_i]``."""
-    triton, kernel = _triton()
+@functools.lru_cache(maxsize=None)
+def _device(device: torch.device):
+    return torch.cuda.get_device_properties(device)
+
+
+def _aligned(t: Tensor) -> bool:
+    """TMA's layout rules: unit last stride, 16-byte aligned base and row stride."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def fused_linear_ok(x: Tensor, w: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`lora_linear` serves this 2-D ``x`` and ``W``: Hopper or newer (TMA), bf16/fp16
+    on both, TMA-aligned layouts, and an output at least :data:`FUSED_MIN_OUT` wide.
+
+    On an H200 (4096 tokens, bf16, r=16, ``h`` given) the fused kernel measured 540.8 us at
+    4096 -> 11008 against 554.8 us for cuBLAS's base GEMM alone (595.3 us with ``lora_add``), and
+    521.9 vs 520.1 us at 11008 -> 4096 (not used: the output is narrow), but 191.4 vs 174.1 us at
+    4096 -> 4096, where cuBLAS + ``lora_add`` (219 us) stays ahead (``bench/kernels-h200.log``).
+    """
+    return (available(x) and w.dtype == x.dtype and w.shape[0] >= FUSED_MIN_OUT
+            and _device(x.device).major >= 9 and (w.shape[0] * x.element_size()) % 16 == 0
+            and _aligned(x) and _aligned(w) and (bias is None or bias.dtype == x.dtype))
+
+
+def _rank_block(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def _concat(hs: Sequence[Tensor], bs: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     h = hs[0] if len(hs) == 1 else torch.cat(list(hs), dim=1)
     b = bs[0] if len(bs) == 1 else torch.cat(list(bs), dim=1)
-    h = h.to(y.dtype)
-    b = b.to(y.dtype)
+    return h.to(dtype), b.to(dtype)
+
+
+def lora_add(y: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor], config: tuple = ADD_CONFIG) -> Tensor:
+    """``y + sum_i h_i @ B_i^T`` for 2-D ``y`` ``[M, N]``, ``h_i`` ``[M, r_i]``, ``B_i`` ``[N, r_i]``."""
+    k = _triton()
+    h, b = _concat(hs, bs, y.dtype)
     M, N = y.shape
     R = h.shape[1]
-    BR = max(16, triton.next_power_of_2(R))
+    BM, BN, warps = config
     out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
+    k.add[grid](y, h, b, out, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
+                b.stride(0), b.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN, BR=_rank_block(R),
+                num_warps=warps)
+    return out
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
 
-    kernel[grid](y, h, b, out, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
-                 b.stride(0), b.stride(1), out.stride(0), out.stride(1), BR=BR)
+def lora_linear(x: Tensor, w: Tensor, bias: Tensor | None, hs: Sequence[Tensor], bs: Sequence[Tensor],
+                config: tuple = LINEAR_CONFIG) -> Tensor:
+    """``x @ W^T + bias + sum_i h_i @ B_i^T`` for 2-D ``x`` ``[M, K]``, ``W`` ``[N, K]``, ``h_i`` ``[M, r_i]``.
+
+    A persistent kernel (one program per SM walking the output tiles in L2-friendly groups)
+    that reads ``x`` and ``W`` through TMA descriptors. Call only where
+    :func:`fused_linear_ok` holds. ``config``: (BM, BN, BK, GROUP_M, num_warps, num_stages,
+    flatten, warp_specialize, programs or 0 for one per SM).
+    """
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    k = _triton()
+    h, b = _concat(hs, bs, x.dtype)
+    M, K = x.shape
+    N = w.shape[0]
+    R = h.shape[1]
+    BM, BN, BK, group, warps, stages, flatten, ws, progs = config
+    BR = _rank_block(R)
+    if R != BR:  # TMA rows must be 16-byte aligned: pad the rank to the block
+        h = torch.nn.functional.pad(h, (0, BR - R))
+        b = torch.nn.functional.pad(b, (0, BR - R))
+    h, b = h.contiguous(), b.contiguous()
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    tiles = k.triton.cdiv(M, BM) * k.triton.cdiv(N, BN)
+    progs = progs or _device(x.device).multi_processor_count
+    progs = min(progs, tiles)
+    k.linear[(progs,)](
+        TensorDescriptor.from_tensor(x, [BM, BK]), TensorDescriptor.from_tensor(w, [BN, BK]),
+        TensorDescriptor.from_tensor(h, [BM, BR]), TensorDescriptor.from_tensor(b, [BN, BR]),
+        TensorDescriptor.from_tensor(out, [BM, BN]), bias if bias is not None else x, M, N, K,
+        HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK, BR=BR, GROUP_M=group, NUM_PROGS=progs,
+        FLATTEN=flatten, WS=ws, num_warps=warps, num_stages=stages)
     return out

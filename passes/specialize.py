@@ -2,18 +2,19 @@
 
 The splice pass (:mod:`.splice`) leaves, per site, gated branches behind one switch node::
 
-    h_a    = aten.linear(x', A_a)           # x' = x or lora_dropout(x)
-    h_a    = aten.mul(h_a, gate_a)          # get_attr gate_a: s_a * w_a while active, else 0
-    switch = lora_switch(base, (h_a, ...), (B_a, ...))
+    h_a    = lora_down(x', A_a, gate_a)     # x' = x or lora_dropout(x); gate_a: s_a * w_a while active, else 0
+    switch = lora_switch(base, (h_a, ...), (B_a, ...))     # or lora_linear(x, W, b, (h_a, ...), (B_a, ...))
 
 so that switching adapters only writes gate buffers. For serving one fixed adapter set this
 pass reads every gate's current value ``g`` and rewrites the graph:
 
 - ``g == 0``: the branch is dropped from the switch, and its now-unused nodes (the ``A``
   projection, its dropout, the ``get_attr`` reads) are erased;
-- ``g == 1``: the multiply is removed (``h_a = aten.linear(x', A_a)``);
-- otherwise: ``aten.mul(h_a, g)`` with ``g`` a Python float constant (no buffer read);
-- a switch left with no branch is replaced by its base output.
+- ``g == 1``: ``h_a = aten.linear(x', A_a)``;
+- otherwise: ``h_a = aten.mul(aten.linear(x', A_a), g)`` with ``g`` a Python float constant
+  (no buffer read; graphs from before ``lora_down`` spell the branch this way already);
+- a switch left with no branch is replaced by its base output (``lora_linear``: by
+  ``aten.linear(x, W, b)``).
 
 The computed function is unchanged for the current state: ``y = base + sum_{a: g_a != 0}
 (g_a A_a x') B_a^T``. The pass knows nothing of adapters' names or configs: it recognises the
@@ -28,7 +29,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .method_ops import dora_residual, scale_switch
-from .ops import lora_switch
+from .ops import lora_down, lora_linear, lora_switch
 from .result import finish
 from .sites import getattr_path
 
@@ -38,18 +39,43 @@ _MULS = {torch.ops.aten.mul.Tensor, torch.mul}
 
 
 def _is_switch(node: fx.Node) -> bool:
-    """A ``lora_switch`` call: the Python function, or its custom op ``graphlora::lora_switch``."""
+    """A ``lora_switch`` / ``lora_linear`` call: the Python function, or its custom op."""
     if node.op != "call_function":
         return False
-    return node.target is lora_switch or str(node.target).startswith("graphlora.lora_switch")
+    if node.target in (lora_switch, lora_linear):
+        return True
+    return str(node.target).startswith(("graphlora.lora_switch", "graphlora.lora_linear"))
 
 
 def _gate_of(h: fx.Node) -> fx.Node | None:
-    """The ``get_attr`` gate node of ``h = mul(x, gate)``, or ``None`` if ``h`` is not that."""
-    if h.op != "call_function" or h.target not in _MULS or len(h.args) != 2:
+    """The ``get_attr`` gate of ``h = lora_down(x, A, gate)`` or ``h = mul(x, gate)``, else ``None``."""
+    if h.op != "call_function":
         return None
-    gate = h.args[1]
+    if h.target is lora_down:
+        gate = h.args[2]
+    elif h.target in _MULS and len(h.args) == 2:
+        gate = h.args[1]
+    else:
+        return None
     return gate if isinstance(gate, fx.Node) and gate.op == "get_attr" else None
+
+
+def _constant_gate(graph: fx.Graph, h: fx.Node, value: float) -> fx.Node:
+    """``h`` with its gate read replaced by the constant ``value`` (``1``: no multiply at all)."""
+    if h.target is lora_down:
+        x, a, _ = h.args
+        with graph.inserting_before(h):
+            proj = graph.call_function(torch.ops.aten.linear.default, (x, a))
+            proj.meta.update({k: v for k, v in h.meta.items() if k != "val"})
+            if value == 1.0:
+                return proj
+            out = graph.call_function(torch.ops.aten.mul.Tensor, (proj, value))
+            out.meta.update(proj.meta)
+            return out
+    if value == 1.0:
+        return h.args[0]
+    h.args = (h.args[0], value)
+    return h
 
 
 def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
@@ -79,7 +105,7 @@ def freeze_switches(gm: fx.GraphModule) -> PassResult:
     graph = gm.graph
     modified = False
     for switch in [n for n in graph.nodes if _is_switch(n)]:
-        base, hs, bs = switch.args
+        *head, hs, bs = switch.args  # head: (base,) or, for lora_linear, (x, W, bias)
         keep_h, keep_b, dead = [], [], []
         for h, b in zip(hs, bs):
             gate = _gate_of(h)
@@ -91,18 +117,20 @@ def freeze_switches(gm: fx.GraphModule) -> PassResult:
             if value == 0.0:
                 dead += [h, b]
                 continue
-            if value == 1.0:
-                keep_h.append(h.args[0])
-                dead.append(h)
-            else:
-                h.args = (h.args[0], value)
-                dead.append(gate)
-                keep_h.append(h)
+            frozen = _constant_gate(graph, h, value)
+            dead += [h, gate] if frozen is not h else [gate]
+            keep_h.append(frozen)
             keep_b.append(b)
         modified = True
         if keep_h:
-            switch.args = (base, tuple(keep_h), tuple(keep_b))
+            switch.args = (*head, tuple(keep_h), tuple(keep_b))
         else:
+            if len(head) == 1:
+                base = head[0]
+            else:  # lora_linear with no branch left: the plain linear it stood for
+                with graph.inserting_before(switch):
+                    base = graph.call_function(torch.ops.aten.linear.default, tuple(head))
+                base.meta.update(switch.meta)
             switch.replace_all_uses_with(base)
             dead.append(switch)
         _erase_dead(graph, dead)

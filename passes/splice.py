@@ -15,14 +15,16 @@ read from a module prefix ``P`` holding ``lora_A``, ``lora_B``, ``gate`` and opt
 
     x'       = scale_switch(x, (l, ...), (g, ...))      # only with input scales, feeds base and branches
     y        = base(x')                                 # unchanged node (input rewired when scaled)
-    h_a      = aten.linear(P.lora_dropout(x'), P.lora_A.weight)   # [..., r]
-    h_a      = aten.mul(h_a, P.gate)                    # gate folds alpha/r, weight, on/off
+    h_a      = lora_down(P.lora_dropout(x'), P.lora_A.weight, P.gate)   # gate * x A^T, [..., r]
     y'       = y + residual_1 + ...                     # only with residual terms
     y''      = lora_switch(y', (h_a1, ...), (P1.lora_B.weight, ...))
     <site>_switch = scale_switch(y'', (l, ...), (g, ...))   # only with output scales
 
-The last of these nodes is named ``<site>_switch`` (with LoRA branches only it is the
-``lora_switch`` node) and every former user of ``y`` reads it. The composition is fixed and
+The gate folds ``alpha / r``, the adapter's weight and on/off. The last of these nodes is named
+``<site>_switch`` (with LoRA branches only it is the ``lora_switch`` node) and every former user
+of ``y`` reads it. When the base op is a plain ``aten.linear`` and there is no residual term,
+``y`` and ``y''`` are one node, ``lora_linear(x', W, b, (h_a1, ...), (B_1, ...))``, so a GPU can
+fold the adapter update into the base GEMM (:mod:`.kernels`). The composition is fixed and
 order-independent: scale vectors wrap the whole adapted layer, ``y = l_out * (W' (l_in * x) + b)``
 with ``W' = W + sum of the additive updates``. Switching adapters only changes gate values
 (tensor state): the graph, and so ``gm.code`` and any compiled artefact, stay as they are.
@@ -41,13 +43,16 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .method_ops import scale_switch
-from .ops import lora_mixed, lora_switch
+from .ops import lora_down, lora_linear, lora_mixed, lora_switch
 from .result import finish
 from .sites import Site
 
 __all__ = ["BranchSpec", "SiteBuilder", "splice_adapters", "splice_mixed", "site_key", "emit_low_rank"]
 
 aten = torch.ops.aten
+
+#: Base ops :func:`lora_linear` can take over (same argument order: x, W, bias).
+_PLAIN_LINEAR = (aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear)
 
 #: Branch stages, in the order they are spliced: input scales must exist before the branches that read x.
 STAGES = ("input", "additive", "output")
@@ -197,29 +202,44 @@ class SiteBuilder:
             vecs, gates = zip(*self.output_scales)
             steps.append((scale_switch, lambda y: (y, tuple(vecs), tuple(gates))))
         y = self.base
+        fused = bool(steps) and steps[0][0] is lora_switch and self._plain_linear()
         for i, (fn, make_args) in enumerate(steps):
             last = i == len(steps) - 1
             name = f"{self.key}_switch" if last else (
                 f"{self.key}_lora_switch" if fn is lora_switch else f"{self.key}_residual{i}")
-            y = self.node("call_function", fn, make_args(y), name, role="switch")
-        if y is not self.base:
+            args = make_args(y)
+            if fused and i == 0:  # base op and low-rank terms as one node
+                fn, args = lora_linear, (*self._linear_args(), *args[1:])
+            y = self.node("call_function", fn, args, name, role="switch")
             if "val" in self.base.meta:
                 y.meta["val"] = self.base.meta["val"]
+        if y is not self.base:
             inserted = set(self.inserted)
             self.base.replace_all_uses_with(y, delete_user_cb=lambda user: user not in inserted)
+            if fused:
+                self.graph.erase_node(self.base)
         return y
+
+    def _plain_linear(self) -> bool:
+        """Whether the base op is ``linear(x, W[, b])`` (aten's or ``F.linear``), positional args only."""
+        base = self.base
+        return (base.op == "call_function" and base.target in _PLAIN_LINEAR and not base.kwargs
+                and self.site.input_index == 0 and not self.site.fan_in_fan_out and 2 <= len(base.args) <= 3)
+
+    def _linear_args(self) -> tuple:
+        x, w, *rest = self.base.args
+        return x, w, rest[0] if rest else None
 
 
 def emit_low_rank(builder: SiteBuilder, spec: BranchSpec) -> fx.Node:
-    """The LoRA branch: ``h = gate * A dropout(x)``, contributed as ``(h, B)``; returns ``h``."""
+    """The LoRA branch: ``h = lora_down(dropout(x), A, gate)``, contributed as ``(h, B)``; returns ``h``."""
     tag = f"{builder.key}_{spec.adapter}"
     xin = builder.x
     if spec.dropout:
         xin = builder.node("call_module", f"{spec.prefix}.lora_dropout", (xin,), f"{tag}_lora_dropout", spec.adapter)
     a = builder.get_attr(f"{spec.prefix}.lora_A.weight", f"{tag}_lora_A_weight", spec.adapter)
-    h = builder.call(aten.linear.default, (xin, a), f"{tag}_lora_A", spec.adapter)
     gate = builder.get_attr(f"{spec.prefix}.gate", f"{tag}_gate", spec.adapter)
-    h = builder.call(aten.mul.Tensor, (h, gate), f"{tag}_gated", spec.adapter)
+    h = builder.call(lora_down, (xin, a, gate), f"{tag}_lora_A", spec.adapter)
     b = builder.get_attr(f"{spec.prefix}.lora_B.weight", f"{tag}_lora_B_weight", spec.adapter)
     builder.add_low_rank(h, b)
     return h

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 import graphlora
 from graphlora import LoraConfig, MergeError
-from graphlora.passes.ops import lora_switch
+from graphlora.passes.ops import lora_linear, lora_switch
 from graphlora.passes.sites import getattr_path
 from graphlora.passes.specialize import freeze_switches
 
@@ -195,8 +195,9 @@ def test_specialize_equals_unspecialized(clean, arch):
     reads = [n.target for n in fast.graph.nodes if n.op == "get_attr"]
     assert not [t for t in reads if t.endswith(".gate")]  # no gate reads
     assert not [t for t in reads if ".off." in t] and "_off_" not in code  # no inactive branch
-    assert "default_gated" not in code  # gate 1.0: the multiply is gone
-    assert code.count("lora_switch(") == len(set(gm._glora_plans["default"]) | set(gm._glora_plans["b"]))
+    assert "lora_down" not in code  # gates became constants: plain linear (1.0) or linear * constant
+    switches = code.count("lora_switch(") + code.count("lora_linear(")
+    assert switches == len(set(gm._glora_plans["default"]) | set(gm._glora_plans["b"]))
     # the adapters' parameters are shared, not copied
     a = gm.graphlora.branch(next(k for k, _, _ in gm.graphlora.branches("b")), "b").lora_A.weight
     assert any(p is a for p in fast.parameters())
@@ -227,7 +228,7 @@ def test_freeze_switches_pass_on_plain_graphs():
     x = torch.randn(3, 12)
     expected = gm(x)
     frozen = graphlora.specialize(gm)
-    switches = [n for n in frozen.graph.nodes if n.target is lora_switch]
+    switches = [n for n in frozen.graph.nodes if n.target in (lora_switch, lora_linear)]
     assert len(switches) == 2 and "fc2_zero" not in frozen.code
     torch.testing.assert_close(frozen(x), expected, **TOL)
 

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 import graphlora
+from graphlora.passes.ops import lora_linear
 from graphlora.viz import FORMATS, VizError, before_after, export_graph, to_networkx
 from graphlora.viz.layout import _isotonic, layered_layout
 from graphlora.viz.style import adapter_colors
@@ -100,23 +101,30 @@ def test_full_view_one_node_per_fx_node(llama):
     assert sw["shape"].endswith(", 32]") and sw["dtype"] == "float32"
     branch = [a for _, a in g.nodes(data=True) if a["role"] == "adapter" and a["site"] == sw["site"]]
     assert {a["adapter"] for a in branch} == {"default", "pred"}
-    # the switch reads the base op and every branch
-    assert g.in_degree("model_layers_2_self_attn_q_proj_switch") == 1 + 2 * 2
+    # the switch (lora_linear: it took the base linear over) reads x, W and every branch's h and B
+    assert g.in_degree("model_layers_2_self_attn_q_proj_switch") == 2 + 2 * 2
 
 
 def test_before_after_highlights_the_rewrite(llama):
     d = before_after(llama)
     status = Counter(a["status"] for _, a in d.nodes(data=True))
     assert status["added"] == sum(inserted(llama).values())
-    assert status["kept"] == len(llama.traced_graph.nodes) and status["removed"] == 0
+    # every adapted site here is a plain linear: its lora_linear switch replaced the base node
+    fused = {n.name: n for n in llama.graph.nodes if n.target is lora_linear}
+    sites = {s.name: s.node for s in llama._primary.sites}
+    base_nodes = {sites[fused[name].meta["graphlora"]["site"]] for name in fused}
+    assert len(fused) == 12 and status["removed"] == len(base_nodes) == 12
+    assert status["kept"] == len(llama.traced_graph.nodes) - 12
+    assert {n for n, a in d.nodes(data=True) if a["status"] == "removed"} == base_nodes
     added = {n for n, a in d.nodes(data=True) if a["status"] == "added"}
     assert added == {n.name for n in llama.graph.nodes if n.meta.get("graphlora")}
     removed = [(u, v) for u, v, a in d.edges(data=True) if a["status"] == "removed"]
-    # each removed edge is a base op's old direct use, now routed through its switch
-    assert removed and all(d.has_edge(u, f"{d.nodes[v]['name']}") for u, v in removed)
+    # each removed edge touches a removed base node; its former users now read that site's switch
+    assert removed and all(u in base_nodes or v in base_nodes for u, v in removed)
     for u, v in removed:
-        switch = next(s for s in d.successors(u) if d.nodes[s]["role"] == "switch")
-        assert d[u][switch]["status"] == "added" and d.has_edge(switch, v) and d[switch][v]["status"] == "added"
+        if u in base_nodes:
+            switch = next(n for n in fused if sites[fused[n].meta["graphlora"]["site"]] == u)
+            assert d.has_edge(switch, v) and d[switch][v]["status"] == "added"
     assert to_networkx(llama, "diff").number_of_nodes() == d.number_of_nodes()
 
 

@@ -58,7 +58,7 @@ def emit_dora(builder: SiteBuilder, spec: BranchSpec) -> None:
     builder.add_low_rank(h, builder.call(row_scale, (b, f), f"{tag}_dora_B", a))
     wx = None
     if spec.dropout:  # PEFT rescales W dropout(x): one more product with W
-        x_drop = h.args[0].args[0]  # the dropout node feeding lora_A
+        x_drop = h.args[0]  # the dropout node feeding lora_down
         w2d = weight if not spec.option("fan_in_fan_out") else builder.call(aten.t.default, (weight,), f"{tag}_dora_Wt", a)
         wx = builder.call(aten.linear.default, (x_drop, w2d), f"{tag}_dora_Wx", a)
     on = builder.get_attr(f"{p}.dora_on", f"{tag}_dora_on", a)

@@ -338,7 +338,8 @@ def before_after(gm: fx.GraphModule) -> nx.DiGraph:
 
     Nodes and edges get ``status``: ``kept`` (in both), ``added`` (only after the rewrite:
     adapter branches, switch nodes, rerouted uses) or ``removed`` (only before: the base op's
-    former direct uses, now routed through the switch).
+    former direct uses, now routed through the switch, and the base ``linear`` nodes that a
+    ``lora_linear`` switch took over together with their edges).
 
     Raises:
         VizError: ``gm`` has no ``traced_graph`` (it is not an :class:`AdaptedGraphModule`).

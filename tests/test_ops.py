@@ -1,0 +1,126 @@
+"""The runtime ops the splice inserts: their custom-op forms (used on CUDA and under torch.compile)
+checked on CPU in float64 — schema, fake tensors and autograd registration with ``opcheck``, the
+hand-written backwards with ``gradcheck`` — and the graph form the splice emits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import graphlora
+from graphlora import LoraConfig
+from graphlora.passes.ops import lora_down, lora_linear, lora_switch
+from models import tiny_llama
+
+torch.manual_seed(0)
+
+
+def _t(*shape, grad=True):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_op_backward_and_registration(bias):
+    x, w = _t(2, 5, 7), _t(6, 7)
+    b = _t(6) if bias else None
+    hs, bs = [_t(2, 5, 3), _t(2, 5, 2)], [_t(6, 3), _t(6, 2)]
+    op = torch.ops.graphlora.lora_linear
+    assert torch.autograd.gradcheck(lambda x, w, b, h0, h1, b0, b1: op(x, w, b, [h0, h1], [b0, b1]),
+                                    (x, w, b, *hs, *bs))
+    opcheck(op, (x, w, b, hs, bs))
+    expected = torch.nn.functional.linear(x, w, b) + sum(h @ B.T for h, B in zip(hs, bs))
+    torch.testing.assert_close(op(x, w, b, hs, bs), expected)
+
+
+def test_lora_linear_op_skips_frozen_weight_gradient():
+    x, w = _t(4, 7), _t(6, 7, grad=False)
+    h, B = _t(4, 2), _t(6, 2)
+    out = torch.ops.graphlora.lora_linear(x, w, None, [h], [B])
+    gx, gh, gB = torch.autograd.grad(out.sum(), (x, h, B))
+    ones = torch.ones(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(gx, ones @ w)
+    torch.testing.assert_close(gh, ones @ B)
+    torch.testing.assert_close(gB, ones.T @ h)
+
+
+def test_lora_switch_op_backward():
+    base, h, B = _t(3, 6), _t(3, 2), _t(6, 2)
+    op = torch.ops.graphlora.lora_switch
+    assert torch.autograd.gradcheck(lambda base, h, B: op(base, [h], [B]), (base, h, B))
+    opcheck(op, (base, [h], [B]))
+
+
+def test_cpu_forms_are_the_plain_ops_bit_for_bit():
+    """On CPU the fused node computes exactly what linear + addmm (and linear * gate) compute."""
+    x, w, a, B = (torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2))
+    gate = torch.tensor(1.5)
+    h = lora_down(x, a, gate)
+    assert torch.equal(h, torch.nn.functional.linear(x, a) * gate)
+    assert torch.equal(lora_linear(x, w, None, [h], [B]), lora_switch(torch.nn.functional.linear(x, w), [h], [B]))
+    assert torch.equal(lora_linear(x, w, None, [h], [B]), torch.addmm(x @ w.T, h, B.T))
+    assert torch.equal(lora_linear(x, w, None, [], []), torch.nn.functional.linear(x, w))
+
+
+def test_splice_fuses_plain_linear_sites_only():
+    """Export graphs (aten.linear) get one lora_linear node per site; the base node is gone."""
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 32, (2, 6))
+    gm(input_ids=ids)
+    fused = [n for n in gm.graph.nodes if n.target is lora_linear]
+    assert len(fused) == len(gm._glora_plans["default"]) > 0
+    assert all(n.name.endswith("_switch") for n in fused)
+    assert not [n for n in gm.graph.nodes if n.target is lora_switch]
+    downs = [n for n in gm.graph.nodes if n.target is lora_down]
+    assert len(downs) == len(fused)
+    # the traced base nodes of adapted sites are replaced, other linears stay
+    adapted = {s.node for s in gm._primary.sites if s.name in gm._glora_plans["default"]}
+    names = {n.name for n in gm.graph.nodes}
+    assert not adapted & names
+    assert {s.node for s in gm._primary.sites} - adapted <= names
+    # disabling every adapter gives the base model exactly
+    with gm.disable_adapter():
+        got = gm(input_ids=ids).logits
+    assert torch.equal(got, gm._glora_source(input_ids=ids, use_cache=False).logits)
+
+
+def test_custom_op_path_compiles_fullgraph_and_trains(monkeypatch):
+    """The CUDA path (every switch as a graphlora custom op) forced on CPU:
+    one graph under ``fullgraph=True``, same outputs and adapter gradients as eager, and no
+    recompilation when the adapter changes."""
+    from torch._dynamo.utils import counters
+
+    from graphlora.passes import ops
+
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                   init_lora_weights=False))
+    gm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    gm.set_adapter("default")
+    ids = torch.randint(0, 32, (2, 6))
+    expected = gm(input_ids=ids).logits
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad(set_to_none=True)
+    monkeypatch.setattr(ops, "_use_op", lambda t, *grads: True)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+    out = compiled(input_ids=ids).logits
+    code = "\n".join(str(n.target) for n in gm.graph.nodes)
+    assert "lora_linear" in code and "lora_down" in code
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert set(grads) == {n for n, p in gm.named_parameters() if p.grad is not None}
+    for n, p in gm.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n])
+    gm.requires_grad_(False)
+    with torch.no_grad():  # serving: compile once, then switch adapters
+        compiled(input_ids=ids)
+        frames = counters["stats"]["unique_graphs"]
+        for name in ("b", "default"):
+            gm.set_adapter(name)
+            gm.requires_grad_(False)
+            torch.testing.assert_close(compiled(input_ids=ids).logits, gm(input_ids=ids).logits)
+    assert counters["stats"]["unique_graphs"] == frames
+    torch._dynamo.reset()
