@@ -84,12 +84,66 @@ def check_backward() -> None:
             assert err < 2e-2, (name, n, err)
 
 
+def check_moves() -> None:
+    """Inject on CPU, then ``.cuda()``; inject on the meta device, then ``to_empty(device="cuda")``:
+    the exported graphs' baked devices are retargeted and outputs match the HF model on the GPU."""
+    import copy
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import graphlora
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    real = LlamaForCausalLM(cfg).eval()
+    config = graphlora.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"])
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # right padding: no fully masked query row
+    gm = graphlora.inject(copy.deepcopy(real), config)
+    with torch.no_grad():
+        for _, _, b in gm.graphlora.branches():
+            b.lora_B.weight.normal_(0, 0.1)
+        cpu = gm(input_ids=ids).logits
+        gm.cuda()
+        assert "device(type='cpu')" not in gm.code
+        err = rel(gm(input_ids=ids.cuda()).logits.cpu(), cpu)
+        print(f"moved CPU -> CUDA, rel diff vs the CPU output {err:.2e}")
+        assert err < 1e-4, err
+        with gm.disable_adapter():  # a signature first traced after the move
+            base = gm(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
+        hf = real.cuda()(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
+        err = rel(base, hf)
+        print(f"adapters disabled on CUDA (padded mask) vs HF on CUDA: rel diff {err:.2e}")
+        assert err < 1e-5, err
+        tmp = tempfile.mkdtemp()
+        gm.save_adapter(tmp)
+        with torch.device("meta"):
+            empty = LlamaForCausalLM(cfg).eval()
+        meta = graphlora.inject(empty, config)
+        meta.to_empty(device="cuda")
+        for name, tensor in [*real.named_parameters(), *real.named_buffers()]:
+            target = meta.get_parameter(name) if name in dict(meta.named_parameters()) else meta.get_buffer(name)
+            target.copy_(tensor)
+        meta.load_adapter(tmp, "default")
+        for kwargs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+            kwargs = {k: v.cuda() for k, v in kwargs.items()}
+            err = rel(meta(**kwargs).logits, gm(**kwargs).logits)
+            print(f"meta -> to_empty(cuda) -> weights loaded: rel diff vs CUDA model {err:.2e} ({sorted(kwargs)})")
+            assert err < 1e-5, err
+
+
 def main() -> None:
     dev = torch.device("cuda")
     assert kernels.available(torch.empty(1, device=dev, dtype=torch.bfloat16)), "Triton kernels not available"
     check_forward()
     check_backward()
-    print("kernel checks passed")
+    check_moves()
+    print("kernel and device-move checks passed")
 
 
 if __name__ == "__main__":

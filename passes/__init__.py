@@ -9,7 +9,8 @@ Passes work on ``torch.fx`` graphs and know nothing of transformers:
 - :mod:`.dropout` — turn trace-time-frozen dropout into mode-following dropout.
 - :mod:`.cleanup` — drop trace-time assertions that pin dtype/device.
 - :mod:`.attention` — run attention whose traced mask is provably causal with ``is_causal=True``.
-- :mod:`.ops` — the runtime functions the inserted nodes call.
+- :mod:`.ops` — the runtime functions the inserted nodes call; :mod:`.kernels` their Triton kernels.
+- :mod:`.stack_cache` — mixed-batch stacked adapter weights kept between eager calls.
 
 Each rewrite is a callable ``GraphModule -> PassResult`` (``torch.fx.passes.infra``).
 """

@@ -1,7 +1,8 @@
 """Runtime functions called by the nodes that graphlora's passes insert.
 
-They are plain PyTorch (autograd, ``torch.compile`` and CPU work as for any op); a fused
-GPU kernel can replace them without changing the graphs' structure.
+On CPU and in fp32 they are plain PyTorch (autograd and ``torch.compile`` work as for any op). On
+CUDA with bf16/fp16 the switches run Triton kernels (:mod:`.kernels`) and, under
+``torch.compile`` or when autograd needs them, go through custom ops with hand-written backwards.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+from . import stack_cache
 
 __all__ = ["lora_switch", "lora_linear", "lora_down", "lora_mixed"]
 
@@ -250,9 +252,7 @@ def lora_mixed(
     if torch.compiler.is_compiling():  # Inductor fuses the stacking; a Python cache would not trace
         a_stack, b_stack, scale = stack()
     else:  # eager: reuse the stacks while the weights are unchanged (~13 launches per site saved)
-        from .stack_cache import STACKS  # here, not at the top of the file, only to keep this change local
-
-        a_stack, b_stack, scale = STACKS.get((*a_weights, *b_weights, *scales), stack, context=x.dtype)
+        a_stack, b_stack, scale = stack_cache.STACKS.get((*a_weights, *b_weights, *scales), stack, context=x.dtype)
     rows = index.shape[0]
     x3 = x.reshape(rows, -1, x.shape[-1])
     h = torch.bmm(x3, a_stack[index].transpose(1, 2)) * scale[index].view(rows, 1, 1)
