@@ -244,7 +244,7 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
             return False
         changed = False
         for program in self._glora_programs.values():
-            changed |= retarget_device(program.base_graph, traced, new)
+            changed |= retarget_device(program.base_graph, traced, new, root=self)
         self.__dict__["_glora_device"] = new
         return changed
 

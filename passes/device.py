@@ -3,13 +3,18 @@
 ``torch.export`` records the device of tensors created inside the model (``arange(...,
 device=cpu)`` for positions, masks, ``aten.to.device``), so a graph traced on one device keeps
 creating tensors there after the module's parameters move. This rewrites every ``torch.device``
-constant in node arguments that equals ``old`` to ``new``.
+constant in node arguments that equals ``old`` to ``new``, also inside the subgraphs of
+higher-order ops (``wrap_with_autocast``, ``wrap_with_set_grad_enabled``: HF's rotary embedding
+runs under ``torch.autocast(enabled=False)``), whose autocast device type follows the move too.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch import nn
+
+from .sites import getattr_path
 
 __all__ = ["retarget_device"]
 
@@ -18,8 +23,18 @@ def _same(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
-def retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> bool:
-    """Replace ``old`` by ``new`` in every node's args and kwargs; True when anything changed."""
+def _autocast_op():
+    return getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+
+
+def retarget_device(graph: fx.Graph, old: torch.device, new: torch.device, root: nn.Module | None = None) -> bool:
+    """Replace ``old`` by ``new`` in every node's args and kwargs; True when anything changed.
+
+    Args:
+        graph: the graph to rewrite in place.
+        root: the module its ``get_attr`` targets resolve on; nested ``GraphModule`` s found there
+            (higher-order-op subgraphs) are rewritten and recompiled too. ``None``: this graph only.
+    """
     changed = False
 
     def swap(value):
@@ -29,7 +44,16 @@ def retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> bo
             return new
         return value
 
+    autocast = _autocast_op()
     for node in graph.nodes:
         node.args = fx.node.map_aggregate(node.args, swap)
         node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+        if autocast is not None and node.target is autocast and node.args and node.args[0] == old.type != new.type:
+            node.args = (new.type, *node.args[1:])  # wrap_with_autocast(device_type, dtype, enabled, cache, fn)
+            changed = True
+        if root is not None and node.op == "get_attr":
+            sub = getattr_path(root, node.target)
+            if isinstance(sub, fx.GraphModule) and retarget_device(sub.graph, old, new, sub):
+                sub.recompile()
+                changed = True
     return changed

@@ -10,6 +10,8 @@ import tracemalloc
 import weakref
 
 import torch
+import torch.fx as fx
+from torch import nn
 from models import FunctionalMLP, tiny_llama, token_ids
 
 import graphlora
@@ -190,3 +192,59 @@ def test_inject_on_meta_llama_then_materialize(tmp_path):
     ids = token_ids(2, 6)
     _check_materialized(gm, real_gm, lambda m: m(input_ids=ids).logits)
     _check_materialized(gm, real_gm, lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+
+
+class AutocastBlock(nn.Module):
+    """fx cannot trace it (a shape check), so it is exported; the autocast-off region becomes a
+    ``wrap_with_autocast`` higher-order op whose subgraph creates a tensor on the trace device
+    (the pattern of HF's rotary embedding in transformers 5.17)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError("8 features expected")
+        with torch.autocast("cpu", enabled=False):
+            pos = torch.arange(x.shape[-2], device=x.device, dtype=x.dtype)
+        return self.fc2(torch.relu(self.fc1(x + pos[:, None])))
+
+
+def _subgraph_modules(gm):
+    return [m for m in gm.modules() if isinstance(m, fx.GraphModule) and m is not gm]
+
+
+def test_materialize_retargets_higher_order_op_subgraphs():
+    torch.manual_seed(0)
+    real = AutocastBlock()
+    with torch.device("meta"):
+        empty = AutocastBlock()
+    gm = graphlora.inject(empty, LoraConfig(r=2, target_modules=["fc1"]),
+                          example_inputs=(torch.randn(2, 5, 8, device="meta"),))
+    (sub,) = _subgraph_modules(gm)
+    assert "device(type='meta')" in sub.code
+    gm.to_empty(device="cpu")
+    assert "device(type='meta')" not in sub.code and "device(type='cpu')" in sub.code
+    with torch.no_grad():
+        for name, tensor in real.named_parameters():
+            gm.get_parameter(name).copy_(tensor)
+    x = torch.randn(3, 7, 8)
+    torch.testing.assert_close(gm(x), real(x), rtol=0, atol=0)  # adapter B is zero: the base model
+
+
+def test_retarget_rewrites_autocast_device_type_in_subgraphs():
+    """CPU -> CUDA cannot run here; the rewrite itself is checked on the graph."""
+    from graphlora.passes.device import retarget_device
+
+    gm = graphlora.inject(AutocastBlock(), LoraConfig(r=2, target_modules=["fc1"]),
+                          example_inputs=(torch.randn(2, 5, 8),))
+    graph = gm._primary.base_graph
+    hop = next(n for n in graph.nodes if "wrap_with_autocast" in str(n.target))
+    assert hop.args[0] == "cpu"
+    assert retarget_device(graph, torch.device("cpu"), torch.device("cuda", 0), root=gm)
+    assert hop.args[0] == "cuda"
+    (sub,) = _subgraph_modules(gm)
+    assert "device(type='cuda', index=0)" in sub.code and "device(type='cpu')" not in sub.code
+    assert not retarget_device(graph, torch.device("cpu"), torch.device("cuda", 0), root=gm)  # idempotent
