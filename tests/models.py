@@ -75,3 +75,11 @@ def reset_to_default(gms) -> None:
                 gm.delete_adapter(name)
         gm.set_adapter("default")
         gm.enable_adapters()
+
+
+def randomize_b(gm, adapter=None, seed: int = 0, std: float = 0.1) -> None:
+    """Give ``adapter``'s (all adapters' when ``None``) ``lora_B`` random values: non-zero adapters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, branch in gm.graphlora.branches(adapter):
+            branch.lora_B.weight.copy_(torch.randn(branch.lora_B.weight.shape, generator=gen) * std)

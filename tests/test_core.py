@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from models import FunctionalMLP, main_output, tiny_bert, tiny_gpt2, tiny_llama, token_ids
+from models import FunctionalMLP, main_output, randomize_b, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
 import graphlora
 from graphlora import LoraConfig
@@ -26,10 +26,7 @@ def _call(m, inputs):
 
 
 def _randomize(gm, adapter=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, branch in gm.graphlora.branches(adapter):
-            branch.lora_B.weight.copy_(torch.randn(branch.lora_B.weight.shape, generator=gen) * 0.1)
+    randomize_b(gm, adapter, seed, std=0.1)
 
 
 def _reference(model, gm, weights):

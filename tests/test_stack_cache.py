@@ -7,7 +7,7 @@ import gc
 
 import pytest
 import torch
-from models import main_output, tiny_llama, token_ids
+from models import main_output, randomize_b, tiny_llama, token_ids
 from torch import nn
 
 import graphlora
@@ -256,10 +256,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _random_b(gm, adapter=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, _, branch in gm.graphlora.branches(adapter):
-            branch.lora_B.weight.copy_(torch.randn(branch.lora_B.weight.shape, generator=gen) * 0.2)
+    randomize_b(gm, adapter, seed, std=0.2)
 
 
 def _check_rows(gm, ids, names):
