@@ -3,8 +3,9 @@ r"""Run provably causal attention as ``is_causal=True`` instead of through a mat
 Called with ``input_ids`` alone, a transformers decoder runs eagerly with no mask and
 ``scaled_dot_product_attention(q, k, v, is_causal=True)`` (flash attention on GPU). Traced, the
 same model materializes the mask (transformers' ``masking_utils`` does not skip it while tracing)
-and the graph calls ``aten.scaled_dot_product_attention(q, k, v, mask)``: the masked kernel,
-a few percent slower, plus the ops that build a ``[B, 1, L, L]`` mask on every call.
+and the graph calls ``aten.scaled_dot_product_attention(q, k, v, mask)``: the masked kernel
+instead of the causal one, plus the ops that build a ``[B, 1, L, L]`` mask on every call (on an
+H200 the model-level difference was within run-to-run noise, docs/performance.md).
 
 For a mask ``M`` shown causal (below), the call is rewritten. With ``L = shape[-2]``:
 
