@@ -87,7 +87,11 @@ def _triton():
                 acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             o_d.store([om, on], acc.to(o_d.dtype))
 
-    return SimpleNamespace(triton=triton, add=add_kernel, linear=linear_tma_kernel)
+    try:  # host-side TMA descriptors (Triton >= 3.3); without them lora_linear is not offered
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        TensorDescriptor = None
+    return SimpleNamespace(triton=triton, add=add_kernel, linear=linear_tma_kernel, descriptor=TensorDescriptor)
 
 
 def available(t: Tensor) -> bool:
@@ -118,7 +122,7 @@ def fused_linear_ok(x: Tensor, w: Tensor, bias: Tensor | None) -> bool:
     521.9 vs 520.1 us at 11008 -> 4096 (not used: the output is narrow), but 191.4 vs 174.1 us at
     4096 -> 4096, where cuBLAS + ``lora_add`` (219 us) stays ahead (``bench/kernels-h200.log``).
     """
-    return (available(x) and w.dtype == x.dtype and w.shape[0] >= FUSED_MIN_OUT
+    return (available(x) and _triton().descriptor is not None and w.dtype == x.dtype and w.shape[0] >= FUSED_MIN_OUT
             and _device(x.device).major >= 9 and (w.shape[0] * x.element_size()) % 16 == 0
             and _aligned(x) and _aligned(w) and (bias is None or bias.dtype == x.dtype))
 
@@ -157,9 +161,8 @@ def lora_linear(x: Tensor, w: Tensor, bias: Tensor | None, hs: Sequence[Tensor],
     :func:`fused_linear_ok` holds. ``config``: (BM, BN, BK, GROUP_M, num_warps, num_stages,
     flatten, warp_specialize, programs or 0 for one per SM).
     """
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     k = _triton()
+    TensorDescriptor = k.descriptor
     h, b = _concat(hs, bs, x.dtype)
     M, K = x.shape
     N = w.shape[0]
