@@ -47,7 +47,11 @@ _WINDOW_FIELDS = ("sliding_window", "attention_chunk_size", "window_size", "loca
 def window_lengths(model: Union[nn.Module, None]) -> tuple[int, ...]:
     """Sequence lengths just past every attention window or chunk in ``model.config`` (and its text config)."""
     config = getattr(model, "config", None)
-    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    configs = [config]
+    try:
+        configs.append(config.get_text_config())
+    except (AttributeError, ValueError):  # no text config, or several (e.g. MusicgenConfig): read the top level
+        pass
     found: set[int] = set()
     for cfg in configs:
         for field in _WINDOW_FIELDS:

@@ -33,6 +33,9 @@ ADD_CONFIG = (64, 128, 4)
 LINEAR_CONFIG = (128, 256, 64, 8, 8, 3, False, False, 0)
 #: ``lora_linear`` serves outputs at least this wide: where it measured faster than cuBLAS + ``lora_add``.
 FUSED_MIN_OUT = 8192
+#: ... and at most this summed rank: its ``h`` / ``B`` epilogue tiles must fit next to the pipelined
+#: GEMM stages in shared memory (64: 48 KiB more; 128 would exceed an H200's 227 KiB).
+FUSED_MAX_RANK = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,7 +127,7 @@ def fused_linear_ok(x: Tensor, w: Tensor, bias: Tensor | None) -> bool:
     """
     return (available(x) and _triton().descriptor is not None and w.dtype == x.dtype and w.shape[0] >= FUSED_MIN_OUT
             and _device(x.device).major >= 9 and (w.shape[0] * x.element_size()) % 16 == 0
-            and _aligned(x) and _aligned(w) and (bias is None or bias.dtype == x.dtype))
+            and _aligned(x) and _aligned(w) and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1)))
 
 
 def _rank_block(r: int) -> int:

@@ -119,7 +119,7 @@ def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Ten
 def _linear_math(x: Tensor, w: Tensor, bias: Tensor | None, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
     """``x W^T + b + sum h_i B_i^T``: one fused GPU kernel where it pays, else base op + switch."""
     x2 = _rows(x)
-    if kernels.fused_linear_ok(x2, w, bias):
+    if sum(h.shape[-1] for h in hs) <= kernels.FUSED_MAX_RANK and kernels.fused_linear_ok(x2, w, bias):
         return kernels.lora_linear(x2, w, bias, [_rows(h) for h in hs], bs).view(*x.shape[:-1], w.shape[0])
     return _switch_math(F.linear(x, w, bias), hs, bs)
 
@@ -179,6 +179,10 @@ def lora_linear(x: Tensor, w: Tensor, bias: Tensor | None, hs: Sequence[Tensor],
         return F.linear(x, w, bias)
     if _use_op(x, x, w, bias, *hs, *bs):
         return _linear_op(x, w, bias, list(hs), list(bs))
+    if torch.compiler.is_compiling() or _needs_grad(x, w, bias, *hs, *bs):
+        # decided again on the base output: under autocast an fp32 x gives a bf16 base output,
+        # whose update must still go through the custom op (autograd, no raw kernel launch)
+        return lora_switch(F.linear(x, w, bias), hs, bs)
     return _linear_math(x, w, bias, hs, bs)
 
 

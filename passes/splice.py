@@ -202,7 +202,9 @@ class SiteBuilder:
             vecs, gates = zip(*self.output_scales)
             steps.append((scale_switch, lambda y: (y, tuple(vecs), tuple(gates))))
         y = self.base
-        fused = bool(steps) and steps[0][0] is lora_switch and self._plain_linear()
+        inserted = set(self.inserted)
+        fused = (bool(steps) and steps[0][0] is lora_switch and self._plain_linear()
+                 and not any(user in inserted for user in self.base.users))  # a branch reads the base output
         for i, (fn, make_args) in enumerate(steps):
             last = i == len(steps) - 1
             name = f"{self.key}_switch" if last else (

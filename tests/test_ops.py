@@ -124,3 +124,48 @@ def test_custom_op_path_compiles_fullgraph_and_trains(monkeypatch):
             torch.testing.assert_close(compiled(input_ids=ids).logits, gm(input_ids=ids).logits)
     assert counters["stats"]["unique_graphs"] == frames
     torch._dynamo.reset()
+
+
+def test_autocast_training_keeps_gradients_through_the_kernel_path(monkeypatch):
+    """Under autocast an fp32 input gives a bf16 base output. On CUDA that output takes the Triton
+    update, which must run inside the custom op (autograd), never as a raw launch. Simulated on
+    CPU: bf16 counts as kernel-served and the "kernel" is a stand-in with no autograd of its own."""
+    from graphlora.passes import kernels
+
+    def raw_kernel(y, hs, bs, config=None):  # like a Triton launch: the result has no grad_fn
+        with torch.no_grad():
+            return y + sum(h @ b.T for h, b in zip(hs, bs))
+
+    monkeypatch.setattr(kernels, "available", lambda t: t.dtype == torch.bfloat16)
+    monkeypatch.setattr(kernels, "fused_linear_ok", lambda *args: False)
+    monkeypatch.setattr(kernels, "lora_add", raw_kernel)
+    x, w = torch.randn(4, 16), torch.randn(32, 16)
+    a = torch.randn(4, 16, requires_grad=True)
+    b = torch.randn(32, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lora_down(x, a, torch.tensor(2.0))
+        y = lora_linear(x, w, None, [h], [b])
+    assert y.dtype == torch.bfloat16 and y.requires_grad
+    y.float().sum().backward()
+    got = a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same computation in plain ops
+        ref = torch.nn.functional.linear(x, w) + (torch.nn.functional.linear(x, a) * 2.0) @ b.T
+    ref.float().sum().backward()
+    for g, r in zip(got, (a.grad, b.grad)):
+        torch.testing.assert_close(g, r, rtol=5e-2, atol=1e-1)
+
+
+def test_window_lengths_with_several_text_configs():
+    """A config whose get_text_config() refuses (several text sub-configs) is read at the top level."""
+    from graphlora.program import window_lengths
+
+    class TwoTexts:
+        sliding_window = 16
+
+        def get_text_config(self):
+            raise ValueError("Multiple valid text configs were found")
+
+    model = torch.nn.Linear(2, 2)
+    model.config = TwoTexts()
+    assert window_lengths(model) == (17, 18)

@@ -146,7 +146,9 @@ def module_of(gm: fx.GraphModule, graph: Union[fx.Graph, None] = None) -> dict[s
     for node in graph.nodes:
         tag = node.meta.get("graphlora")
         if tag and tag.get("role") == "switch" and node.args and isinstance(node.args[0], fx.Node):
-            site_home[tag["site"]] = out[node.args[0].name]
+            # the switch carries its base op's module stack (lora_linear replaced that op: its
+            # first argument is the site's input, which may live in another module)
+            site_home[tag["site"]] = out[node.name] if "nn_module_stack" in node.meta else out[node.args[0].name]
     for node in graph.nodes:
         tag = node.meta.get("graphlora")
         if tag and "nn_module_stack" not in node.meta:
