@@ -47,7 +47,7 @@ def check_forward() -> None:
                 assert torch.isfinite(fused).all()
             base0 = ops.lora_linear(x, w, None, [torch.zeros_like(h) for h in hs], bs)
             differ = (base0 != y).float().mean().item()
-            path = "fused" if kernels.fused_linear_ok(x, w, None) else "cuBLAS + add"
+            path = "fused" if kernels.fused_linear_ok(x, w, None, sum(ranks)) else "cuBLAS + add"
             print(f"lora_linear {path:<13s} {str(dtype):<15s} {m}x{n}x{k}: zero gates differ from cuBLAS "
                   f"in {differ * 100:.3f}% of elements, max {(base0.float() - y.float()).abs().max().item():.2e}")
             if path != "fused":

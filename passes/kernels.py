@@ -116,16 +116,17 @@ def _aligned(t: Tensor) -> bool:
     return t.stride(-1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def fused_linear_ok(x: Tensor, w: Tensor, bias: Tensor | None) -> bool:
-    """Whether :func:`lora_linear` serves this 2-D ``x`` and ``W``: Hopper or newer (TMA), bf16/fp16
-    on both, TMA-aligned layouts, and an output at least :data:`FUSED_MIN_OUT` wide.
+def fused_linear_ok(x: Tensor, w: Tensor, bias: Tensor | None, rank: int) -> bool:
+    """Whether :func:`lora_linear` serves this 2-D ``x`` and ``W`` with adapters of summed ``rank``:
+    Hopper or newer (TMA), bf16/fp16 on both, TMA-aligned layouts, an output at least
+    :data:`FUSED_MIN_OUT` wide and ``rank`` at most :data:`FUSED_MAX_RANK`.
 
     On an H200 (4096 tokens, bf16, r=16, ``h`` given) the fused kernel measured 540.8 us at
     4096 -> 11008 against 554.8 us for cuBLAS's base GEMM alone (595.3 us with ``lora_add``), and
     521.9 vs 520.1 us at 11008 -> 4096 (not used: the output is narrow), but 191.4 vs 174.1 us at
     4096 -> 4096, where cuBLAS + ``lora_add`` (219 us) stays ahead (``bench/kernels-h200.log``).
     """
-    return (available(x) and _triton().descriptor is not None and w.dtype == x.dtype and w.shape[0] >= FUSED_MIN_OUT
+    return (rank <= FUSED_MAX_RANK and available(x) and _triton().descriptor is not None and w.dtype == x.dtype and w.shape[0] >= FUSED_MIN_OUT
             and _device(x.device).major >= 9 and (w.shape[0] * x.element_size()) % 16 == 0
             and _aligned(x) and _aligned(w) and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1)))
 

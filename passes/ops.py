@@ -119,7 +119,7 @@ def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Ten
 def _linear_math(x: Tensor, w: Tensor, bias: Tensor | None, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
     """``x W^T + b + sum h_i B_i^T``: one fused GPU kernel where it pays, else base op + switch."""
     x2 = _rows(x)
-    if sum(h.shape[-1] for h in hs) <= kernels.FUSED_MAX_RANK and kernels.fused_linear_ok(x2, w, bias):
+    if kernels.fused_linear_ok(x2, w, bias, sum(h.shape[-1] for h in hs)):
         return kernels.lora_linear(x2, w, bias, [_rows(h) for h in hs], bs).view(*x.shape[:-1], w.shape[0])
     return _switch_math(F.linear(x, w, bias), hs, bs)
 

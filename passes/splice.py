@@ -202,9 +202,9 @@ class SiteBuilder:
             vecs, gates = zip(*self.output_scales)
             steps.append((scale_switch, lambda y: (y, tuple(vecs), tuple(gates))))
         y = self.base
-        inserted = set(self.inserted)
+        branches = set(self.inserted)
         fused = (bool(steps) and steps[0][0] is lora_switch and self._plain_linear()
-                 and not any(user in inserted for user in self.base.users))  # a branch reads the base output
+                 and not any(user in branches for user in self.base.users))  # a branch reads the base output
         for i, (fn, make_args) in enumerate(steps):
             last = i == len(steps) - 1
             name = f"{self.key}_switch" if last else (
@@ -216,7 +216,7 @@ class SiteBuilder:
             if "val" in self.base.meta:
                 y.meta["val"] = self.base.meta["val"]
         if y is not self.base:
-            inserted = set(self.inserted)
+            inserted = set(self.inserted)  # branches and the switch nodes just made keep reading the base
             self.base.replace_all_uses_with(y, delete_user_cb=lambda user: user not in inserted)
             if fused:
                 self.graph.erase_node(self.base)
