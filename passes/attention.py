@@ -34,7 +34,10 @@ The rewrite needs evidence, and the node is left alone whenever any part of it i
    ops only (no ``get_attr``, no ``call_module``, no seeded-random op), and a placeholder is
    reached only through ``aten.sym_size.int`` (a size query, as for ``input_ids``). A
    user-passed ``attention_mask`` or ``position_ids`` makes the mask data-dependent: no rewrite.
-   No op mutates any ancestor or any view of one.
+   No op mutates any ancestor or any view of one. A higher-order op that reads one (the
+   ``wrap_with_set_grad_enabled`` call of a ``no_grad`` region, say transformers 5.17's rotary
+   embedding fed the positions) is looked into: its nested graph writes into no input and
+   returns no input or view of one.
 3. The sequence lengths ``q.shape[-2]`` and ``k.shape[-2]`` are plain symbols or ints, and so are
    the dims of every placeholder whose size the mask reads.
 4. Evaluated on CPU for concrete sizes (meta-device placeholders of the right shape, every
@@ -59,11 +62,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import free_symbols
-from torch.fx.passes.infra.pass_base import PassResult
 
-from .result import finish
+from ._compat import called_graph_modules, size_hint
+from .result import GraphPass
 
-__all__ = ["causal_attention", "causal_sdpa", "PROBE_LENGTHS", "MAX_PROBE_LENGTH"]
+__all__ = ["CausalAttention", "causal_sdpa", "PROBE_LENGTHS", "MAX_PROBE_LENGTH"]
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _SIZE = torch.ops.aten.sym_size.int
@@ -134,10 +137,8 @@ def _symbol(dim: Any) -> Union[int, str, None]:
 def _hint(dim: Any) -> Union[int, None]:
     """The example value a symbolic dim was traced with, when torch says."""
     try:
-        from torch.fx.experimental.symbolic_shapes import hint_int
-
-        return int(hint_int(dim))
-    except Exception:  # a torch without hint_int, or no hint recorded
+        return int(size_hint(dim))
+    except Exception:  # no hint recorded
         return None
 
 
@@ -157,7 +158,25 @@ def _mutates(node: fx.Node) -> bool:
         return False
     if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
         return target._schema.is_mutable
+    subs = called_graph_modules(node)  # a higher-order op (a no_grad / autocast region): look inside
+    if subs:
+        return any(_writes_or_returns_inputs(sub.graph) for sub in subs)
     return not (node.op == "call_function" and getattr(target, "__module__", None) == "_operator")
+
+
+def _writes_or_returns_inputs(graph: fx.Graph) -> bool:
+    """A nested graph may write into one of its inputs, or return one or a view of one."""
+    aliases = {n for n in graph.nodes if n.op == "placeholder"}
+    stack = list(aliases)
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user.op == "output" or _mutates(user):
+                return True
+            if _is_view(user) and user not in aliases:
+                aliases.add(user)
+                stack.append(user)
+    return False
 
 
 def _mask_subgraph(mask: fx.Node) -> Union[list[fx.Node], None]:
@@ -372,37 +391,41 @@ def _erase_unused(graph: fx.Graph, nodes: set[fx.Node]) -> None:
             graph.erase_node(node)
 
 
-def causal_attention(gm: fx.GraphModule, lengths: Iterable[int] = ()) -> PassResult:
+class CausalAttention(GraphPass):
     """Rewrite SDPA calls whose mask is shown causal to ``is_causal=True`` (see the module docstring).
 
     A call whose query and key lengths are one size symbol (self-attention) becomes
     ``aten.scaled_dot_product_attention(q, k, v, None, dropout_p, True, ...)`` and the mask's
     subgraph goes once nothing else reads it; any other becomes a :func:`causal_sdpa` call.
+    ``modified`` is False when no call was shown causal.
 
     Args:
-        gm: the traced module; rewritten in place.
         lengths: further sequence lengths to check each mask at, e.g. one past a model's
             sliding window or attention chunk (the caller knows the model's config; this pass
             does not). A length beyond :data:`MAX_PROBE_LENGTH` leaves every node as it is.
     """
-    lengths = tuple(int(n) for n in lengths)
-    verdicts: dict[tuple, Union[list[fx.Node], None]] = {}
-    masks: set[fx.Node] = set()
-    for node in list(gm.graph.nodes):
-        bound = _rewritable(node)
-        if bound is None:
-            continue
-        query, key, mask = bound["query"], bound["key"], bound["attn_mask"]
-        cache = (mask, tuple(map(str, _shape(query) or ())), tuple(map(str, _shape(key) or ())))
-        if cache not in verdicts:
-            verdicts[cache] = _verdict(query, key, mask, lengths)
-        if verdicts[cache] is None:
-            continue
-        with gm.graph.inserting_before(node):
-            new = _replacement(gm.graph, bound)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        masks.update(verdicts[cache])
-    _erase_unused(gm.graph, masks)
-    return finish(gm, bool(masks))
+
+    def __init__(self, lengths: Iterable[int] = ()) -> None:
+        self.lengths = tuple(int(n) for n in lengths)
+
+    def rewrite(self, gm: fx.GraphModule) -> bool:
+        verdicts: dict[tuple, Union[list[fx.Node], None]] = {}
+        masks: set[fx.Node] = set()
+        for node in list(gm.graph.nodes):
+            bound = _rewritable(node)
+            if bound is None:
+                continue
+            query, key, mask = bound["query"], bound["key"], bound["attn_mask"]
+            cache = (mask, tuple(map(str, _shape(query) or ())), tuple(map(str, _shape(key) or ())))
+            if cache not in verdicts:
+                verdicts[cache] = _verdict(query, key, mask, self.lengths)
+            if verdicts[cache] is None:
+                continue
+            with gm.graph.inserting_before(node):
+                new = _replacement(gm.graph, bound)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            masks.update(verdicts[cache])
+        _erase_unused(gm.graph, masks)
+        return bool(masks)

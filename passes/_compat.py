@@ -1,0 +1,74 @@
+"""The one spot in ``graphlora.passes`` that knows how ``torch.export`` lays out nested graphs.
+
+Non-strict ``torch.export`` turns a region run under ``torch.no_grad()`` / ``torch.enable_grad()``
+or ``torch.autocast`` into a higher-order op that calls a nested ``GraphModule`` (a ``get_attr``
+argument), e.g. ``wrap_with_set_grad_enabled(enabled, submod, *operands)`` or
+``wrap_with_autocast(device_type, dtype, enabled, cache_enabled, submod, *operands)``. Whether a
+model has such regions depends on the library version: transformers 5.17's rotary embeddings run
+under ``@torch.no_grad()`` (5.24's do not), so there the rotary ops, their dtype asserts included,
+live in a nested module and the positions feed the higher-order call.
+
+Also here: :func:`size_hint`, whose torch function moved between releases.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.fx as fx
+
+__all__ = ["called_graph_modules", "nested_graph_modules", "size_hint"]
+
+
+def size_hint(dim: Union[int, torch.SymInt]) -> int:
+    """The example value a symbolic int was traced with (an int as is); raises when none is recorded.
+
+    ``symbolic_shapes.optimization_hint`` in torch 2.13, ``size_hint`` in 2.11 (where ``hint_int``
+    is its deprecated alias, gone by 2.13). Neither adds a guard.
+    """
+    from torch.fx.experimental import symbolic_shapes as shapes
+
+    for name in ("optimization_hint", "size_hint"):
+        hint = getattr(shapes, name, None)
+        if hint is not None:
+            return hint(dim)
+    raise NotImplementedError("this torch has no size-hint function")
+
+
+def called_graph_modules(node: fx.Node) -> list[fx.GraphModule]:
+    """The nested ``GraphModule`` s a higher-order-op node calls, in argument order.
+
+    Empty for any other node, and for a higher-order op whose modules cannot be resolved (a graph
+    with no owning module): callers treat such a node as opaque.
+    """
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return []
+    root = node.graph.owning_module
+    if root is None:
+        return []
+    found = []
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            obj = root
+            try:
+                for part in arg.target.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                return []
+            if isinstance(obj, fx.GraphModule):
+                found.append(obj)
+    return found
+
+
+def nested_graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    """Every ``GraphModule`` that ``gm``'s higher-order ops call, nested ones included, each once."""
+    out: list[fx.GraphModule] = []
+    stack = [gm]
+    while stack:
+        for node in stack.pop().graph.nodes:
+            for sub in called_graph_modules(node):
+                if all(sub is not seen for seen in out):
+                    out.append(sub)
+                    stack.append(sub)
+    return out
