@@ -1,37 +1,70 @@
 """graphlora's graph passes (installed as ``graphlora.passes``).
 
-Passes work on ``torch.fx`` graphs and know nothing of transformers:
+Passes work on ``torch.fx`` graphs and know nothing of transformers, nor of any adapter method:
+a method's rule (``graphlora/methods/``) hands them its emitters and steps.
+
+Each pass is a ``torch.fx.passes.infra.pass_base.PassBase`` that takes its settings in
+``__init__`` and returns an honest ``PassResult(graph_module, modified)`` from ``call(gm)``
+(in-place ones lint and recompile when they changed the graph: :mod:`.result`). Pipelines run
+through :func:`run_passes` (``PassManager`` with a lint check after each pass, :mod:`.pipeline`):
+
+- :class:`FollowTrainMode` (:mod:`.dropout`) — turn trace-time-frozen dropout into
+  mode-following ``nn.Dropout`` modules.
+- :class:`StripTensorAsserts` (:mod:`.cleanup`) — drop trace-time assertions that pin dtype/device.
+- :class:`CausalAttention(lengths) <CausalAttention>` (:mod:`.attention`) — run attention whose
+  traced mask is provably causal with ``is_causal=True``.
+- :class:`SpliceAdapters(sites, specs) <SpliceAdapters>` (:mod:`.splice`) — *splice*: insert each
+  site's branches (:class:`BranchSpec`, built through a :class:`SiteBuilder`) behind one named
+  switch node; :class:`SpliceMixed(sites, specs, index) <SpliceMixed>`: the mixed-adapter-batch form.
+- :class:`FreezeSwitches(steps) <FreezeSwitches>` (:mod:`.specialize`) — freeze the current gate
+  values into the graph (the specialize pass).
+- :class:`RetargetDevice(old, new) <RetargetDevice>` (:mod:`.device`) — move the devices a trace
+  baked into the graph (nested higher-order-op graphs included).
+- :class:`ReplicateBlock(prefix, count, source) <ReplicateBlock>` (:mod:`.replicate`) — a graph
+  traced with two copies of a block, stamped out to ``count`` (a new module, or ``modified=False``
+  when the graph does not have that shape).
+
+:func:`base_passes` is the pipeline every traced graph gets first: ``FollowTrainMode``,
+``StripTensorAsserts``, ``CausalAttention``. Besides the passes:
 
 - :mod:`.sites` — *locate*: find every linear op (``nn.Linear`` calls, functional ``linear``,
   ``addmm`` with an (in, out) weight) as a :class:`Site` record.
 - :mod:`.targeting` — PEFT's target-selection rules as pure functions of module paths.
-- :mod:`.splice` — *splice*: insert adapter branches and one named switch node per site.
-- :mod:`.dropout` — turn trace-time-frozen dropout into mode-following dropout.
-- :mod:`.cleanup` — drop trace-time assertions that pin dtype/device.
-- :mod:`.attention` — run attention whose traced mask is provably causal with ``is_causal=True``.
-- :mod:`.ops` — the runtime functions the inserted nodes call; :mod:`.kernels` their Triton kernels.
+- :mod:`.ops` — the runtime functions the inserted nodes call (the low-rank switches
+  ``lora_down``, ``lora_switch``, ``lora_linear``, ``lora_mixed``); :mod:`.method_ops` the
+  scaling switch ``scale_switch``; :mod:`.kernels` their Triton kernels.
 - :mod:`.stack_cache` — mixed-batch stacked adapter weights kept between eager calls.
-
-Each rewrite is a callable ``GraphModule -> PassResult`` (``torch.fx.passes.infra``).
 """
 
-from .attention import causal_attention, causal_sdpa
-from .cleanup import strip_tensor_asserts
-from .dropout import follow_train_mode
+from .attention import CausalAttention, causal_sdpa
+from .cleanup import StripTensorAsserts
+from .device import RetargetDevice
+from .dropout import FollowTrainMode
+from .pipeline import base_passes, run_passes
+from .replicate import ReplicateBlock
+from .result import GraphPass
 from .sites import Site, locate_sites
-from .splice import BranchSpec, splice_adapters, splice_mixed
+from .specialize import FreezeSwitches
+from .splice import BranchSpec, SiteBuilder, SpliceAdapters, SpliceMixed
 from .targeting import is_excluded, is_targeted, pattern_value
 
 __all__ = [
     "Site",
     "locate_sites",
     "BranchSpec",
-    "splice_adapters",
-    "splice_mixed",
-    "follow_train_mode",
-    "strip_tensor_asserts",
-    "causal_attention",
+    "SiteBuilder",
+    "GraphPass",
+    "run_passes",
+    "base_passes",
+    "FollowTrainMode",
+    "StripTensorAsserts",
+    "CausalAttention",
     "causal_sdpa",
+    "SpliceAdapters",
+    "SpliceMixed",
+    "FreezeSwitches",
+    "RetargetDevice",
+    "ReplicateBlock",
     "is_targeted",
     "is_excluded",
     "pattern_value",

@@ -17,12 +17,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.infra.pass_base import PassResult
 
-from .result import finish
+from .result import GraphPass
 from .sites import module_path
 
-__all__ = ["follow_train_mode"]
+__all__ = ["FollowTrainMode"]
 
 _DROPOUT_OPS = {torch.ops.aten.dropout.default: ("p", "train"), F.dropout: ("p", "training")}
 
@@ -54,20 +53,25 @@ def _dropout_target(gm: fx.GraphModule, node: fx.Node, p: float) -> str:
     return target
 
 
-def follow_train_mode(gm: fx.GraphModule) -> PassResult:
-    """Replace trace-time dropout calls by mode-following ``nn.Dropout`` modules."""
-    modified = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _DROPOUT_OPS:
-            continue
-        p = _prob(node)
-        if p is None:
-            continue
-        target = _dropout_target(gm, node, p)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(target, (node.args[0],))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        modified = True
-    return finish(gm, modified)
+class FollowTrainMode(GraphPass):
+    """Replace trace-time dropout calls by mode-following ``nn.Dropout`` modules.
+
+    ``modified`` is False when the graph has no dropout call with a constant probability.
+    """
+
+    def rewrite(self, gm: fx.GraphModule) -> bool:
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in _DROPOUT_OPS:
+                continue
+            p = _prob(node)
+            if p is None:
+                continue
+            target = _dropout_target(gm, node, p)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(target, (node.args[0],))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            modified = True
+        return modified

@@ -188,7 +188,7 @@ def lora_linear(x: Tensor, w: Tensor, bias: Tensor | None, hs: Sequence[Tensor],
 
 # ---------------------------------------------------------------------------- lora_down
 def lora_down(x: Tensor, a: Tensor, gate: Tensor) -> Tensor:
-    r"""A LoRA branch's gated down-projection.
+    r"""A low-rank (LoRA-style) branch's gated down-projection.
 
     .. math::
 

@@ -10,9 +10,11 @@ layers, check that block 1 is block 0 with its parameter paths renamed and its c
 - a parameter ``<prefix>.1.<rest>`` becomes ``<prefix>.i.<rest>``;
 - anything else (rotary tables, masks, shapes) is shared, as in the traced graph.
 
-Nodes after block 1 that read block 1 read the last block instead. The caller must check the
-result numerically against the model; :func:`replicate_block` returns ``None`` whenever the
-two-block graph does not have this shape, and the caller then traces the full model.
+Nodes after block 1 that read block 1 read the last block instead. :class:`ReplicateBlock`
+builds a new ``GraphModule`` for the result; it returns the input module unchanged, with
+``modified=False``, whenever the two-block graph does not have this shape (or an attribute of
+the new blocks cannot be found), and the caller then traces the full model. The caller must
+check the result numerically against the model.
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ import re
 from typing import Any, Union
 
 import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["block_of", "replicate_block"]
+from .sites import getattr_path
+
+__all__ = ["block_of", "ReplicateBlock"]
 
 
 def block_of(node: fx.Node, prefix: str) -> Union[int, None]:
@@ -54,7 +60,50 @@ def _retag(meta: dict, prefix: str, old: int, new: int) -> dict:
     return meta
 
 
-def replicate_block(graph: fx.Graph, prefix: str, count: int) -> Union[fx.Graph, None]:
+class ReplicateBlock(PassBase):
+    """A module with ``count`` blocks under ``prefix``, built from a graph traced with two.
+
+    ``call(gm)`` returns ``PassResult(new_module, True)`` with a new ``GraphModule`` (with
+    ``gm``'s training flag) whose attributes are ``gm``'s, and for the blocks ``gm`` lacks
+    (``<prefix>.2`` onwards), ``source``'s. It returns ``PassResult(gm, False)``, ``gm`` untouched,
+    when the graph does not have the two-block shape (see the module doc), when ``count <= 2``
+    (nothing to add) or when an attribute is found on neither module: the pass does not apply.
+
+    Args:
+        prefix: the path of the block list (``model.layers``).
+        count: the number of blocks wanted.
+        source: where the new blocks' parameters live (the full-depth model the two-block trace
+            was cut from); ``None``: ``gm`` only.
+    """
+
+    def __init__(self, prefix: str, count: int, source: Union[nn.Module, None] = None) -> None:
+        self.prefix, self.count, self.source = prefix, int(count), source
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        if self.count <= 2:
+            return PassResult(graph_module, False)
+        graph = _replicate(graph_module.graph, self.prefix, self.count)
+        if graph is None:
+            return PassResult(graph_module, False)
+        root: dict[str, Any] = {}
+        for node in graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                target = str(node.target)
+                try:
+                    root[target] = getattr_path(graph_module, target)
+                except AttributeError:
+                    if self.source is None:
+                        return PassResult(graph_module, False)
+                    try:
+                        root[target] = getattr_path(self.source, target)
+                    except AttributeError:
+                        return PassResult(graph_module, False)
+        out = fx.GraphModule(root, graph)
+        out.training = graph_module.training
+        return PassResult(out, True)
+
+
+def _replicate(graph: fx.Graph, prefix: str, count: int) -> Union[fx.Graph, None]:
     """A new graph with ``count`` blocks under ``prefix`` (see module doc), or ``None``."""
     nodes = list(graph.nodes)
     compute = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]

@@ -1,16 +1,51 @@
-"""The common end of every rewrite: lint and regenerate the code if anything changed."""
+"""The common shape of graphlora's passes: a ``PassBase`` that rewrites in place, then finishes.
+
+Every in-place pass subclasses :class:`GraphPass`: it takes its settings in ``__init__`` and
+implements ``rewrite(gm) -> bool`` (True when it changed the graph). ``call`` then ends the way
+every rewrite ends, with ``graph.lint()`` and ``recompile()`` when (and only when) the graph
+changed, and returns an honest ``PassResult(gm, modified)``. A pass that builds a new
+``GraphModule`` (:class:`~graphlora.passes.replicate.ReplicateBlock`) implements ``call`` itself.
+
+Run by :func:`~graphlora.passes.pipeline.run_passes`, whose ``PassManager`` recompiles the module
+after every pass anyway, a pass leaves that one recompile to the manager (a 2,500-node graph takes
+about 0.18 s to recompile on 2 CPU cores); nested modules it rewrites are still recompiled here.
+"""
 
 from __future__ import annotations
 
-import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
+import abc
+from contextvars import ContextVar
+from typing import Union
 
-__all__ = ["finish"]
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+__all__ = ["GraphPass", "finish"]
+
+#: The module the running ``PassManager`` recompiles right after the current pass (set by
+#: :func:`~graphlora.passes.pipeline.run_passes` around each pass; ``None`` outside it).
+MANAGED: ContextVar[Union[fx.GraphModule, None]] = ContextVar("graphlora_managed_module", default=None)
 
 
 def finish(gm: fx.GraphModule, modified: bool) -> PassResult:
-    """``graph.lint()`` and ``recompile()`` when ``modified``; the pass's :class:`PassResult`."""
+    """``graph.lint()`` and ``recompile()`` when ``modified``; the pass's :class:`PassResult`.
+
+    The recompile is left to the pass runner when ``gm`` is the module it manages (it recompiles
+    after every pass).
+    """
     if modified:
         gm.graph.lint()
-        gm.recompile()
+        if gm is not MANAGED.get():
+            gm.recompile()
     return PassResult(gm, modified)
+
+
+class GraphPass(PassBase):
+    """A pass that rewrites ``gm.graph`` in place: subclasses implement :meth:`rewrite`."""
+
+    @abc.abstractmethod
+    def rewrite(self, gm: fx.GraphModule) -> bool:
+        """Rewrite ``gm.graph`` in place; True when anything changed."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return finish(graph_module, bool(self.rewrite(graph_module)))

@@ -2,11 +2,12 @@
 
 The splice pass (:mod:`.splice`) leaves, per site, gated branches behind one switch node::
 
-    h_a    = lora_down(x', A_a, gate_a)     # x' = x or lora_dropout(x); gate_a: s_a * w_a while active, else 0
+    h_a    = lora_down(x', A_a, gate_a)     # x' = x or dropout(x); gate_a: the scaling times w_a while active, else 0
     switch = lora_switch(base, (h_a, ...), (B_a, ...))     # or lora_linear(x, W, b, (h_a, ...), (B_a, ...))
+    y      = scale_switch(t, (l_a, ...), (g_a, ...))       # input / output scaling branches
 
-so that switching adapters only writes gate buffers. For serving one fixed adapter set this
-pass reads every gate's current value ``g`` and rewrites the graph:
+so that switching adapters only writes gate buffers. For serving one fixed adapter set,
+:class:`FreezeSwitches` reads every gate's current value ``g`` and rewrites the graph:
 
 - ``g == 0``: the branch is dropped from the switch, and its now-unused nodes (the ``A``
   projection, its dropout, the ``get_attr`` reads) are erased;
@@ -14,26 +15,39 @@ pass reads every gate's current value ``g`` and rewrites the graph:
 - otherwise: ``h_a = aten.mul(aten.linear(x', A_a), g)`` with ``g`` a Python float constant
   (no buffer read; graphs from before ``lora_down`` spell the branch this way already);
 - a switch left with no branch is replaced by its base output (``lora_linear``: by
-  ``aten.linear(x, W, b)``).
+  ``aten.linear(x, W, b)``);
+- ``scale_switch``: vectors with ``g == 0`` are dropped, other gates become float constants;
+  with no vector left the node is replaced by ``t``.
 
 The computed function is unchanged for the current state: ``y = base + sum_{a: g_a != 0}
-(g_a A_a x') B_a^T``. The pass knows nothing of adapters' names or configs: it recognises the
-switch by its target (:func:`.ops.lora_switch`) and the gate as the ``get_attr`` operand of the
-multiply feeding it. Branches of any other shape are kept as they are.
+(g_a A_a x') B_a^T`` (scaled by the kept vectors). The pass knows nothing of adapters' names,
+configs or methods: it recognises the switches by their targets (:func:`.ops.lora_switch`,
+:func:`.method_ops.scale_switch`) and the gate as the ``get_attr`` operand of the multiply
+feeding it. Nodes of a method's own ops are frozen by the **steps** the caller passes (each
+method rule supplies its own), and left as they are otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
 
-from .method_ops import dora_residual, scale_switch
+from .method_ops import scale_switch
 from .ops import lora_down, lora_linear, lora_switch
-from .result import finish
+from .result import GraphPass
 from .sites import getattr_path
 
-__all__ = ["freeze_switches"]
+__all__ = ["FreezeSwitches", "FreezeStep", "GateReader"]
+
+#: ``read(gate)``: a gate argument's current value (a ``get_attr`` node's buffer, or a constant).
+GateReader = Callable[[Any], float]
+#: ``step(gm, node, read) -> dead``: freeze one node of a method's op in place, returning the
+#: nodes the rewrite left unused (they and their newly unused inputs are erased); an empty list
+#: when nothing changed.
+FreezeStep = Callable[[fx.GraphModule, fx.Node, GateReader], list]
 
 _MULS = {torch.ops.aten.mul.Tensor, torch.mul}
 
@@ -96,93 +110,96 @@ def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
         work.extend(inputs)
 
 
-def freeze_switches(gm: fx.GraphModule) -> PassResult:
-    """Freeze every ``lora_switch`` of ``gm`` to the current gate values (see the module doc).
+def _gate_value(gm: fx.GraphModule, gate: Any) -> float:
+    return float(getattr_path(gm, str(gate.target))) if isinstance(gate, fx.Node) else float(gate)
 
-    Returns:
-        ``PassResult(gm, modified)``; ``modified`` is False when there was no switch.
-    """
+
+def _freeze_low_rank(gm: fx.GraphModule, switch: fx.Node) -> bool:
+    """Freeze one ``lora_switch`` / ``lora_linear`` node; True when it changed."""
     graph = gm.graph
-    modified = False
-    for switch in [n for n in graph.nodes if _is_switch(n)]:
-        *head, hs, bs = switch.args  # head: (base,) or, for lora_linear, (x, W, bias)
-        keep_h, keep_b, dead = [], [], []
-        for h, b in zip(hs, bs):
-            gate = _gate_of(h)
-            if gate is None:
-                keep_h.append(h)
-                keep_b.append(b)
-                continue
-            value = float(getattr_path(gm, gate.target))
-            if value == 0.0:
-                dead += [h, b]
-                continue
-            frozen = _constant_gate(graph, h, value)
-            dead += [h, gate] if frozen is not h else [gate]
-            keep_h.append(frozen)
+    *head, hs, bs = switch.args  # head: (base,) or, for lora_linear, (x, W, bias)
+    keep_h, keep_b, dead = [], [], []
+    for h, b in zip(hs, bs):
+        gate = _gate_of(h)
+        if gate is None:
+            keep_h.append(h)
             keep_b.append(b)
-        modified = True
-        if keep_h:
-            switch.args = (*head, tuple(keep_h), tuple(keep_b))
-        else:
-            if len(head) == 1:
-                base = head[0]
-            else:  # lora_linear with no branch left: the plain linear it stood for
-                with graph.inserting_before(switch):
-                    base = graph.call_function(torch.ops.aten.linear.default, tuple(head))
-                base.meta.update(switch.meta)
-            switch.replace_all_uses_with(base)
-            dead.append(switch)
-        _erase_dead(graph, dead)
-    modified = _freeze_method_switches(gm) or modified
-    return finish(gm, modified)
+            continue
+        value = _gate_value(gm, gate)
+        if value == 0.0:
+            dead += [h, b]
+            continue
+        frozen = _constant_gate(graph, h, value)
+        dead += [h, gate] if frozen is not h else [gate]
+        keep_h.append(frozen)
+        keep_b.append(b)
+    if not dead and keep_h:
+        return False  # every gate already a constant
+    if keep_h:
+        switch.args = (*head, tuple(keep_h), tuple(keep_b))
+    else:
+        if len(head) == 1:
+            base = head[0]
+        else:  # lora_linear with no branch left: the plain linear it stood for
+            with graph.inserting_before(switch):
+                base = graph.call_function(torch.ops.aten.linear.default, tuple(head))
+            base.meta.update(switch.meta)
+        switch.replace_all_uses_with(base)
+        dead.append(switch)
+    _erase_dead(graph, dead)
+    return True
 
 
-def _gate_value(gm: fx.GraphModule, gate) -> float:
-    return float(getattr_path(gm, gate.target)) if isinstance(gate, fx.Node) else float(gate)
+def _freeze_scale(gm: fx.GraphModule, node: fx.Node, read: GateReader) -> list:
+    """``scale_switch(t, (l, ...), (g, ...))``: drop ``g == 0`` vectors, other gates become constants."""
+    t, vectors, gates = node.args
+    if not any(isinstance(g, fx.Node) or read(g) == 0.0 for g in gates):
+        return []  # already frozen
+    keep_v, keep_g, dead = [], [], []
+    for vec, gate in zip(vectors, gates):
+        value = read(gate)
+        dead += [g for g in (gate,) if isinstance(g, fx.Node)]
+        if value == 0.0:
+            dead.append(vec)
+            continue
+        keep_v.append(vec)
+        keep_g.append(value)
+    if keep_v:
+        node.args = (t, tuple(keep_v), tuple(keep_g))
+    else:
+        node.replace_all_uses_with(t)
+        dead.append(node)
+    return dead
 
 
-def _freeze_method_switches(gm: fx.GraphModule) -> bool:
-    """Freeze IA3's ``scale_switch`` and DoRA's ``dora_residual`` gates the same way.
+class FreezeSwitches(GraphPass):
+    """Freeze every switch of a spliced graph to the current gate values (see the module doc).
 
-    - ``scale_switch(t, (l, ...), (g, ...))``: vectors with ``g == 0`` are dropped, other gates
-      become float constants; with no vector left the node is replaced by ``t``.
-    - ``dora_residual(..., on)``: ``on == 0`` removes the residual and the ``add`` consuming it
-      (its low-rank term is dropped by the ``lora_switch`` freezing above); else ``on`` becomes a
-      constant.
+    The low-rank switches go first, then, in graph order, every ``scale_switch`` and every node
+    whose target has a step in ``steps``. ``modified`` is False when nothing was frozen (no
+    switch, or every gate already a constant).
+
+    Args:
+        steps: per call target of a method-specific op, its :data:`FreezeStep` (collected from
+            the method rules' ``freeze_steps()``); nodes of other ops are kept as they are.
     """
-    graph = gm.graph
-    modified = False
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in (scale_switch, dora_residual)]:
-        dead: list[fx.Node] = []
-        if node.target is scale_switch:
-            t, vectors, gates = node.args
-            keep_v, keep_g = [], []
-            for vec, gate in zip(vectors, gates):
-                value = _gate_value(gm, gate)
-                dead += [g for g in (gate,) if isinstance(g, fx.Node)]
-                if value == 0.0:
-                    dead.append(vec)
-                    continue
-                keep_v.append(vec)
-                keep_g.append(value)
-            if keep_v:
-                node.args = (t, tuple(keep_v), tuple(keep_g))
-            else:
-                node.replace_all_uses_with(t)
-                dead.append(node)
-        else:
-            base, wx, bias, factor, on = node.args
-            value = _gate_value(gm, on)
-            dead += [on] if isinstance(on, fx.Node) else []
-            if value == 0.0:
-                for add in list(node.users):  # y + residual -> y
-                    other = add.args[0] if add.args[1] is node else add.args[1]
-                    add.replace_all_uses_with(other)
-                    dead.append(add)
-                dead.append(node)
-            else:
-                node.args = (base, wx, bias, factor, value)
-        modified = True
-        _erase_dead(graph, dead)
-    return modified
+
+    def __init__(self, steps: Union[Mapping[Any, FreezeStep], None] = None) -> None:
+        self.steps = dict(steps or {})
+
+    def rewrite(self, gm: fx.GraphModule) -> bool:
+        graph = gm.graph
+        modified = False
+        for switch in [n for n in graph.nodes if _is_switch(n)]:
+            modified = _freeze_low_rank(gm, switch) or modified
+
+        def read(gate: Any) -> float:
+            return _gate_value(gm, gate)
+
+        steps: dict[Any, FreezeStep] = {scale_switch: _freeze_scale, **self.steps}
+        for node in [n for n in graph.nodes if n.op == "call_function" and n.target in steps]:
+            dead = steps[node.target](gm, node, read)
+            if dead:
+                _erase_dead(graph, dead)
+                modified = True
+        return modified

@@ -1,35 +1,38 @@
 """Splice: insert adapter branches and one named switch node per site.
 
-For a site with base op ``y = base(x)`` and adapters ``a_1..a_n``, each adapter contributes to
-the site through a :class:`SiteBuilder`, in one of four ways (an adapter method picks its own;
-this pass knows none of them by name):
+For a site with base op ``y = base(x)`` and adapters ``a_1..a_n``, each adapter's ``emit``
+(from its method rule; this pass knows no method by name) adds its nodes through a
+:class:`SiteBuilder` and contributes to the site in one of four ways:
 
-- a **low-rank term** ``(h, B)`` (LoRA, DoRA): ``h = gate * A dropout(x)``, summed by
-  ``lora_switch`` as ``h B^T``;
-- a **residual** term added to the base output (DoRA's magnitude rescaling);
-- an **input scale** or **output scale** vector with a gate (IA3), applied by ``scale_switch``.
+- a **low-rank term** ``(h, B)``: ``h`` is the gated down-projection (``[..., r]``), summed by
+  ``lora_switch`` as ``h B^T`` (LoRA-style methods);
+- a **residual** term added to the base output;
+- an **input scale** or **output scale** vector with a gate, applied by ``scale_switch``.
 
-The default contribution (a :class:`BranchSpec` without ``emit``) is the low-rank LoRA branch
-read from a module prefix ``P`` holding ``lora_A``, ``lora_B``, ``gate`` and optionally
-``lora_dropout``::
+With ``P`` the branch's module prefix and a low-rank branch that reads ``A``, ``B`` and a gate
+``g`` there, the site becomes::
 
     x'       = scale_switch(x, (l, ...), (g, ...))      # only with input scales, feeds base and branches
     y        = base(x')                                 # unchanged node (input rewired when scaled)
-    h_a      = lora_down(P.lora_dropout(x'), P.lora_A.weight, P.gate)   # gate * x A^T, [..., r]
+    h_a      = lora_down(x', A_a, g_a)                  # the emitter's nodes: g * x A^T, [..., r]
     y'       = y + residual_1 + ...                     # only with residual terms
-    y''      = lora_switch(y', (h_a1, ...), (P1.lora_B.weight, ...))
+    y''      = lora_switch(y', (h_a1, ...), (B_a1, ...))
     <site>_switch = scale_switch(y'', (l, ...), (g, ...))   # only with output scales
 
-The gate folds ``alpha / r``, the adapter's weight and on/off. The last of these nodes is named
-``<site>_switch`` (with LoRA branches only it is the ``lora_switch`` node) and every former user
-of ``y`` reads it. When the base op is a plain ``aten.linear`` and there is no residual term,
-``y`` and ``y''`` are one node, ``lora_linear(x', W, b, (h_a1, ...), (B_1, ...))``, so a GPU can
-fold the adapter update into the base GEMM (:mod:`.kernels`). The composition is fixed and
-order-independent: scale vectors wrap the whole adapted layer, ``y = l_out * (W' (l_in * x) + b)``
-with ``W' = W + sum of the additive updates``. Switching adapters only changes gate values
-(tensor state): the graph, and so ``gm.code`` and any compiled artefact, stay as they are.
-Inserted nodes carry ``meta["graphlora"]`` (role, site, adapter) and the base node's
-``nn_module_stack``.
+The gate folds the method's scaling, the adapter's weight and on/off. The last of these nodes is
+named ``<site>_switch`` (with low-rank branches only it is the ``lora_switch`` node) and every
+former user of ``y`` reads it. When the base op is a plain ``aten.linear`` and there is no
+residual term, ``y`` and ``y''`` are one node, ``lora_linear(x', W, b, (h_a1, ...), (B_1, ...))``,
+so a GPU can fold the low-rank update into the base GEMM (:mod:`.kernels`). The composition is
+fixed and order-independent: scale vectors wrap the whole adapted layer,
+``y = l_out * (W' (l_in * x) + b)`` with ``W' = W + sum of the additive updates``. Switching
+adapters only changes gate values (tensor state): the graph, and so ``gm.code`` and any compiled
+artefact, stay as they are. Inserted nodes carry ``meta["graphlora"]`` (role, site, adapter) and
+the base node's ``nn_module_stack``.
+
+Two passes: :class:`SpliceAdapters` (the switch form above) and :class:`SpliceMixed` (one
+``lora_mixed`` node per site, each batch row routed to its own low-rank adapter, reading the
+attribute paths in :attr:`BranchSpec.mixed`).
 """
 
 from __future__ import annotations
@@ -40,14 +43,13 @@ from typing import Any, Union
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_base import PassResult
 
 from .method_ops import scale_switch
-from .ops import lora_down, lora_linear, lora_mixed, lora_switch
-from .result import finish
+from .ops import lora_linear, lora_mixed, lora_switch
+from .result import GraphPass
 from .sites import Site
 
-__all__ = ["BranchSpec", "SiteBuilder", "splice_adapters", "splice_mixed", "site_key", "emit_low_rank"]
+__all__ = ["BranchSpec", "Emitter", "SiteBuilder", "SpliceAdapters", "SpliceMixed", "site_key"]
 
 aten = torch.ops.aten
 
@@ -57,27 +59,35 @@ _PLAIN_LINEAR = (aten.linear.default, torch.nn.functional.linear, torch._C._nn.l
 #: Branch stages, in the order they are spliced: input scales must exist before the branches that read x.
 STAGES = ("input", "additive", "output")
 
+#: ``emit(builder, spec)``: adds one branch's nodes and contributions at a site.
+Emitter = Callable[["SiteBuilder", "BranchSpec"], None]
+
+
 @dataclass(frozen=True)
 class BranchSpec:
-    """One adapter branch at one site.
+    """One adapter branch at one site, as its method rule describes it.
 
     Attributes:
         adapter: the adapter's name.
         prefix: attribute path of the module holding the branch's parameters and gate.
-        dropout: whether ``prefix.lora_dropout`` must be called on the input.
-        emit: ``emit(builder, spec)`` adds the branch's nodes and contributions; ``None`` is the
-            low-rank LoRA branch (:func:`emit_low_rank`).
+        emit: ``emit(builder, spec)`` adds the branch's nodes and contributions (the method's
+            emitter; the splice pass has no default).
+        dropout: whether the branch applies dropout to its input (read by ``emit``).
         stage: ``"input"`` for branches that scale the site's input (they run first), else
             ``"additive"`` or ``"output"``.
         options: method-specific constants for ``emit`` (e.g. ``fan_in_fan_out``).
+        mixed: for a branch that mixed-adapter batches can run (``y += s x A^T B^T`` per row),
+            the attribute paths of its ``A`` ``[r, d_in]``, ``B`` ``[d_out, r]`` and 0-dim scale
+            ``s``; ``None`` when it cannot be mixed. Only :class:`SpliceMixed` reads it.
     """
 
     adapter: str
     prefix: str
+    emit: Emitter
     dropout: bool = False
-    emit: Union[Callable[["SiteBuilder", "BranchSpec"], None], None] = None
     stage: str = "additive"
     options: tuple[tuple[str, Any], ...] = ()
+    mixed: Union[tuple[str, str, str], None] = None
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
@@ -114,7 +124,8 @@ class SiteBuilder:
         self.low_rank: list[tuple[fx.Node, fx.Node]] = []
         self.residuals: list[fx.Node] = []
         self.output_scales: list[tuple[fx.Node, fx.Node]] = []
-        self._bias: Union[fx.Node, None, bool] = False  # False: not looked up yet
+        self._bias: Union[fx.Node, None] = None
+        self._bias_known = False  # looked up (once, on the first call of bias())
 
     # ----------------------------------------------------------------- node creation
     def node(self, op: str, target: Any, args: tuple, name: str, adapter: Union[str, None] = None,
@@ -141,18 +152,17 @@ class SiteBuilder:
 
     def bias(self, adapter: Union[str, None] = None) -> Union[fx.Node, None]:
         """The base op's bias node (``None`` when it has none)."""
-        if self._bias is False:
+        if not self._bias_known:
             base, kind = self.base, self.site.input_index
             if base.op == "call_module":
-                module = self.gm.get_submodule(base.target)
+                module = self.gm.get_submodule(str(base.target))
                 has = getattr(module, "bias", None) is not None
                 self._bias = self.get_attr(f"{base.target}.bias", f"{self.key}_base_bias", adapter) if has else None
-            elif kind == 1:  # addmm(bias, x, W)
-                self._bias = base.args[0]
-            else:  # linear(x, W, bias=None)
-                bias = base.args[2] if len(base.args) > 2 else base.kwargs.get("bias")
+            else:  # addmm(bias, x, W) or linear(x, W, bias=None)
+                bias = base.args[0] if kind == 1 else (base.args[2] if len(base.args) > 2 else base.kwargs.get("bias"))
                 self._bias = bias if isinstance(bias, fx.Node) else None
-        return self._bias  # type: ignore[return-value]
+            self._bias_known = True
+        return self._bias
 
     # ----------------------------------------------------------------- contributions
     def scale_input(self, vector: fx.Node, gate: fx.Node) -> None:
@@ -179,7 +189,7 @@ class SiteBuilder:
         self._before_base = True
         for spec in ordered:
             if spec.stage == "input":
-                (spec.emit or emit_low_rank)(self, spec)
+                spec.emit(self, spec)
         if self.input_scales:
             vecs, gates = zip(*self.input_scales)
             xs = self.node("call_function", scale_switch, (self.x, tuple(vecs), tuple(gates)),
@@ -191,7 +201,7 @@ class SiteBuilder:
         self._before_base = False
         for spec in ordered:
             if spec.stage != "input":
-                (spec.emit or emit_low_rank)(self, spec)
+                spec.emit(self, spec)
         steps: list[tuple[Callable, Callable[[fx.Node], tuple]]] = []
         for term in self.residuals:
             steps.append((aten.add.Tensor, lambda y, t=term: (y, t)))
@@ -233,83 +243,96 @@ class SiteBuilder:
         return x, w, rest[0] if rest else None
 
 
-def emit_low_rank(builder: SiteBuilder, spec: BranchSpec) -> fx.Node:
-    """The LoRA branch: ``h = lora_down(dropout(x), A, gate)``, contributed as ``(h, B)``; returns ``h``."""
-    tag = f"{builder.key}_{spec.adapter}"
-    xin = builder.x
-    if spec.dropout:
-        xin = builder.node("call_module", f"{spec.prefix}.lora_dropout", (xin,), f"{tag}_lora_dropout", spec.adapter)
-    a = builder.get_attr(f"{spec.prefix}.lora_A.weight", f"{tag}_lora_A_weight", spec.adapter)
-    gate = builder.get_attr(f"{spec.prefix}.gate", f"{tag}_gate", spec.adapter)
-    h = builder.call(lora_down, (xin, a, gate), f"{tag}_lora_A", spec.adapter)
-    b = builder.get_attr(f"{spec.prefix}.lora_B.weight", f"{tag}_lora_B_weight", spec.adapter)
-    builder.add_low_rank(h, b)
-    return h
+class SpliceAdapters(GraphPass):
+    """Insert ``specs[site.name]`` around each site's base op, behind one switch node.
 
+    Sites without branches are left untouched; ``modified`` is False when no site has any.
 
-def splice_adapters(
-    gm: fx.GraphModule, sites: Sequence[Site], branches: Mapping[str, Sequence[BranchSpec]]
-) -> PassResult:
-    """Insert ``branches[site.name]`` around each site's base op, behind one switch node.
-
-    Sites without branches are left untouched. The graph is linted and recompiled.
+    Args:
+        sites: the located sites (:func:`~graphlora.passes.sites.locate_sites`).
+        specs: per site name, its branches (any order: the composition is fixed).
     """
-    graph = gm.graph
-    nodes = {n.name: n for n in graph.nodes}
-    modified = False
-    for site in sites:
-        specs = branches.get(site.name, ())
-        if not specs:
-            continue
-        SiteBuilder(gm, site, nodes[site.node]).build(specs)
-        modified = True
-    return finish(gm, modified)
+
+    def __init__(self, sites: Sequence[Site], specs: Mapping[str, Sequence[BranchSpec]]) -> None:
+        self.sites, self.specs = tuple(sites), specs
+
+    def rewrite(self, gm: fx.GraphModule) -> bool:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        modified = False
+        for site in self.sites:
+            branches = self.specs.get(site.name, ())
+            if not branches:
+                continue
+            SiteBuilder(gm, site, nodes[site.node]).build(branches)
+            modified = True
+        return modified
 
 
-def splice_mixed(
-    gm: fx.GraphModule, sites: Sequence[Site], branches: Mapping[str, Sequence[BranchSpec | None]], index: str
-) -> PassResult:
+def _attr_name(key: str, spec: BranchSpec, path: str) -> str:
+    """A readable node name for ``get_attr(path)``: ``<site>_<adapter>_<path below the prefix>``."""
+    rest = path[len(spec.prefix) + 1:] if path.startswith(spec.prefix + ".") else path
+    return f"{key}_{spec.adapter}_{rest.replace('.', '_')}"
+
+
+class SpliceMixed(GraphPass):
     """Mixed-adapter-batch form: one ``lora_mixed`` switch per site, rows routed by ``index``.
 
-    ``index`` is the attribute path of a ``[batch]`` int64 buffer of adapter slots; slot ``i``
-    is the ``i``-th entry of ``branches[site]`` (every site lists the adapters in the same order,
-    ``None`` where an adapter has no branch: its rows get no contribution there). Inference only:
-    adapter dropout is not applied.
+    Slot ``i`` of a site is the ``i``-th entry of ``specs[site]`` (every site lists the adapters
+    in the same order, ``None`` where an adapter has no branch: its rows get no contribution
+    there). Each branch is read from its :attr:`BranchSpec.mixed` paths. Inference only: adapter
+    dropout is not applied. ``modified`` is False when no site has any branch.
+
+    Args:
+        sites: the located sites.
+        specs: per site name, one entry per adapter slot.
+        index: attribute path of a ``[batch]`` int64 buffer of adapter slots.
+
+    Raises:
+        ValueError: a branch has no mixed form (``spec.mixed is None``).
     """
-    graph = gm.graph
-    nodes = {n.name: n for n in graph.nodes}
-    modified = False
-    for site in sites:
-        specs = branches.get(site.name, ())
-        if not any(specs):
-            continue
-        base = nodes[site.node]
-        x = base.args[0] if site.input_index < 0 else base.args[site.input_index]
-        key = site_key(site.name)
-        meta = _meta(base, "switch", site.name)
-        with graph.inserting_after(base):
-            idx = graph.create_node("get_attr", index, (), {}, name=f"{key}_row_index")
-        cursor, a_nodes, b_nodes, s_nodes = idx, [], [], []
-        for spec in specs:
-            if spec is None:  # this adapter has no branch here: its slot contributes zero
-                for bucket in (a_nodes, b_nodes, s_nodes):
-                    bucket.append(None)
+
+    def __init__(self, sites: Sequence[Site], specs: Mapping[str, Sequence[Union[BranchSpec, None]]],
+                 index: str) -> None:
+        for site, entries in specs.items():
+            for spec in entries:
+                if spec is not None and spec.mixed is None:
+                    raise ValueError(f"adapter {spec.adapter!r} at {site!r} has no mixed-batch form "
+                                     "(BranchSpec.mixed is None)")
+        self.sites, self.specs, self.index = tuple(sites), specs, index
+
+    def rewrite(self, gm: fx.GraphModule) -> bool:
+        graph = gm.graph
+        nodes = {n.name: n for n in graph.nodes}
+        modified = False
+        for site in self.sites:
+            specs = self.specs.get(site.name, ())
+            if not any(specs):
                 continue
-            for target, bucket, suffix in ((f"{spec.prefix}.lora_A.weight", a_nodes, "lora_A_weight"),
-                                           (f"{spec.prefix}.lora_B.weight", b_nodes, "lora_B_weight"),
-                                           (f"{spec.prefix}.scale", s_nodes, "scale")):
-                with graph.inserting_after(cursor):
-                    cursor = graph.create_node("get_attr", target, (), {}, name=f"{key}_{spec.adapter}_{suffix}")
-                cursor.meta.update(_meta(base, "adapter", site.name, spec.adapter))
-                bucket.append(cursor)
-        with graph.inserting_after(cursor):
-            switch = graph.create_node(
-                "call_function", lora_mixed, (base, x, idx, tuple(a_nodes), tuple(b_nodes), tuple(s_nodes)), {},
-                name=f"{key}_switch",
-            )
-        switch.meta.update(meta)
-        if "val" in base.meta:
-            switch.meta["val"] = base.meta["val"]
-        base.replace_all_uses_with(switch, delete_user_cb=lambda user: user is not switch)
-        modified = True
-    return finish(gm, modified)
+            base = nodes[site.node]
+            x = base.args[0] if site.input_index < 0 else base.args[site.input_index]
+            key = site_key(site.name)
+            with graph.inserting_after(base):
+                idx = graph.create_node("get_attr", self.index, (), {}, name=f"{key}_row_index")
+            cursor, columns = idx, ([], [], [])  # A, B, scale per slot
+            for spec in specs:
+                if spec is None:  # this adapter has no branch here: its slot contributes zero
+                    for bucket in columns:
+                        bucket.append(None)
+                    continue
+                for path, bucket in zip(spec.mixed, columns):
+                    with graph.inserting_after(cursor):
+                        cursor = graph.create_node("get_attr", path, (), {}, name=_attr_name(key, spec, path))
+                    cursor.meta.update(_meta(base, "adapter", site.name, spec.adapter))
+                    bucket.append(cursor)
+            a_nodes, b_nodes, s_nodes = columns
+            with graph.inserting_after(cursor):
+                switch = graph.create_node(
+                    "call_function", lora_mixed, (base, x, idx, tuple(a_nodes), tuple(b_nodes), tuple(s_nodes)), {},
+                    name=f"{key}_switch",
+                )
+            switch.meta.update(_meta(base, "switch", site.name))
+            if "val" in base.meta:
+                switch.meta["val"] = base.meta["val"]
+            base.replace_all_uses_with(switch, delete_user_cb=lambda user: user is not switch)
+            modified = True
+        return modified
