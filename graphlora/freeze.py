@@ -1,8 +1,9 @@
 """``graphlora.specialize``: the fastest unmerged form of an adapted module, for serving.
 
-It copies the module's graph, runs :func:`graphlora.passes.specialize.freeze_switches` on it
-(inactive branches and gate reads disappear, scalings become constants) and returns a plain
-``torch.fx.GraphModule`` that shares every parameter with the adapted module (base weights and
+It copies the module's graph, runs :class:`graphlora.passes.specialize.FreezeSwitches` on it
+through :func:`graphlora.passes.run_passes` with every method rule's specialize steps
+(``MethodRule.freeze_steps``): inactive branches and gate reads disappear, scalings become
+constants. It returns a plain ``torch.fx.GraphModule`` that shares every parameter with the adapted module (base weights and
 trained ``lora_A`` / ``lora_B``: nothing is copied, so later training of the adapters shows up in
 the specialized module, while later switching does not: its switch state is frozen).
 """
@@ -14,9 +15,18 @@ import warnings
 
 import torch.fx as fx
 
-from .passes.specialize import freeze_switches
+from .methods import RULES
+from .passes import FreezeSwitches, run_passes
 
 __all__ = ["specialize"]
+
+
+def _freeze_steps() -> dict:
+    """Every registered method rule's specialize steps, by op (``MethodRule.freeze_steps``)."""
+    steps: dict = {}
+    for rule in RULES:
+        steps.update(rule.freeze_steps())
+    return steps
 
 
 def specialize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -39,7 +49,7 @@ def specialize(gm: fx.GraphModule) -> fx.GraphModule:
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
     out = fx.GraphModule(gm, graph, class_name=gm._get_name())
-    freeze_switches(out)
+    out = run_passes(out, [FreezeSwitches(steps=_freeze_steps())]).graph_module
     out.delete_all_unused_submodules()
     out.train(gm.training)
     return out

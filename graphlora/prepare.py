@@ -1,36 +1,22 @@
-"""Programs: one traced call signature each, kept pristine so adapters can be re-spliced.
+"""Prepare: the base passes every traced graph gets before any adapter (the pipeline's second step).
 
-A *program* holds the graph as traced (after the base passes), the linear sites located in it,
-and, for every signature but the emitted module's own, the GraphModule that runs it.
+:func:`prepare_base` runs :func:`graphlora.passes.base_passes` through the pass runner with the
+attention-window lengths read from the model's config; :func:`copy_graph` copies a pristine graph
+for splicing (:mod:`graphlora.programs`).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Union
 
 import torch.fx as fx
 from torch import nn
 
-from graphlora.passes import Site, causal_attention, follow_train_mode, strip_tensor_asserts
+from graphlora.passes import base_passes, run_passes
 
-__all__ = ["Program", "copy_graph", "prepare_base"]
-
-
-@dataclass
-class Program:
-    """One traced call signature: its pristine graph, sites, and (for variants) module."""
-
-    key: Any  # (signature key or None for fx, mixed: bool)
-    base_graph: fx.Graph
-    sites: list[Site]
-    module: Union[fx.GraphModule, None] = None
-
-    @property
-    def mixed(self) -> bool:
-        return self.key[1]
+__all__ = ["copy_graph", "prepare_base", "window_lengths"]
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -63,9 +49,8 @@ def window_lengths(model: Union[nn.Module, None]) -> tuple[int, ...]:
 
 
 def prepare_base(gm: fx.GraphModule, model: Union[nn.Module, None] = None) -> fx.GraphModule:
-    """The passes every traced graph gets before adapters: mode-following dropout, no dtype pins,
-    ``is_causal`` attention where the traced mask is shown causal (past ``model``'s windows too)."""
-    follow_train_mode(gm)
-    strip_tensor_asserts(gm)
-    causal_attention(gm, window_lengths(model))
-    return gm
+    """The passes every traced graph gets before adapters (:func:`graphlora.passes.base_passes`,
+    run through :func:`graphlora.passes.run_passes`): mode-following dropout, no dtype pins,
+    ``is_causal`` attention where the traced mask is shown causal (past ``model``'s windows too).
+    Rewrites ``gm`` in place and returns it."""
+    return run_passes(gm, base_passes(window_lengths(model))).graph_module

@@ -2,13 +2,13 @@
 
 ``torch.export`` time grows with depth. For a model whose largest ``nn.ModuleList`` holds
 identical layers, :func:`trace_repeated` temporarily cuts that list to its first two layers,
-exports (a fraction of the time), rebuilds the full-depth graph with
-:func:`graphlora.passes.replicate.replicate_block`, and keeps it only if it reproduces the model's
-outputs on the example inputs bit for bit. It applies only when every layer has the same module
-types and parameter shapes and no per-layer config list (``layer_types``...) tells layers apart,
-and block 1 of the two-layer graph is block 0 renamed (so layer-dependent masks or code paths are
-caught structurally, not only by the numerical check on short inputs). Anything else falls back
-to a full export.
+exports (a fraction of the time), rebuilds the full-depth graph with the pass
+:class:`graphlora.passes.replicate.ReplicateBlock` (through :func:`graphlora.passes.run_passes`),
+and keeps it only if it reproduces the model's outputs on the example inputs bit for bit. It
+applies only when every layer has the same module types and parameter shapes and no per-layer
+config list (``layer_types``...) tells layers apart, and block 1 of the two-layer graph is block
+0 renamed (so layer-dependent masks or code paths are caught structurally, not only by the
+numerical check on short inputs). Anything else falls back to a full export.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from graphlora.passes.replicate import replicate_block
-from graphlora.passes.sites import getattr_path
+from graphlora.passes import ReplicateBlock, run_passes
 
 __all__ = ["layer_stack", "trace_repeated"]
 
@@ -99,20 +98,10 @@ def trace_repeated(
         return None
     finally:
         layers._modules = full
-    graph = replicate_block(small.graph, path, len(full))
-    if graph is None:
+    result = run_passes(small, [ReplicateBlock(path, len(full), source=model)])
+    if not result.modified:  # not the two-block shape: the pass does not apply
         return None
-    root: dict[str, Any] = {}
-    try:
-        for node in graph.nodes:
-            if node.op in ("get_attr", "call_module"):
-                try:
-                    root[node.target] = getattr_path(small, node.target)
-                except AttributeError:
-                    root[node.target] = getattr_path(model, node.target)
-    except AttributeError:
-        return None
-    gm = fx.GraphModule(root, graph)
+    gm = result.graph_module
     gm.training = False
     was_training = model.training
     model.eval()

@@ -11,7 +11,9 @@ hook                          what it answers
 ``default_targets``           PEFT's ``target_modules`` when the config leaves them unset
 ``site_plan``                 per-site constants after targeting (rank, scaling, feed-forward)
 ``make_branch``               the ``nn.Module`` holding the site's parameters, init included
-``branch_spec``               how the branch enters the site subgraph (its ``emit`` function)
+``branch_spec``               how the branch enters the site subgraph (its ``emit`` function,
+                              and its ``mixed`` attribute paths when mixed batches can run it)
+``freeze_steps``              specialize steps for the method's own graph ops (``{}``: none)
 ``tensors``/``shapes``        its PEFT file keys (``lora_A.weight``, ``ia3_l``, ...) and shapes
 ``config_to_peft``/``from``   its ``adapter_config.json`` dict both ways
 ``merge``                     its merge math on one weight (and bias)
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from graphlora.passes import BranchSpec, Site
+from graphlora.passes.specialize import FreezeStep
 
 __all__ = ["MethodRule"]
 
@@ -73,8 +76,14 @@ class MethodRule:
         raise NotImplementedError
 
     def branch_spec(self, adapter: str, prefix: str, branch: nn.Module, site: Site) -> BranchSpec:
-        """How the branch enters the site subgraph."""
+        """How the branch enters the site subgraph: ``BranchSpec(adapter, prefix, emit, ...)``, with
+        ``mixed`` set when mixed-adapter batches can run the branch (``None`` otherwise)."""
         raise NotImplementedError
+
+    def freeze_steps(self) -> dict[Any, FreezeStep]:
+        """Specialize steps for the method's own ops, by call target (see
+        :class:`graphlora.passes.specialize.FreezeSwitches`); the default has none."""
+        return {}
 
     def mixable(self, config: Any) -> bool:
         """Whether mixed-adapter batches (``adapter_names=``) support this adapter."""
@@ -115,9 +124,21 @@ class MethodRule:
         return 0
 
     # ------------------------------------------------------------------ weighted combination
-    def combine(self, gm: Any, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                combination_type: str, **options: Any) -> None:
-        """``add_weighted_adapter`` for adapters of this method."""
+    def combine(self, state: Any, facts: Any, records: Any, adapters: Sequence[str], weights: Sequence[float],
+                combination_type: str, **options: Any) -> tuple[Any, Any]:
+        """``add_weighted_adapter`` for adapters of this method: the new adapter's config and a
+        ``fill(site, branch)`` that writes its tensors (nothing is changed here).
+
+        Raises:
+            ConfigError: the combination is not defined for these adapters.
+        """
         raise NotImplementedError(
             f"add_weighted_adapter does not support {self.name} adapters; combine LoRA adapters instead."
         )
+
+    # ------------------------------------------------------------------ hotswap
+    def hotswap(self, branch: nn.Module, config: Any, plan: Any) -> bool:
+        """After ``load_adapter`` copied a file's tensors into an existing adapter's ``branch``,
+        take the file's other per-site constants from ``config`` / ``plan``. Returns True when the
+        branch's structure changed (the graphs are then re-spliced). Default: nothing to take."""
+        return False

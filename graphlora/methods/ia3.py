@@ -179,7 +179,7 @@ class IA3Rule(MethodRule):
         weight = weight * v if fan_in_fan_out else weight * v.unsqueeze(1)
         return weight, (None if bias is None else bias * v)
 
-    def combine(self, gm, adapters, weights, adapter_name, combination_type, **options):
+    def combine(self, state, facts, records, adapters, weights, combination_type, **options):
         from .weighted import combine_ia3
 
-        combine_ia3(gm, adapters, weights, adapter_name, combination_type)
+        return combine_ia3(state, facts, records, adapters, weights, combination_type)

@@ -13,28 +13,196 @@ which at ``w = 1`` is ``f * (W + s B A) x + b``, the DoRA layer. ``W dropout?(x)
 ``base - b`` without adapter dropout (or in eval mode) and ``W dropout(x)`` with it, as in PEFT.
 The LoRA part is the low-rank ``(h, B)`` term of the switch; DoRA contributes ``(h, f * B)`` and a
 residual ``(f - 1) * W x`` gated by ``dora_on``.
+
+This module holds the whole method: the branch module (:class:`LoraBranch`), the emitters
+(:func:`emit_low_rank`, :func:`emit_dora`), DoRA's runtime ops (:func:`dora_factor`,
+:func:`dora_residual`, :func:`row_scale`), DoRA's specialize step (:func:`freeze_dora_residual`)
+and the rule (:class:`LoraRule`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple, Union
 
 import torch
-from torch import nn
+import torch.fx as fx
+from torch import Tensor, nn
 
 from graphlora.config import DEFAULT_TARGET_MODULES, LoraConfig
 from graphlora.passes import BranchSpec, Site
-from graphlora.passes.method_ops import dora_factor, dora_residual, row_scale
-from graphlora.passes.splice import SiteBuilder, emit_low_rank
+from graphlora.passes.ops import lora_down
+from graphlora.passes.specialize import FreezeStep, GateReader
+from graphlora.passes.splice import SiteBuilder
 from graphlora.passes.targeting import pattern_value
 from graphlora.peft_format import config_from_peft, config_to_peft
-from graphlora.state import LoraBranch
 
 from .base import MethodRule
 
-__all__ = ["LoraRule", "LoraSitePlan", "emit_dora"]
+__all__ = [
+    "LoraBranch",
+    "LoraRule",
+    "LoraSitePlan",
+    "emit_low_rank",
+    "emit_dora",
+    "dora_factor",
+    "dora_residual",
+    "row_scale",
+    "freeze_dora_residual",
+]
 
 aten = torch.ops.aten
+
+Gate = Union[Tensor, float]
+
+
+# ---------------------------------------------------------------------------- DoRA's runtime ops
+def dora_factor(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Gate, magnitude: Tensor, fan_in_fan_out: bool
+) -> Tensor:
+    r"""DoRA's per-output-row factor ``f = m / ||W + s B A||_row`` with the norm detached.
+
+    .. math::
+
+        f_o = \frac{m_o}{\big\lVert W_{o,:} + s\,(B A)_{o,:} \big\rVert_2}
+
+    The norm is computed from detached tensors (DoRA paper §4.3, as PEFT does), so only ``m``
+    receives a gradient through ``f``.
+
+    Args:
+        weight: the base weight, ``[out, in]`` (``[in, out]`` when ``fan_in_fan_out``).
+        lora_A / lora_B: ``[r, in]`` / ``[out, r]``.
+        scale: ``s`` (``alpha / r`` or rsLoRA's), a 0-dim tensor or float.
+        magnitude: ``m``, ``[out]``.
+        fan_in_fan_out: the weight is stored (in, out) (GPT-2 ``Conv1D``).
+    """
+    with torch.no_grad():
+        w = weight.detach()
+        w = w.t() if fan_in_fan_out else w
+        lora_weight = (lora_B.detach() @ lora_A.detach()).to(w.dtype)
+        norm = torch.linalg.norm(w + scale * lora_weight, dim=1).to(w.dtype)
+    return magnitude / norm
+
+
+def dora_residual(base: Tensor, wx: Union[Tensor, None], bias: Union[Tensor, None], factor: Tensor, on: Gate) -> Tensor:
+    r"""DoRA's rescaling of the base output: ``on * (f - 1) * W x``.
+
+    ``W x`` is ``wx`` when given (with adapter dropout, PEFT rescales ``W dropout(x)``), else
+    ``base - bias`` (the base op's output without its bias). With ``on = 0`` it is exactly 0.
+    """
+    if wx is None:
+        wx = base if bias is None else base - bias
+    return wx * ((factor - 1) * on).to(wx.dtype)
+
+
+def row_scale(matrix: Tensor, factor: Tensor) -> Tensor:
+    """``matrix * factor[:, None]``: scale each row (output feature) of ``B`` by DoRA's ``f``."""
+    return matrix * factor.to(matrix.dtype).unsqueeze(-1)
+
+
+# ---------------------------------------------------------------------------- the branch module
+
+
+class LoraBranch(nn.Module):
+    """One LoRA adapter at one site: ``delta = gate * B A dropout(x)``.
+
+    ``gate`` holds ``scaling * weight`` while the adapter is active and 0 otherwise, with
+    ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA); it is updated in place, so
+    graphs and compiled code that read it never change.
+
+    Args:
+        in_features, out_features: the site's feature sizes.
+        r, alpha, scaling: rank, alpha, and the resulting scale.
+        dropout: probability of the input dropout (0 means none).
+        use_dora: add DoRA's magnitude vector (``lora_magnitude_vector``, ``[d_out]``) and
+            its buffers; see :func:`dora_factor` for the math.
+        dtype, device: of the parameters (the base weight's by default).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float = 0.0,
+        *,
+        use_dora: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.r, self.lora_alpha, self.scaling = r, alpha, scaling
+        self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype, device=device)
+        if dropout > 0:
+            self.lora_dropout = nn.Dropout(dropout)
+        self.register_buffer("gate", torch.zeros((), device=device), persistent=False)
+        # the constant scale, read by mixed-adapter batches (where each row picks its adapter)
+        self.register_buffer("scale", torch.full((), float(scaling), device=device), persistent=False)
+        self.use_dora = use_dora
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device))
+            self.register_buffer("dora_scale", torch.full((), float(scaling), device=device), persistent=False)
+            self.register_buffer("dora_on", torch.zeros((), device=device), persistent=False)
+
+    @property
+    def has_dropout(self) -> bool:
+        return "lora_dropout" in self._modules
+
+    def num_parameters(self) -> int:
+        """``r * (d_in + d_out)`` (``+ d_out`` with DoRA)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_magnitude(self, weight: torch.Tensor, fan_in_fan_out: bool) -> None:
+        """DoRA: ``m = ||W + s B A||_row`` (PEFT's init), so the adapter starts as plain LoRA."""
+        ones = torch.ones_like(self.lora_magnitude_vector)
+        norm = 1 / dora_factor(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, ones, fan_in_fan_out)
+        self.lora_magnitude_vector.copy_(norm)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: bool | str = True, generator: torch.Generator | None = None) -> None:
+        """PEFT's init: A Kaiming-uniform (``a = sqrt(5)``) or N(0, 1/r), B zeros.
+
+        ``init=False`` keeps ``nn.Linear``'s default (random) init for both, so the adapter is
+        not the identity (useful for tests).
+        """
+        if init is False:
+            for layer in (self.lora_A, self.lora_B):
+                bound = 1 / math.sqrt(layer.in_features)
+                # nn.Linear's default init, drawn from ``generator`` when one is given
+                w = torch.empty(layer.weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+                layer.weight.copy_(w)
+            return
+        if init == "gaussian":
+            w = torch.empty(self.lora_A.weight.shape, dtype=torch.float32).normal_(0, 1 / self.r, generator=generator)
+            self.lora_A.weight.copy_(w)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def set_scaling(self, value: float) -> None:
+        """Set the scaling (a hotswap's new ``alpha / r``) and the ``scale`` buffer mixed batches read."""
+        self.scaling = value
+        self.scale.fill_(value)
+
+    @torch.no_grad()
+    def set_gate(self, value: float) -> None:
+        """Write the gate in place (keeps CUDA-graph captures valid)."""
+        self.gate.fill_(value)
+
+    @torch.no_grad()
+    def apply_state(self, weight: float, merged: bool = False) -> None:
+        """Write the switch buffers in place: ``gate = scaling * weight`` (``weight`` is 0 when the
+        adapter is inactive, disabled or merged); the mixed-batch ``scale`` is 0 while merged."""
+        self.gate.fill_(self.scaling * weight)
+        self.scale.fill_(0.0 if merged else self.scaling)
+        if self.use_dora:
+            self.dora_scale.fill_(self.scaling)
+            self.dora_on.fill_(weight)
 
 
 class LoraSitePlan(NamedTuple):
@@ -43,6 +211,25 @@ class LoraSitePlan(NamedTuple):
     r: int
     alpha: float
     scaling: float
+
+
+# ---------------------------------------------------------------------------- emitters
+def emit_low_rank(builder: SiteBuilder, spec: BranchSpec) -> fx.Node:
+    """The LoRA branch: ``h = lora_down(dropout(x), A, gate)``, contributed as ``(h, B)``; returns ``h``.
+
+    Reads ``P.lora_A.weight``, ``P.lora_B.weight``, ``P.gate`` and (with ``spec.dropout``)
+    calls ``P.lora_dropout``, for ``P = spec.prefix`` (a :class:`LoraBranch`).
+    """
+    tag = f"{builder.key}_{spec.adapter}"
+    xin = builder.x
+    if spec.dropout:
+        xin = builder.node("call_module", f"{spec.prefix}.lora_dropout", (xin,), f"{tag}_lora_dropout", spec.adapter)
+    a = builder.get_attr(f"{spec.prefix}.lora_A.weight", f"{tag}_lora_A_weight", spec.adapter)
+    gate = builder.get_attr(f"{spec.prefix}.gate", f"{tag}_gate", spec.adapter)
+    h = builder.call(lora_down, (xin, a, gate), f"{tag}_lora_A", spec.adapter)
+    b = builder.get_attr(f"{spec.prefix}.lora_B.weight", f"{tag}_lora_B_weight", spec.adapter)
+    builder.add_low_rank(h, b)
+    return h
 
 
 def emit_dora(builder: SiteBuilder, spec: BranchSpec) -> None:
@@ -64,6 +251,29 @@ def emit_dora(builder: SiteBuilder, spec: BranchSpec) -> None:
     on = builder.get_attr(f"{p}.dora_on", f"{tag}_dora_on", a)
     term = builder.call(dora_residual, (builder.base, wx, builder.bias(a), f, on), f"{tag}_dora_residual", a)
     builder.add_residual(term)
+
+
+# ---------------------------------------------------------------------------- specialize
+def freeze_dora_residual(gm: fx.GraphModule, node: fx.Node, read: GateReader) -> list[fx.Node]:
+    """DoRA's specialize step for ``dora_residual(base, wx, bias, f, on)`` (see
+    :class:`graphlora.passes.specialize.FreezeSwitches`).
+
+    ``on == 0`` removes the residual and the ``add`` consuming it (its low-rank term is dropped
+    with the ``lora_switch`` branch, whose gate is 0 too); any other ``on`` becomes a constant.
+    Returns the nodes left unused (empty when ``on`` is a constant already).
+    """
+    base, wx, bias, factor, on = node.args
+    value = read(on)
+    dead: list[fx.Node] = [on] if isinstance(on, fx.Node) else []
+    if value == 0.0:
+        for add in list(node.users):  # y + residual -> y
+            other = add.args[0] if add.args[1] is node else add.args[1]
+            add.replace_all_uses_with(other)
+            dead.append(add)
+        dead.append(node)
+    elif dead:
+        node.args = (base, wx, bias, factor, value)
+    return dead
 
 
 class LoraRule(MethodRule):
@@ -101,9 +311,13 @@ class LoraRule(MethodRule):
 
     def branch_spec(self, adapter: str, prefix: str, branch: nn.Module, site: Site) -> BranchSpec:
         if getattr(branch, "use_dora", False):
-            return BranchSpec(adapter, prefix, branch.has_dropout, emit=emit_dora,
+            return BranchSpec(adapter, prefix, emit_dora, dropout=branch.has_dropout,
                               options=(("fan_in_fan_out", site.fan_in_fan_out),))
-        return BranchSpec(adapter, prefix, branch.has_dropout)
+        mixed = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight", f"{prefix}.scale")
+        return BranchSpec(adapter, prefix, emit_low_rank, dropout=branch.has_dropout, mixed=mixed)
+
+    def freeze_steps(self) -> dict[Any, FreezeStep]:
+        return {dora_residual: freeze_dora_residual}
 
     # ------------------------------------------------------------------ files
     def tensors(self, branch: nn.Module) -> dict[str, torch.Tensor]:
@@ -139,9 +353,26 @@ class LoraRule(MethodRule):
         return weight + (delta.t() if fan_in_fan_out else delta), bias
 
     # ------------------------------------------------------------------ weighted combination
-    def combine(self, gm, adapters, weights, adapter_name, combination_type, svd_rank=None, svd_clamp=None,
+    def combine(self, state, facts, records, adapters, weights, combination_type, svd_rank=None, svd_clamp=None,
                 svd_full_matrices=True, svd_driver=None, **options):
         from .weighted import combine_lora
 
-        combine_lora(gm, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
-                     svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
+        return combine_lora(state, facts, records, adapters, weights, combination_type, svd_rank=svd_rank,
+                            svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
+
+    # ------------------------------------------------------------------ hotswap
+    def hotswap(self, branch: nn.Module, config: LoraConfig, plan: LoraSitePlan) -> bool:
+        """Take the new file's alpha, scaling and dropout; True when a dropout module came or went."""
+        branch.lora_alpha = plan.alpha
+        branch.set_scaling(plan.scaling)
+        dropout = branch._modules.get("lora_dropout")
+        if config.lora_dropout > 0 and dropout is not None:
+            dropout.p = config.lora_dropout
+            return False
+        if config.lora_dropout > 0:
+            branch.lora_dropout = nn.Dropout(config.lora_dropout).train(branch.training)
+            return True
+        if dropout is not None:
+            del branch._modules["lora_dropout"]
+            return True
+        return False
