@@ -104,14 +104,16 @@ def check_target_types(model: nn.Module, config: Any, targets: Any, site_names: 
         )
 
 
-def check_placement(gm: Any, site_names: Iterable[str], action: str, *, loading: bool = False) -> None:
+def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Module, site_names: Iterable[str],
+                    action: str, *, loading: bool = False) -> None:
     """Refuse to add or load an adapter when the adapters already on a site have another dtype or
     device than its base weight (the base was moved or cast behind the module's back, e.g.
     ``model.to(...)`` on the original model after inject: the graph would fail on the next call),
     or, when ``loading``, when a base weight is on ``meta`` (the loaded tensors would be dropped).
 
     Args:
-        gm: the :class:`~graphlora.AdaptedGraphModule`.
+        root: the module holding the base weights; ``records``: site name -> its ``Site``;
+        store: the adapter store (``graphlora``).
         site_names: the sites the adapter goes on.
         action: what is being done, for the message (``"load adapter 'x'"``).
 
@@ -121,17 +123,16 @@ def check_placement(gm: Any, site_names: Iterable[str], action: str, *, loading:
     from graphlora.passes.sites import getattr_path
     from graphlora.passes.splice import site_key
 
-    records = gm._site_records()
     for site in site_names:
-        weight = getattr_path(gm, records[site].weight)
+        weight = getattr_path(root, records[site].weight)
         if loading and weight.device.type == "meta":
             raise PlacementError(
                 f"cannot {action}: the base weight of {site!r} is on the meta device, so the adapter's "
                 "tensors would be dropped. Materialize the module first (gm.to_empty(device='cpu'), then "
                 "load the base weights), then load the adapter."
             )
-        branches = gm.graphlora._modules.get(site_key(site))
-        for adapter, branch in (branches.items() if branches is not None else ()):
+        branches = store._modules.get(site_key(site))
+        for adapter, branch in (branches.named_children() if branches is not None else ()):
             for name, param in branch.named_parameters():
                 if param.device != weight.device or param.dtype != weight.dtype:
                     raise PlacementError(

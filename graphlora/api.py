@@ -10,6 +10,7 @@ from torch import nn
 from .capture import capture
 from .config import IA3Config, LoraConfig
 from .errors import ConfigError
+from .methods import config_types
 from .module import AdaptedGraphModule
 
 __all__ = ["inject", "list_sites"]
@@ -53,11 +54,9 @@ def inject(
         gm.load_adapter(config, adapter_name)
         return gm
     config = LoraConfig() if config is None else config
-    if not isinstance(config, (LoraConfig, IA3Config)):
-        raise ConfigError(
-            f"config must be a graphlora.LoraConfig, a graphlora.IA3Config or a PEFT adapter directory, "
-            f"got {type(config).__name__}."
-        )
+    if not isinstance(config, config_types()):
+        names = ", ".join(f"a {t.__module__.split('.')[0]}.{t.__name__}" for t in config_types())
+        raise ConfigError(f"config must be {names} or a PEFT adapter directory, got {type(config).__name__}.")
     gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
     gm.add_adapter(adapter_name, config)
     return gm

@@ -335,8 +335,9 @@ def _name_unknown_fields(cls: type) -> type:
             )
         init(self, *args, **kwargs)
 
-    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init  # type: ignore[attr-defined]
-    cls.__init__ = __init__  # type: ignore[misc]
+    __init__.__doc__ = init.__doc__
+    setattr(__init__, "__wrapped__", init)  # inspect.signature shows the dataclass fields
+    setattr(cls, "__init__", __init__)
     return cls
 
 

@@ -1,93 +1,63 @@
 """Emit: the regenerated GraphModule users get from :func:`graphlora.inject`.
 
-:class:`AdaptedGraphModule` is a ``torch.fx.GraphModule`` whose graph is the traced model
-with adapter branches and switch nodes spliced in. It carries the adapter controls of
-transformers' ``PeftAdapterMixin``. Switching (``set_adapter``, ``set_adapter_weights``,
-``disable_adapters``, ``enable_adapters``) writes gate buffers in place and never touches the
-graph; adding or deleting an adapter re-splices from the pristine traced graph.
+:class:`AdaptedGraphModule` is a ``torch.fx.GraphModule`` whose graph is the traced model with
+adapter branches and switch nodes spliced in, and a thin facade over three objects it owns:
 
-With the ``export`` frontend a graph is specific to a call signature. The module keeps one
-*program* per signature (:mod:`graphlora.program`; the first is this module's own graph, others
-are GraphModules that share every parameter, buffer and adapter with it), traced on first use
-and chosen per call by :mod:`graphlora.routing`.
+- :class:`~graphlora.state.AdapterState` (``gm.adapter_state``): configs, plans, the active set and
+  weights, enabled, merged adapters, and the store of adapter tensors (``gm.graphlora``);
+- :class:`~graphlora.programs.ProgramSet` (``gm.programs``): one GraphModule per call signature,
+  built on first use by one pipeline (capture → base passes → locate → splice); the first is
+  this module's own graph;
+- :class:`~graphlora.planning.ModelFacts` and :class:`~graphlora.calls.CallSpec`: what was read
+  from the source model once (site names, output head, model type, tied weights, ``forward``'s
+  signature).
+
+It carries the adapter controls of transformers' ``PeftAdapterMixin``. Switching
+(``set_adapter``, ``set_adapter_weights``, ``disable_adapters``, ``enable_adapters``) writes gate
+buffers in place and never touches a graph. Every mutating call (add, load, hotswap, delete,
+weighted combination, merge, unmerge) runs inside :func:`~graphlora.transaction.transaction`: on
+any error the module is as it was. The math lives in functions over the state:
+:mod:`graphlora.merge`, :mod:`graphlora.peft_io`, :mod:`graphlora.methods.weighted`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
-import re
+import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from graphlora.passes import (
-    BranchSpec,
-    Site,
-    is_targeted,
-    locate_sites,
-    splice_adapters,
-    splice_mixed,
-)
-from graphlora.passes.device import retarget_device
+from graphlora.passes import locate_sites
 from graphlora.passes.sites import getattr_path
-from graphlora.passes.splice import site_key
 
-from ._checks import check_layers_in_range, check_placement, check_target_types
-from ._compat import adopt_graph, is_pretrained_model
-from .capture import Captured, call_key, forward_params
-from .config import ALL_LINEAR, IA3Config, LoraConfig
-from .errors import (
-    AdapterExistsError,
-    AdapterNotFoundError,
-    AdapterStateError,
-    ConfigError,
-    NoTargetError,
-    closest,
-)
-from .methods import MethodRule, rule_for
-from .state import AdapterStore
-from .merge import MergeMixin
-from .peft_io import PeftFileMixin
-from .program import Program, copy_graph, prepare_base
-from .routing import RoutingMixin
+from . import merge as merging
+from . import peft_io
+from ._checks import check_fx_call, check_placement
+from ._compat import is_pretrained_model
+from .calls import CallSpec
+from .capture import Captured
+from .config import IA3Config, LoraConfig
+from .errors import AdapterStateError, ConfigError, MergeError
+from .methods import rule_for
+from .mixed import write_row_index
+from .planning import ModelFacts, check_known, check_new_name, plan_adapter
+from .prepare import copy_graph, prepare_base
+from .programs import Program, ProgramSet, first_records
+from .siteinfo import SiteInfo, site_infos, sites_table
+from .state import STORE, AdapterState, AdapterStore
+from .transaction import transaction
 
 __all__ = ["AdaptedGraphModule", "SiteInfo"]
 
-STORE = "graphlora"
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    """A located site as users see it: path, op kind, feature sizes, rank per adapter.
-
-    ``ranks`` has every adapter placed on the site (0 for IA3, which has a vector, not a
-    low-rank pair); ``methods`` says which method each uses (``"lora"``, ``"dora"``, ``"ia3"``)
-    and ``parameters`` how many parameters each adds here.
-    """
-
-    name: str
-    kind: str
-    in_features: int
-    out_features: int
-    ranks: Mapping[str, int]
-    methods: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    parameters: Mapping[str, int] = dataclasses.field(default_factory=dict)
-
-    @property
-    def num_parameters(self) -> int:
-        """``sum_a r_a * (d_in + d_out)`` for LoRA (``+ d_out`` with DoRA); ``d_out`` or ``d_in`` for IA3."""
-        if self.parameters:
-            return sum(self.parameters.values())
-        return sum(r * (self.in_features + self.out_features) for r in self.ranks.values())
+AnyConfig = Union[LoraConfig, IA3Config]
+PathLike = Union[str, os.PathLike]
 
 
 def _param_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -106,7 +76,15 @@ def _output_head(model: nn.Module) -> Union[str, None]:
     return next((name for name, module in model.named_modules() if module is head), None)
 
 
-class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule):
+def _finite(w: Any) -> bool:
+    return not isinstance(w, bool) and isinstance(w, (int, float)) and w == w and abs(w) != float("inf")
+
+
+def _names(value: Union[str, Iterable[str]]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+class AdaptedGraphModule(fx.GraphModule):
     """A traced model with adapter branches behind named switch nodes.
 
     Build it with :func:`graphlora.inject`. It is called exactly as the original model and
@@ -114,212 +92,118 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
     """
 
     # ------------------------------------------------------------------ construction
+    def __init__(self, model: nn.Module, captured: Captured) -> None:
+        base = prepare_base(captured.gm, model)
+        super().__init__(base, copy_graph(base.graph), class_name=type(model).__name__)
+        store = AdapterStore()
+        self.add_module(STORE, store)
+        calls = CallSpec.of(model, captured.frontend)
+        aliases = _param_aliases(model)
+        sites = locate_sites(base, aliases)
+        first = Program(calls.key(calls.normalize(captured.kwargs or {}), False), base, sites)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        # the only attribute writes of the facade: everything else lives in these objects
+        self._calls = calls
+        self._adapters = AdapterState(store)
+        self._facts = ModelFacts(model, tuple(first_records(sites)), _output_head(model), model_type, aliases)
+        self._programs = ProgramSet(self, model, calls, self._adapters, first, aliases)
+        self._transaction_depth = 0
+        self.train(model.training)
+
     @classmethod
     def from_capture(cls, model: nn.Module, captured: Captured) -> "AdaptedGraphModule":
-        base = prepare_base(captured.gm, model)
-        self = cls(base, base.graph, class_name=type(model).__name__)
-        d = self.__dict__
-        d["_glora_source"] = model
-        d["_glora_frontend"] = captured.frontend
-        names, defaults = forward_params(model) if captured.frontend == "export" else ((), {})
-        params = inspect.signature(model.forward).parameters
-        d["_glora_arg_names"] = names
-        d["_glora_call_defaults"] = defaults
-        d["_glora_none_defaults"] = frozenset(
-            p.name for p in params.values() if p.default is None and p.name not in defaults
-        )
-        d["_glora_aliases"] = _param_aliases(model)
-        d["_glora_head"] = _output_head(model)
-        d["_glora_model_type"] = getattr(getattr(model, "config", None), "model_type", None)
-        d["_glora_configs"] = {}
-        d["_glora_plans"] = {}
-        d["_glora_active"] = []
-        d["_glora_weights"] = {}
-        d["_glora_enabled"] = True
-        d["_glora_trainable"] = True
-        devices = {p.device for p in model.parameters()}
-        d["_glora_device"] = next(iter(devices)) if len(devices) == 1 else None
-        self.add_module(STORE, AdapterStore())
-        sig = call_key(self._normalize(captured.kwargs)) if captured.frontend == "export" else None
-        key = (sig, False)
-        program = Program(key, copy_graph(self.graph), locate_sites(self, self._glora_aliases))
-        d["_glora_primary"] = key
-        d["_glora_programs"] = {key: program}
-        self.train(model.training)
+        """The emitted module for ``model`` traced as ``captured`` (no adapter yet)."""
+        return cls(model, captured)
+
+    # ------------------------------------------------------------------ owned objects
+    @property
+    def adapter_state(self) -> AdapterState:
+        """The adapter state (configs, plans, active set, weights, merged adapters, tensors)."""
+        return self._adapters
+
+    @property
+    def programs(self) -> ProgramSet:
+        """The program per call signature (``gm.programs.primary`` is this module's own)."""
+        return self._programs
+
+    def get_base_model(self) -> nn.Module:
+        """The original model (it shares every parameter with this module; PEFT's name)."""
+        return self._facts.source
+
+    @property
+    def _records(self) -> dict:
+        return self._programs.records
+
+    def _transaction(self, tensors: Iterable[torch.Tensor] = ()) -> contextlib.AbstractContextManager:
+        return transaction(self, tensors=tensors)
+
+    # ------------------------------------------------------------------ calling
+    def recompile(self):
+        code = super().recompile()
+        # GraphModule installs its own __call__ wrapper on each recompile; route first instead,
+        # so that torch.compile traces the program graphs, never the routing Python.
+        type(self).__call__ = AdaptedGraphModule.__call__
+        return code
+
+    @torch.compiler.disable(recursive=False)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call as the original model; ``adapter_names=[...]`` (one per row) mixes adapters in a batch.
+
+        The routing runs as plain Python even under ``torch.compile`` (this frame and ``_route``
+        are skipped by dynamo): only the program graphs it calls are compiled, so switching
+        adapters or changing row names never recompiles.
+        """
+        target, args, kwargs = self._route(args, kwargs)
+        try:
+            if target is self:
+                return super().__call__(*args, **kwargs)
+            return target(*args, **kwargs)
+        except TypeError as exc:  # say what was traced when the arguments do not fit
+            if self._calls.frontend == "fx":
+                check_fx_call(self.forward, args, kwargs, exc)
+            raise
+
+    @torch.compiler.disable
+    def _route(self, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+        """The program module for this call and its arguments (tracing it on first use)."""
+        names = kwargs.pop("adapter_names", None)
+        if self._calls.frontend == "export":
+            kwargs, args = self._calls.bind(args, kwargs), ()
+        key = self._calls.key(kwargs, names is not None)
+        if names is not None:
+            write_row_index(self._adapters, names, args, kwargs, self.training)
+        return self._programs.get_or_build(key, kwargs).module, args, kwargs
+
+    def train(self, mode: bool = True) -> "AdaptedGraphModule":
+        super().train(mode)
+        programs = self.__dict__.get("_programs")
+        for program in programs if programs is not None else ():
+            if program.module is not None and program.module is not self:
+                program.module.train(mode)  # its local modules (dropout of a later trace) follow too
         return self
 
-    # ------------------------------------------------------------------ splicing
-    def _rule(self, adapter: str) -> MethodRule:
-        return rule_for(self._glora_configs[adapter])
-
-    def _site_records(self) -> dict[str, Site]:
-        """site name -> its :class:`Site` record in the primary program (first occurrence)."""
-        records: dict[str, Site] = {}
-        for site in self._primary.sites:
-            records.setdefault(site.name, site)
-        return records
-
-    def _branch_specs(self) -> dict[str, list[BranchSpec]]:
-        specs: dict[str, list[BranchSpec]] = defaultdict(list)
-        records = self._site_records()
-        for adapter in self._glora_configs:
-            rule = self._rule(adapter)
-            for site in self._glora_plans[adapter]:
-                key = site_key(site)
-                branch = self.graphlora.branch(key, adapter)
-                specs[site].append(rule.branch_spec(adapter, f"{STORE}.{key}.{adapter}", branch, records[site]))
-        return specs
-
-    def _build_variant(self, program: Program) -> None:
-        vm = fx.GraphModule(self, copy_graph(program.base_graph), class_name=self._get_name())
-        vm.add_module(STORE, self.graphlora)
-        if program.mixed:
-            splice_mixed(vm, program.sites, self._mixed_specs(), f"{STORE}.row_index")
-        else:
-            splice_adapters(vm, program.sites, self._branch_specs())
-        program.module = vm
-
-    def _mixed_specs(self) -> dict[str, list[Union[BranchSpec, None]]]:
-        """Per site, one entry per adapter in slot order; ``None`` where the adapter is absent."""
-        slots = list(self._glora_configs)
-        out = {}
-        for site, present in self._branch_specs().items():
-            by_name = {b.adapter: b for b in present if self._rule(b.adapter).mixable(self._glora_configs[b.adapter])}
-            out[site] = [by_name.get(name) for name in slots]
-        return out
-
-    def _rebuild(self) -> None:
-        """Re-splice every program from its pristine graph with the current adapters."""
-        specs = self._branch_specs()
-        for key, program in self._glora_programs.items():
-            if key == self._glora_primary:
-                adopt_graph(self, copy_graph(program.base_graph))  # code regenerated once, below
-                if not splice_adapters(self, program.sites, specs).modified:
-                    self.recompile()
-            else:
-                self._build_variant(program)
-
-    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): variants see new tensors
-        before = {name: t for name, t in (*self.named_parameters(), *self.named_buffers())}
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(), to_empty()
+        programs = self.__dict__.get("_programs")
+        before = dict((*self.named_parameters(), *self.named_buffers())) if programs is not None else {}
         result = super()._apply(fn, recurse)
-        programs = self.__dict__.get("_glora_programs", {})
-        if programs:
-            after = {name: t for name, t in (*self.named_parameters(), *self.named_buffers())}
-            self._share_with_source({id(before[n]): t for n, t in after.items() if n in before and before[n] is not t})
-            if self._retarget_devices():
-                self._rebuild()  # every program re-spliced from its retargeted pristine graph
-        for key, program in programs.items():
-            if key != self._glora_primary:
-                self._build_variant(program)
-        if "_glora_configs" in self.__dict__:  # new buffers (to_empty: garbage): rewrite the switch state
-            self._sync_state()
+        if programs is not None:
+            after = dict((*self.named_parameters(), *self.named_buffers()))
+            programs.after_move(fn, {id(before[n]): t for n, t in after.items() if n in before and before[n] is not t})
+            self._adapters.sync()  # new buffers (to_empty: garbage): rewrite the switch state
         return result
 
-    def _share_with_source(self, replaced: Mapping[int, torch.Tensor]) -> None:
-        """Keep the source model on the same tensors after a move that replaced them (``to_empty``).
-
-        New call signatures are traced from the source model, so every slot of it that held a
-        replaced tensor (tied aliases included) now holds its replacement.
-        """
-        if not replaced:
-            return
-        for module in self._glora_source.modules():
-            for slots in (module._parameters, module._buffers):
-                for key, tensor in slots.items():
-                    if tensor is not None and id(tensor) in replaced:
-                        slots[key] = replaced[id(tensor)]
-
-    def _retarget_devices(self) -> bool:
-        """After a move to one device, make the traced graphs create their tensors there too.
-
-        Only when every parameter is on a single device (a model spread over devices keeps its
-        graphs as traced). Returns True when a pristine graph changed.
-        """
-        devices = {p.device for p in self.parameters()}
-        traced = self.__dict__.get("_glora_device")
-        if len(devices) != 1 or traced is None:
-            return False
-        (new,) = devices
-        if new == traced:
-            return False
-        changed = False
-        for program in self._glora_programs.values():
-            changed |= retarget_device(program.base_graph, traced, new, root=self)
-        self.__dict__["_glora_device"] = new
-        return changed
-
     # ------------------------------------------------------------------ planning
-    @property
-    def _primary(self) -> Program:
-        return self._glora_programs[self._glora_primary]
+    def _plan(self, config: AnyConfig) -> dict[str, Any]:
+        return plan_adapter(config, self._facts, self._records)
 
-    def _resolve_targets(self, config: Union[LoraConfig, IA3Config]) -> Any:
-        targets = config.target_modules
-        candidates = [s.name for s in self._primary.sites]
-        if targets is None:
-            default = rule_for(config).default_targets(self._glora_model_type)
-            if default is None:
-                raise ConfigError(
-                    f"target_modules is not set and there is no default for model type "
-                    f"{self._glora_model_type!r}; set target_modules, e.g. {closest('proj', candidates, 3)} "
-                    "or 'all-linear'."
-                )
-            return default
-        if targets == ALL_LINEAR:
-            return tuple(n for n in candidates if n != self._glora_head)
-        return targets
+    def _base_parameters(self) -> Iterator[nn.Parameter]:
+        adapter_ids = {id(p) for p in self._adapters.store.parameters()}
+        for param in self.parameters():
+            if id(param) not in adapter_ids:
+                yield param
 
-    def _plan(self, config: Union[LoraConfig, IA3Config]) -> dict[str, Any]:
-        """site name -> the method's per-site constants (LoRA: ``(r, alpha, scaling)``) for the
-        sites ``config`` selects."""
-        rule = rule_for(config)
-        targets = self._resolve_targets(config)
-        resolved = rule.resolve_config(config, self._glora_model_type)
-        plan = {}
-        for site in self._primary.sites:
-            if site.name in plan or not is_targeted(
-                site.name, targets, exclude_modules=config.exclude_modules,
-                layers_to_transform=getattr(config, "layers_to_transform", None),
-                layers_pattern=getattr(config, "layers_pattern", None),
-            ):
-                continue
-            plan[site.name] = rule.site_plan(resolved, site.name)
-        check_target_types(self._glora_source, config, config.target_modules, self._site_records())
-        check_layers_in_range(config, self._site_records(), self._glora_source)
-        if not plan:
-            wanted = targets if isinstance(targets, str) else ", ".join(targets)
-            names = list(dict.fromkeys(s.name for s in self._primary.sites))
-            probe = targets if isinstance(targets, str) else next(iter(targets), "")
-            raise NoTargetError(
-                f"target_modules={config.target_modules!r} matched no linear op "
-                f"(looked for: {wanted}; exclude_modules={config.exclude_modules!r}, "
-                f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r}). "
-                f"Closest linear sites: {closest(probe, names)}. "
-                f"Use names from gm.sites or graphlora.list_sites(model)."
-            )
-        return plan
-
-    def _check_new_name(self, name: Any) -> None:
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == "__base__":
-            raise ConfigError(
-                f"adapter name {name!r} is not usable; use letters, digits, '_' or '-' (no '.'), "
-                "and not '__base__'."
-            )
-        if name in self._glora_configs:
-            raise AdapterExistsError(
-                f"an adapter named {name!r} already exists (adapters: {list(self._glora_configs)}); "
-                "pick another name or delete_adapter it first."
-            )
-
-    def _check_known(self, names: Sequence[str]) -> None:
-        for name in names:
-            if name not in self._glora_configs:
-                raise AdapterNotFoundError(
-                    f"no adapter named {name!r}; loaded adapters: {list(self._glora_configs)}."
-                )
-
-    # ------------------------------------------------------------------ adapter controls
-    def add_adapter(self, adapter_name: str, config: Union[LoraConfig, IA3Config, None] = None) -> None:
+    # ------------------------------------------------------------------ adding and deleting
+    def add_adapter(self, adapter_name: str, config: Union[AnyConfig, None] = None) -> None:
         """Add an adapter (a :class:`LoraConfig`, DoRA included, or an :class:`IA3Config`) and
         make it the active one. Adapters of different methods can be loaded side by side.
 
@@ -331,43 +215,22 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
         """
         config = LoraConfig() if config is None else config
         rule = rule_for(config)
-        self._check_new_name(adapter_name)
+        state = self._adapters
+        check_new_name(adapter_name, state.configs)
         plan = self._plan(config)
-        check_placement(self, plan, f"add adapter {adapter_name!r}")
-        sites = self._site_records()
+        check_placement(self, self._records, state.store, plan, f"add adapter {adapter_name!r}")
         branches = {}
         for name, site_plan in plan.items():
-            site = sites[name]
+            site = self._records[name]
             branch = rule.make_branch(config, site, site_plan, getattr_path(self, site.weight))
             branch.train(self.training)
             branches[name] = branch
-        previous = dict(self._glora_weights)
-        grads = [(param, param.requires_grad) for param in self._base_parameters()]
-        try:
-            for name, branch in branches.items():
-                self.graphlora.add(site_key(name), adapter_name, branch)
-            self._glora_configs[adapter_name] = config
-            self._glora_plans[adapter_name] = plan
-            self._rebuild()
-            for param, _ in grads:
+        with self._transaction():
+            state.add(adapter_name, config, plan, branches)
+            self._programs.rebuild()
+            for param in self._base_parameters():
                 param.requires_grad_(False)
-            self.set_adapter(adapter_name)
-        except BaseException:  # roll back: graph, store, active set, requires_grad
-            self._forget(adapter_name)
-            for param, flag in grads:
-                param.requires_grad_(flag)
-            self._set_active(previous)
-            raise
-
-    def _forget(self, adapter_name: str) -> None:
-        for key, name, _ in list(self.graphlora.branches(adapter_name)):
-            self.graphlora.remove(key, name)
-        self._glora_configs.pop(adapter_name, None)
-        self._glora_plans.pop(adapter_name, None)
-        self._glora_weights.pop(adapter_name, None)
-        if adapter_name in self._glora_active:
-            self._glora_active.remove(adapter_name)
-        self._rebuild()
+            state.set_active({adapter_name: 1.0})
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter, its parameters and its branches from every graph.
@@ -380,109 +243,25 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
             AdapterStateError: it is the only adapter (use ``disable_adapters()`` instead), or it
                 is merged into the base weights (unmerge it first).
         """
-        self._check_known([adapter_name])
-        if adapter_name in self.merged_adapters:
+        state = self._adapters
+        check_known([adapter_name], state.configs)
+        if adapter_name in state.merge.merged:
             raise AdapterStateError(
                 f"{adapter_name!r} is merged into the base weights; deleting it would leave its "
                 f"contribution there with nothing to undo it. Call unmerge_adapter([{adapter_name!r}]) "
                 "first (or merge_and_unload() to keep it in the weights for good)."
             )
-        if len(self._glora_configs) == 1:
+        if len(state.configs) == 1:
             raise AdapterStateError(
                 f"{adapter_name!r} is the only adapter; deleting it would leave no adapter. "
                 "Use disable_adapters() to run the base model, or add another adapter first."
             )
-        was_active = list(self._glora_active)
-        self._forget(adapter_name)
-        remaining = [a for a in was_active if a != adapter_name] or [next(iter(self._glora_configs))]
-        self._set_active({a: self._glora_weights.get(a, 1.0) for a in remaining})
-
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        """Activate one adapter, or several (their contributions add), each with weight 1."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if not names:
-            raise ConfigError("set_adapter needs at least one adapter name; use disable_adapters() for none.")
-        self._check_known(names)
-        self._unmerge_before("set_adapter")
-        self._set_active({n: 1.0 for n in names})
-
-    def _unmerge_before(self, action: str) -> None:
-        """PEFT's rule: switching adapters while some are merged unmerges them first (with a warning)."""
-        if self.merged:
-            warnings.warn(f"{action} while adapters {self.merged_adapters} are merged: unmerging them first.",
-                          stacklevel=3)
-            self.unmerge_adapter()
-
-    def set_adapter_weights(self, weights: Mapping[str, float]) -> None:
-        """Activate the given adapters with per-adapter weights: ``y = Wx + sum_a w_a s_a B_a A_a x``."""
-        if not weights:
-            raise ConfigError("set_adapter_weights needs at least one {name: weight} entry.")
-        self._check_known(list(weights))
-        for name, w in weights.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf"):
-                raise ConfigError(f"weight {w!r} for adapter {name!r} must be a finite number.")
-        self._unmerge_before("set_adapter_weights")
-        self._set_active({n: float(w) for n, w in weights.items()})
-
-    def _set_active(self, weights: Mapping[str, float]) -> None:
-        self.__dict__["_glora_active"] = list(weights)
-        self.__dict__["_glora_weights"] = dict(weights)
-        self._sync_state()
-
-    def disable_adapters(self) -> None:
-        """Run the base model: every gate is 0; the active set is kept for ``enable_adapters``.
-
-        Merged adapters are unmerged first (with a warning), as PEFT does.
-        """
-        self._unmerge_before("disable_adapters")
-        self.__dict__["_glora_enabled"] = False
-        self._sync_state()
-
-    def enable_adapters(self) -> None:
-        """Undo ``disable_adapters``."""
-        self.__dict__["_glora_enabled"] = True
-        self._sync_state()
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Context manager: the base model inside, the previous state after."""
-        previous = self._glora_enabled
-        self.disable_adapters()
-        try:
-            yield
-        finally:
-            self.__dict__["_glora_enabled"] = previous
-            self._sync_state()
-
-    def _sync_state(self) -> None:
-        """Write every branch's switch buffers (``apply_state``) and requires_grad from the switch state.
-
-        An adapter's weight is its active weight, or 0 when it is inactive, disabled or merged.
-        """
-        active = self._glora_weights if self._glora_enabled else {}
-        merged = set(getattr(self, "merged_adapters", ()))
-        for _, adapter, branch in self.graphlora.branches():
-            weight = active[adapter] if adapter in active and adapter not in merged else 0.0
-            branch.apply_state(weight, adapter in merged)
-            trainable = (self._glora_trainable and adapter in self._glora_weights
-                         and not self._glora_configs[adapter].inference_mode)
-            for param in branch.parameters():
-                if param.requires_grad != trainable:
-                    param.requires_grad_(trainable)
-
-    def requires_grad_(self, requires_grad: bool = True) -> "AdaptedGraphModule":
-        """As ``nn.Module.requires_grad_``, and it decides whether active adapters train.
-
-        By default the active adapters' parameters require grad and the others do not
-        (PEFT's behaviour), so switching flips ``requires_grad`` and a compiled *training* graph
-        recompiles. For serving, ``gm.requires_grad_(False)`` freezes every adapter: switching
-        then changes gate values only, and compiled graphs never recompile.
-        ``gm.requires_grad_(True)`` makes the base trainable too, as it would on any module.
-        """
-        super().requires_grad_(requires_grad)
-        self.__dict__["_glora_trainable"] = bool(requires_grad)
-        self._sync_state()
-        return self
+        was_active = dict(state.weights)
+        with self._transaction():
+            state.remove(adapter_name)
+            self._programs.rebuild()
+            remaining = {a: w for a, w in was_active.items() if a != adapter_name} or {next(iter(state.configs)): 1.0}
+            state.set_active(remaining)
 
     def add_weighted_adapter(
         self,
@@ -512,33 +291,297 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
         """
         from .methods.weighted import COMBINATIONS
 
-        adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+        state = self._adapters
+        adapters = _names(adapters)
         if not adapters:
             raise ConfigError("adapters is empty; name at least one adapter to combine.")
-        self._check_known(adapters)
+        check_known(adapters, state.configs)
         weights = list(weights)
-        if len(weights) != len(adapters) or any(
-            isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or abs(w) == float("inf") for w in weights
-        ):
+        if len(weights) != len(adapters) or not all(_finite(w) for w in weights):
             raise ConfigError(f"weights={weights!r} must be one finite number per adapter ({len(adapters)} adapters).")
         if combination_type not in COMBINATIONS:
             raise ConfigError(
                 f"combination_type={combination_type!r} is not supported; use one of {list(COMBINATIONS)} "
                 "(PEFT's ties / dare variants are not implemented)."
             )
-        self._check_new_name(adapter_name)
-        rules = {self._rule(a).name for a in adapters}
+        check_new_name(adapter_name, state.configs)
+        rules = {state.rule(a).name for a in adapters}
         if len(rules) > 1:
             raise ConfigError(f"adapters {adapters} mix methods ({sorted(rules)}); combine adapters of one method.")
-        self._rule(adapters[0]).combine(self, adapters, [float(w) for w in weights], adapter_name, combination_type,
-                                        svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
-                                        svd_driver=svd_driver)
+        config, fill = state.rule(adapters[0]).combine(
+            state, self._facts, self._records, adapters, [float(w) for w in weights], combination_type,
+            svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
+        previous = dict(state.weights)
+        with self._transaction():
+            self.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=True))
+            with torch.no_grad():
+                for site in state.plans[adapter_name]:
+                    fill(site, state.branch(site, adapter_name))
+            if previous:
+                state.set_active(previous)
+
+    # ------------------------------------------------------------------ switching
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Activate one adapter, or several (their contributions add), each with weight 1."""
+        names = _names(adapter_name)
+        if not names:
+            raise ConfigError("set_adapter needs at least one adapter name; use disable_adapters() for none.")
+        check_known(names, self._adapters.configs)
+        self._unmerge_before("set_adapter")
+        self._adapters.set_active({n: 1.0 for n in names})
+
+    def set_adapter_weights(self, weights: Mapping[str, float]) -> None:
+        """Activate the given adapters with per-adapter weights: ``y = Wx + sum_a w_a s_a B_a A_a x``."""
+        if not weights:
+            raise ConfigError("set_adapter_weights needs at least one {name: weight} entry.")
+        check_known(list(weights), self._adapters.configs)
+        for name, w in weights.items():
+            if not _finite(w):
+                raise ConfigError(f"weight {w!r} for adapter {name!r} must be a finite number.")
+        self._unmerge_before("set_adapter_weights")
+        self._adapters.set_active({n: float(w) for n, w in weights.items()})
+
+    def _unmerge_before(self, action: str) -> None:
+        """PEFT's rule: switching adapters while some are merged unmerges them first (with a warning)."""
+        if self.merged:
+            warnings.warn(f"{action} while adapters {self.merged_adapters} are merged: unmerging them first.",
+                          stacklevel=3)
+            self.unmerge_adapter()
+
+    def disable_adapters(self) -> None:
+        """Run the base model: every gate is 0; the active set is kept for ``enable_adapters``.
+
+        Merged adapters are unmerged first (with a warning), as PEFT does.
+        """
+        self._unmerge_before("disable_adapters")
+        self._adapters.set_enabled(False)
+
+    def enable_adapters(self) -> None:
+        """Undo ``disable_adapters``."""
+        self._adapters.set_enabled(True)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: the base model inside, the previous state after."""
+        previous = self._adapters.enabled
+        self.disable_adapters()
+        try:
+            yield
+        finally:
+            self._adapters.set_enabled(previous)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "AdaptedGraphModule":
+        """As ``nn.Module.requires_grad_``, and it decides whether active adapters train.
+
+        By default the active adapters' parameters require grad and the others do not
+        (PEFT's behaviour), so switching flips ``requires_grad`` and a compiled *training* graph
+        recompiles. For serving, ``gm.requires_grad_(False)`` freezes every adapter: switching
+        then changes gate values only, and compiled graphs never recompile.
+        ``gm.requires_grad_(True)`` makes the base trainable too, as it would on any module.
+        """
+        super().requires_grad_(requires_grad)
+        self._adapters.trainable = bool(requires_grad)
+        self._adapters.sync()
+        return self
+
+    # ------------------------------------------------------------------ merge
+    @property
+    def merged_adapters(self) -> list[str]:
+        """Names of the adapters currently folded into the base weights, in merge order."""
+        return list(self._adapters.merge.merged)
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the base weights."""
+        return bool(self._adapters.merge.merged)
+
+    def merge_adapter(self, adapter_names: Union[Iterable[str], None] = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights: ``W += w_a s_a B_a A_a`` (see :mod:`graphlora.merge`).
+
+        Args:
+            adapter_names: adapters to merge; default: the active ones, each with its current
+                weight (an adapter not in the active set merges with weight 1).
+            safe_merge: compute every merged weight first and refuse (changing nothing) if any
+                value is not finite.
+
+        Raises:
+            MergeError: nothing to merge, an adapter already merged, a tied or non-float weight,
+                or (``safe_merge``) a non-finite result. The module is then unchanged.
+            AdapterNotFoundError: an unknown name.
+        """
+        state = self._adapters
+        if adapter_names is None:
+            names = self.active_adapters
+            if not names:
+                raise MergeError(
+                    "no active adapter to merge (adapters are disabled); pass adapter_names=[...] or "
+                    "enable_adapters() first."
+                )
+        else:
+            names = _names(adapter_names)
+            if not names:
+                raise MergeError("adapter_names is empty; name at least one adapter to merge.")
+        check_known(names, state.configs)
+        again = [n for n in names if n in state.merge.merged]
+        if again:
+            raise MergeError(
+                f"adapter(s) {again} are already merged (merged: {self.merged_adapters}); "
+                "unmerge_adapter() first to merge them again."
+            )
+        merging.check_scaling_merge(state, names)
+        weights = {n: float(state.weights.get(n, 1.0)) for n in names}
+        new = merging.compute_merge(state, self._records, self, self._facts.aliases, weights, safe_merge)
+        with self._transaction(merging.rewritten(state, self, list(new))):
+            merging.write_merge(state, self, new, weights)
+
+    def unmerge_adapter(self, adapter_names: Union[Iterable[str], None] = None) -> None:
+        """Restore the base weights saved at the first merge (exactly), then re-merge the adapters
+        not named in ``adapter_names`` (default: unmerge all). Gates follow the switch state again.
+        """
+        state = self._adapters
+        if not state.merge.merged:
+            warnings.warn("no adapter is merged; unmerge_adapter() has nothing to do.", stacklevel=2)
+            return
+        names = list(state.merge.merged) if adapter_names is None else _names(adapter_names)
+        stray = [n for n in names if n not in state.merge.merged]
+        if stray:
+            raise MergeError(f"adapter(s) {stray} are not merged (merged: {self.merged_adapters}).")
+        with self._transaction(merging.rewritten(state, self, list(state.merge.originals))):
+            merging.unmerge(state, self._records, self, self._facts.aliases, names)
+
+    def merge_and_unload(
+        self, adapter_names: Union[Iterable[str], None] = None, safe_merge: bool = False
+    ) -> fx.GraphModule:
+        """Merge (the active adapters, by default) and return the traced base graph on the merged weights.
+
+        The result is a plain ``torch.fx.GraphModule`` with no adapter nodes: the graph as traced
+        (``traced_graph``), sharing the (now merged) base parameters, so it runs at the base model's
+        speed and its outputs equal this module's before the merge. Adapters already merged stay
+        merged; this module stays in the merged state (``unmerge_adapter()`` undoes it, and changes
+        the returned module's weights back too, since they are shared).
+
+        With the export frontend the graph is that of the first traced call signature: call it with
+        exactly those arguments (for a transformers model, include ``use_cache=False``).
+        """
+        merged = self._adapters.merge.merged
+        if adapter_names is None:
+            pending = [n for n in self.active_adapters if n not in merged]
+            if pending or not self.merged:
+                self.merge_adapter(pending or None, safe_merge=safe_merge)
+        else:
+            pending = [n for n in _names(adapter_names) if n not in merged]
+            if pending:
+                self.merge_adapter(pending, safe_merge=safe_merge)
+        plain = fx.GraphModule(self, self.traced_graph, class_name=self._get_name())
+        plain.train(self.training)
+        return plain
+
+    # ------------------------------------------------------------------ PEFT files
+    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's keys (no adapter name in them).
+
+        ``{"base_model.model.<site>.lora_A.weight": A [r, d_in], "...lora_B.weight": B [d_out, r]}``
+        per adapted site, in graph order (plus ``...lora_magnitude_vector`` [d_out] for DoRA; IA3:
+        ``...ia3_l`` [d_out, 1] or [1, d_in]). The tensors are detached and share storage with the
+        parameters: clone them to keep a snapshot.
+
+        Raises:
+            AdapterNotFoundError: unknown adapter.
+        """
+        check_known([adapter_name], self._adapters.configs)
+        return peft_io.adapter_state_dict(self._adapters, adapter_name)
+
+    def save_adapter(self, save_directory: PathLike,
+                     adapter_name: Union[str, Sequence[str], None] = "default") -> list[str]:
+        """Write adapters in PEFT's layout; returns the directories written.
+
+        ``adapter_name`` is one name, a list of names, or ``None`` for every adapter. As with
+        PEFT's ``save_pretrained``, ``"default"`` goes into ``save_directory`` and any other
+        adapter into ``save_directory/<name>/``. Each directory gets ``adapter_config.json``
+        (sorted keys, ``inference_mode: true``) and ``adapter_model.safetensors`` (metadata
+        ``{"format": "pt"}``).
+
+        Every file is first written under a temporary name in its directory, then all of them
+        are renamed into place. An error (or a crash) before the renames leaves the previous
+        files untouched; each rename is atomic, so no file is ever half-written.
+
+        Raises:
+            AdapterNotFoundError: an unknown adapter name.
+        """
+        state = self._adapters
+        names = list(state.configs) if adapter_name is None else _names(adapter_name)
+        check_known(names, state.configs)
+        return peft_io.save_adapters(state, self._facts, self._records, save_directory, names)
+
+    def load_adapter(self, path: PathLike, adapter_name: str = "default", *, is_trainable: bool = False,
+                     activate: Union[bool, None] = None) -> None:
+        """Load a PEFT adapter directory (LoRA, DoRA, IA3) under ``adapter_name``.
+
+        Args:
+            path: a directory written by PEFT's ``save_pretrained`` or by :meth:`save_adapter`.
+                For a name other than ``"default"``, ``path/<adapter_name>/`` is read when it holds
+                an adapter (where those functions put it), else ``path`` itself.
+            adapter_name: the name to load under. If it exists and the file's tensors have the
+                same keys and shapes, the weights are copied in place (hotswap: no graph
+                rebuild; the config's alpha / scaling / dropout are updated too).
+            is_trainable: as in PEFT, ``False`` loads the adapter frozen (``inference_mode``).
+            activate: make it the active adapter. ``None``: only if no adapter was active
+                (PEFT's ``load_adapter`` does not switch adapters).
+
+        Raises:
+            AdapterFileError: missing files, unknown ``peft_type``, unsupported PEFT features,
+                missing/unexpected tensor keys, or shapes that do not fit (the message names the
+                key and both shapes).
+            AdapterStateError: hotswapping into an adapter that is merged.
+        On any error the module and every adapter are exactly as before.
+        """
+        state = self._adapters
+        directory = peft_io.resolve_dir(path, adapter_name)
+        config, tensors = peft_io.read_adapter_dir(directory)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        exists = adapter_name in state.configs
+        if not exists:
+            check_new_name(adapter_name, state.configs)
+        try:
+            plan = self._plan(config)
+        except ConfigError as exc:  # no site, a non-linear target, layers out of range
+            raise peft_io.AdapterFileError(f"{directory!r}: {exc}") from exc
+        peft_io.check_tensors(directory, tensors, peft_io.expected_shapes(plan, config, self._records))
+        check_placement(self, self._records, state.store, plan,
+                        f"load adapter {adapter_name!r} from {directory!r}", loading=True)
+        if exists:
+            self._hotswap(directory, adapter_name, config, plan, tensors)
+            return
+        previous = dict(state.weights)
+        with self._transaction():
+            self.add_adapter(adapter_name, config)
+            with torch.no_grad():
+                for key, param in peft_io.adapter_state_dict(state, adapter_name).items():
+                    param.copy_(tensors[key])
+            if previous and (activate is False or activate is None):
+                state.set_active(previous)
+
+    def _hotswap(self, directory: str, adapter_name: str, config: AnyConfig,
+                 plan: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` into the existing adapter in place; its method updates the constants."""
+        state = self._adapters
+        if adapter_name in state.merge.merged:
+            raise AdapterStateError(
+                f"adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() before "
+                "loading new weights into it."
+            )
+        peft_io.check_hotswap(state, directory, adapter_name, config, plan, tensors, self._records)
+        current = peft_io.adapter_state_dict(state, adapter_name)
+        with self._transaction(current.values()):
+            if peft_io.hotswap(state, adapter_name, config, plan, tensors):
+                self._programs.rebuild()
+            state.sync()
 
     # ------------------------------------------------------------------ introspection
     @property
     def active_adapters(self) -> list[str]:
         """Names of the active adapters (empty while disabled)."""
-        return list(self._glora_active) if self._glora_enabled else []
+        return self._adapters.active
 
     @property
     def active_adapter(self) -> Union[str, None]:
@@ -547,14 +590,18 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
         return active[0] if active else None
 
     @property
-    def adapters(self) -> dict[str, Union[LoraConfig, IA3Config]]:
+    def adapters(self) -> dict[str, AnyConfig]:
         """Adapter name -> config, in the order they were added."""
-        return dict(self._glora_configs)
+        return dict(self._adapters.configs)
 
     @property
-    def peft_config(self) -> dict[str, Union[LoraConfig, IA3Config]]:
+    def peft_config(self) -> dict[str, AnyConfig]:
         """Alias of :attr:`adapters` (PEFT's name)."""
         return self.adapters
+
+    def adapter_slots(self) -> dict[str, int]:
+        """Adapter name -> slot used by mixed batches (``"__base__"``: no adapter)."""
+        return self._adapters.slots()
 
     @property
     def traced_graph(self) -> fx.Graph:
@@ -562,45 +609,16 @@ class AdaptedGraphModule(RoutingMixin, PeftFileMixin, MergeMixin, fx.GraphModule
 
         A copy: editing it changes nothing. ``self.graph`` is the rewritten one.
         """
-        return copy_graph(self._primary.base_graph)
+        return copy_graph(self._programs.primary.base.graph)
 
     @property
     def sites(self) -> list[SiteInfo]:
         """Every located linear site, with the rank of each adapter placed on it."""
-        out = []
-        seen = set()
-        for site in self._primary.sites:
-            if site.name in seen:
-                continue
-            seen.add(site.name)
-            placed = [a for a, plan in self._glora_plans.items() if site.name in plan]
-            ranks = {a: self._rule(a).rank(self._glora_plans[a][site.name]) for a in placed}
-            methods = {a: self._rule(a).variant(self._glora_configs[a]) for a in placed}
-            params = {a: self.graphlora.branch(site_key(site.name), a).num_parameters() for a in placed}
-            out.append(SiteInfo(site.name, site.kind, site.in_features, site.out_features, ranks, methods, params))
-        return out
+        return site_infos(self._adapters, self._records)
 
     def sites_table(self, adapted_only: bool = True) -> str:
         """The sites as a text table (path, kind, in, out, rank per adapter, added parameters)."""
-        rows = [s for s in self.sites if s.ranks or not adapted_only]
-        header = ("site", "kind", "in", "out", "adapters (rank)", "params")
-        body = [
-            (s.name, s.kind, str(s.in_features), str(s.out_features),
-             ", ".join(f"{a}:{r}" if s.methods.get(a, "lora") == "lora" else f"{a}:{s.methods[a]}" + (f"/{r}" if r else "")
-                       for a, r in s.ranks.items()) or "-", f"{s.num_parameters:,}")
-            for s in rows
-        ]
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        fmt = "  ".join(f"{{:{'>' if i in (2, 3, 5) else '<'}{w}}}" for i, w in enumerate(widths))
-        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in body]
-        return "\n".join(lines)
-
-    def _base_parameters(self) -> Iterator[nn.Parameter]:
-        adapter_ids = {id(p) for p in self.graphlora.parameters()}
-        for param in self.parameters():
-            if id(param) not in adapter_ids:
-                yield param
+        return sites_table(self.sites, adapted_only)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), as PEFT counts them."""

@@ -1,150 +1,189 @@
-"""Adapter state: the parameters and switch buffers that spliced branches read.
+"""Adapter state: everything that says which adapters exist and how they are switched, in one place.
 
-Layout on the emitted module (every get_attr target the splice pass writes lives here)::
+:class:`AdapterState` is the one owner of that state; the emitted module is a thin facade over it
+and every mutating call runs inside :func:`graphlora.transaction.transaction`. It holds:
+
+- ``configs``: adapter name -> its frozen config, in the order added (also the mixed-batch slot order);
+- ``plans``: adapter name -> {site name -> the method's per-site constants (LoRA: ``(r, alpha, scaling)``)};
+- ``weights``: the active set, in order, with each adapter's weight (``set_adapter_weights``);
+- ``enabled``: ``False`` after ``disable_adapters()``; ``trainable``: whether active adapters train;
+- ``merge``: which adapters are folded into the base weights, and exact copies of the originals;
+- ``store``: the :class:`AdapterStore` module (registered on the emitted module as ``graphlora``),
+  which holds the tensors per site. Its layout (every ``get_attr`` target the splice pass writes)::
 
     graphlora.<site_key>.<adapter>.lora_A.weight   [r, d_in]    trainable
     graphlora.<site_key>.<adapter>.lora_B.weight   [d_out, r]   trainable
     graphlora.<site_key>.<adapter>.gate            []           switch state (non-persistent)
     graphlora.<site_key>.<adapter>.scale           []           alpha / r (non-persistent)
-    graphlora.row_index                            [batch]      mixed-batch adapter slots
     graphlora.<site_key>.<adapter>.lora_dropout    nn.Dropout   (only when lora_dropout > 0)
     graphlora.<site_key>.<adapter>.lora_magnitude_vector  [d_out]  trainable (DoRA only)
-    graphlora.<site_key>.<adapter>.dora_scale      []           alpha / r, never parked (DoRA only)
-    graphlora.<site_key>.<adapter>.dora_on         []           the adapter's weight or 0 (DoRA only)
     graphlora.<site_key>.<adapter>.ia3_l           [d_out, 1] or [1, d_in]   trainable (IA3)
+    graphlora.row_index                            [batch]      mixed-batch adapter slots
 
-Every branch has ``apply_state(weight, merged)``, which writes its switch buffers in place from
-the adapter's current weight (0 when inactive or disabled).
+Every branch has ``apply_state(weight, merged)``, which writes its switch buffers in place;
+:meth:`AdapterState.sync` calls it with each adapter's effective weight::
+
+    w_eff(a) = weights[a]   if enabled and a is active and a is not merged
+             = 0            otherwise
 """
 
 from __future__ import annotations
 
-import math
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union, cast
 
 import torch
 from torch import nn
 
-__all__ = ["LoraBranch", "AdapterStore"]
+from graphlora.passes import BranchSpec, Site
+from graphlora.passes.splice import site_key
 
+from .methods import MethodRule, rule_for
 
-class LoraBranch(nn.Module):
-    """One LoRA adapter at one site: ``delta = gate * B A dropout(x)``.
+__all__ = ["AdapterStore", "AdapterState", "MergeState", "STORE"]
 
-    ``gate`` holds ``scaling * weight`` while the adapter is active and 0 otherwise, with
-    ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA); it is updated in place, so
-    graphs and compiled code that read it never change.
-
-    Args:
-        in_features, out_features: the site's feature sizes.
-        r, alpha, scaling: rank, alpha, and the resulting scale.
-        dropout: probability of the input dropout (0 means none).
-        use_dora: add DoRA's magnitude vector (``lora_magnitude_vector``, ``[d_out]``) and
-            its buffers; see :func:`graphlora.passes.method_ops.dora_factor` for the math.
-        dtype, device: of the parameters (the base weight's by default).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int,
-        alpha: float,
-        scaling: float,
-        dropout: float = 0.0,
-        *,
-        use_dora: bool = False,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        self.r, self.lora_alpha, self.scaling = r, alpha, scaling
-        self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype, device=device)
-        if dropout > 0:
-            self.lora_dropout = nn.Dropout(dropout)
-        self.register_buffer("gate", torch.zeros((), device=device), persistent=False)
-        # the constant scale, read by mixed-adapter batches (where each row picks its adapter)
-        self.register_buffer("scale", torch.full((), float(scaling), device=device), persistent=False)
-        self.use_dora = use_dora
-        if use_dora:
-            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device))
-            self.register_buffer("dora_scale", torch.full((), float(scaling), device=device), persistent=False)
-            self.register_buffer("dora_on", torch.zeros((), device=device), persistent=False)
-
-    @property
-    def has_dropout(self) -> bool:
-        return "lora_dropout" in self._modules
-
-    def num_parameters(self) -> int:
-        """``r * (d_in + d_out)`` (``+ d_out`` with DoRA)."""
-        return sum(p.numel() for p in self.parameters())
-
-    @torch.no_grad()
-    def init_magnitude(self, weight: torch.Tensor, fan_in_fan_out: bool) -> None:
-        """DoRA: ``m = ||W + s B A||_row`` (PEFT's init), so the adapter starts as plain LoRA."""
-        from graphlora.passes.method_ops import dora_factor
-
-        ones = torch.ones_like(self.lora_magnitude_vector)
-        norm = 1 / dora_factor(weight, self.lora_A.weight, self.lora_B.weight, self.scaling, ones, fan_in_fan_out)
-        self.lora_magnitude_vector.copy_(norm)
-
-    @torch.no_grad()
-    def reset_parameters(self, init: bool | str = True, generator: torch.Generator | None = None) -> None:
-        """PEFT's init: A Kaiming-uniform (``a = sqrt(5)``) or N(0, 1/r), B zeros.
-
-        ``init=False`` keeps ``nn.Linear``'s default (random) init for both, so the adapter is
-        not the identity (useful for tests).
-        """
-        if init is False:
-            for layer in (self.lora_A, self.lora_B):
-                bound = 1 / math.sqrt(layer.in_features)
-                # nn.Linear's default init, drawn from ``generator`` when one is given
-                w = torch.empty(layer.weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-                layer.weight.copy_(w)
-            return
-        if init == "gaussian":
-            w = torch.empty(self.lora_A.weight.shape, dtype=torch.float32).normal_(0, 1 / self.r, generator=generator)
-            self.lora_A.weight.copy_(w)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(self.lora_B.weight)
-
-    @torch.no_grad()
-    def set_gate(self, value: float) -> None:
-        """Write the gate in place (keeps CUDA-graph captures valid)."""
-        self.gate.fill_(value)
-
-    @torch.no_grad()
-    def apply_state(self, weight: float, merged: bool = False) -> None:
-        """Write the switch buffers in place: ``gate = scaling * weight`` (``weight`` is 0 when the
-        adapter is inactive, disabled or merged); the mixed-batch ``scale`` is 0 while merged."""
-        self.gate.fill_(self.scaling * weight)
-        self.scale.fill_(0.0 if merged else self.scaling)
-        if self.use_dora:
-            self.dora_scale.fill_(self.scaling)
-            self.dora_on.fill_(weight)
+#: the attribute name of the store on the emitted module
+STORE = "graphlora"
 
 
 class AdapterStore(nn.Module):
-    """``graphlora``: per site key, a ``ModuleDict`` of adapter name -> branch."""
+    """``graphlora``: per site key, a ``ModuleDict`` of adapter name -> branch; and ``row_index``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # mixed-adapter batches: one slot per row, written in place before each call
+        self.register_buffer("row_index", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def _site(self, key: str) -> nn.ModuleDict:
+        return cast(nn.ModuleDict, self._modules[key])
 
     def branch(self, key: str, adapter: str) -> nn.Module:
-        return self._modules[key][adapter]  # type: ignore[index]
+        return self._site(key)[adapter]
 
     def add(self, key: str, adapter: str, branch: nn.Module) -> None:
         if key not in self._modules:
             self.add_module(key, nn.ModuleDict())
-        self._modules[key][adapter] = branch  # type: ignore[index]
+        self._site(key)[adapter] = branch
 
     def remove(self, key: str, adapter: str) -> None:
-        site = self._modules[key]
-        del site[adapter]  # type: ignore[union-attr]
-        if len(site) == 0:  # type: ignore[arg-type]
+        site = self._site(key)
+        del site[adapter]
+        if len(site) == 0:
             del self._modules[key]
 
-    def branches(self, adapter: str | None = None):
+    def branches(self, adapter: Union[str, None] = None) -> Iterator[tuple[str, str, nn.Module]]:
         """``(site_key, adapter, branch)`` triples, optionally for one adapter."""
-        for key, site in self._modules.items():
-            for name, branch in site.items():  # type: ignore[union-attr]
+        for key in list(self._modules):
+            for name, branch in self._site(key).items():
                 if adapter is None or name == adapter:
                     yield key, name, branch
+
+
+@dataclass
+class MergeState:
+    """What a merge changed, so that it can be undone.
+
+    Attributes:
+        originals: weight attribute path -> exact copy of the weight before the first merge.
+        merged: adapter -> the weight ``w_a`` it was folded in with (in merge order).
+    """
+
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    merged: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterState:
+    """The adapters of one emitted module (see the module docstring)."""
+
+    store: AdapterStore
+    configs: dict[str, Any] = field(default_factory=dict)
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    enabled: bool = True
+    trainable: bool = True
+    merge: MergeState = field(default_factory=MergeState)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def active(self) -> list[str]:
+        """The active adapters (empty while disabled)."""
+        return list(self.weights) if self.enabled else []
+
+    def rule(self, adapter: str) -> MethodRule:
+        return rule_for(self.configs[adapter])
+
+    def branch(self, site: str, adapter: str) -> nn.Module:
+        """The branch module of ``adapter`` at site ``site`` (a site name, not its key)."""
+        return self.store.branch(site_key(site), adapter)
+
+    def branch_specs(self, records: Mapping[str, Site]) -> dict[str, list[BranchSpec]]:
+        """site name -> how each adapter's branch enters it, in the order adapters were added."""
+        specs: dict[str, list[BranchSpec]] = defaultdict(list)
+        for adapter, plan in self.plans.items():
+            rule = self.rule(adapter)
+            for site in plan:
+                key = site_key(site)
+                prefix = f"{STORE}.{key}.{adapter}"
+                specs[site].append(rule.branch_spec(adapter, prefix, self.store.branch(key, adapter), records[site]))
+        return specs
+
+    def mixed_specs(self, records: Mapping[str, Site]) -> dict[str, list[Union[BranchSpec, None]]]:
+        """Per site, one entry per adapter in slot order; ``None`` where the adapter is absent or
+        cannot be mixed (its spec has no ``mixed`` operands)."""
+        slots = list(self.configs)
+        out: dict[str, list[Union[BranchSpec, None]]] = {}
+        for site, present in self.branch_specs(records).items():
+            by_name = {b.adapter: b for b in present if getattr(b, "mixed", None) is not None}
+            out[site] = [by_name.get(name) for name in slots]
+        return out
+
+    def slots(self) -> dict[str, int]:
+        """Adapter name -> mixed-batch slot (``"__base__"``: no adapter)."""
+        slots = {name: i for i, name in enumerate(self.configs)}
+        slots["__base__"] = len(slots)
+        return slots
+
+    # ------------------------------------------------------------------ writing
+    def add(self, name: str, config: Any, plan: Mapping[str, Any], branches: Mapping[str, nn.Module]) -> None:
+        """Register an adapter's config, plan and branches (inactive until :meth:`set_active`)."""
+        for site, branch in branches.items():
+            self.store.add(site_key(site), name, branch)
+        self.configs[name] = config
+        self.plans[name] = dict(plan)
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter: its branches, config, plan and place in the active set."""
+        for key, adapter, _ in list(self.store.branches(name)):
+            self.store.remove(key, adapter)
+        self.configs.pop(name, None)
+        self.plans.pop(name, None)
+        self.weights.pop(name, None)
+
+    def set_active(self, weights: Mapping[str, float]) -> None:
+        """Make ``weights`` (adapter -> weight) the active set and write the switch state."""
+        self.weights = dict(weights)
+        self.sync()
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+        self.sync()
+
+    def sync(self) -> None:
+        """Write every branch's switch buffers and ``requires_grad`` from the state.
+
+        An adapter's effective weight is its active weight, or 0 when it is inactive, disabled or
+        merged. Its parameters require grad when it is active (or loaded for training and in the
+        active set), ``trainable`` is on, and its config is not ``inference_mode``.
+        """
+        active = self.weights if self.enabled else {}
+        merged = self.merge.merged
+        for _, adapter, branch in self.store.branches():
+            weight = active[adapter] if adapter in active and adapter not in merged else 0.0
+            branch.apply_state(weight, adapter in merged)
+            trainable = self.trainable and adapter in self.weights and not self.configs[adapter].inference_mode
+            for param in branch.parameters():
+                if param.requires_grad != trainable:
+                    param.requires_grad_(trainable)

@@ -18,8 +18,8 @@ from torch import nn
 import graphlora
 from graphlora import LoraConfig
 from graphlora._compat import export_module
-from graphlora.passes import causal_attention, causal_sdpa
-from graphlora.program import window_lengths
+from graphlora.passes import CausalAttention, causal_sdpa
+from graphlora.prepare import window_lengths
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -48,7 +48,7 @@ def tiny_qwen2(window: int = 8):
 
 # ---------------------------------------------------------------------------- helpers
 def _graphs(gm) -> list[torch.fx.Graph]:
-    return [gm.graph] + [p.module.graph for p in gm._glora_programs.values() if p.module is not None]
+    return [p.module.graph for p in gm.programs]  # the first program's module is gm itself
 
 
 def _attention(graph: torch.fx.Graph) -> list[str]:
@@ -125,7 +125,7 @@ def test_llama_with_padding_mask_is_left_alone(llama):
         return mask
 
     _check(gm, ref, model, lengths=(6, 13), batch=3, attention_mask=padded)
-    variants = [p.module.graph for p in gm._glora_programs.values() if p.module is not None]
+    variants = [p.module.graph for p in gm.programs if p.module is not gm]
     assert variants and all(_attention(g) == ["masked", "masked"] for g in variants)
 
 
@@ -211,7 +211,7 @@ def _export(kind: str):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_bool_and_float_causal_masks_are_rewritten(kind):
     module, gm = _export(kind)
-    assert causal_attention(gm).modified
+    assert CausalAttention()(gm).modified
     assert _attention(gm.graph) == ["causal"]
     for n in (1, 2, 9, 70):
         x = torch.randn(3, n, 8)
@@ -222,14 +222,14 @@ def test_bool_and_float_causal_masks_are_rewritten(kind):
 def test_masks_not_shown_causal_are_left_alone(kind):
     _, gm = _export(kind)
     code = gm.code
-    assert not causal_attention(gm).modified
+    assert not CausalAttention()(gm).modified
     assert gm.code == code
 
 
 def test_lengths_past_the_probe_limit_refuse():
     _, gm = _export("bool")
-    assert not causal_attention(gm, lengths=(10**6,)).modified
-    assert causal_attention(gm, lengths=(301, 302)).modified
+    assert not CausalAttention(lengths=(10**6,))(gm).modified
+    assert CausalAttention(lengths=(301, 302))(gm).modified
 
 
 class CrossLength(nn.Module):
@@ -244,7 +244,7 @@ class CrossLength(nn.Module):
 def test_unequal_length_symbols_get_the_runtime_check():
     module = CrossLength()
     gm = export_module(module, {"x": torch.randn(2, 6, 4), "y": torch.randn(2, 7, 4)})
-    assert causal_attention(gm).modified
+    assert CausalAttention()(gm).modified
     assert _attention(gm.graph) == ["causal_sdpa"]
     for nx, ny in ((5, 5), (1, 1), (3, 8), (9, 4)):
         x, y = torch.randn(2, nx, 4), torch.randn(2, ny, 4)

@@ -32,10 +32,10 @@ def _randomize(gm, adapter=None, seed=0):
 def _reference(model, gm, weights):
     """The model with ``W + sum_a w_a s_a B_a A_a`` folded into each site's weight (a hand-built oracle)."""
     ref = copy.deepcopy(model)
-    sites = {s.name: s for s in gm._primary.sites}
+    sites = {s.name: s for s in gm.programs.primary.sites}
     with torch.no_grad():
         for adapter, w in weights.items():
-            for site_name, (_, _, scaling) in gm._glora_plans[adapter].items():
+            for site_name, (_, _, scaling) in gm.adapter_state.plans[adapter].items():
                 site = sites[site_name]
                 branch = gm.graphlora.branch(site_name.replace(".", "_"), adapter)
                 delta = w * scaling * (branch.lora_B.weight @ branch.lora_A.weight)

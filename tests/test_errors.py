@@ -91,7 +91,7 @@ def llama():
     _random_b(gm)
     gm(token_ids(2, 5))
     gm(input_ids=token_ids(2, 5), attention_mask=torch.ones(2, 5, dtype=torch.long))  # a second program
-    assert len(gm._glora_programs) == 2
+    assert len(gm.programs) == 2
     return model, gm
 
 

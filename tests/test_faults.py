@@ -21,6 +21,8 @@ from snapshot import assert_unchanged, snapshot
 import graphlora
 from graphlora import LoraConfig
 from graphlora.module import AdaptedGraphModule
+from graphlora.programs import ProgramSet
+from graphlora.state import AdapterState
 
 
 class Boom(OSError):
@@ -148,10 +150,10 @@ def _saved_variant(tmp_path, dropout: float):
 LOAD_STEPS = [
     ("graphlora.peft_io", "read_adapter_dir"),
     (torch.Tensor, "copy_"),
-    (AdaptedGraphModule, "_sync_state"),
-    (AdaptedGraphModule, "_rebuild"),
+    (AdapterState, "sync"),
+    (ProgramSet, "rebuild"),
     (AdaptedGraphModule, "add_adapter"),
-    (AdaptedGraphModule, "_set_active"),
+    (AdapterState, "set_active"),
     (AdaptedGraphModule, "recompile"),
 ]
 
@@ -196,5 +198,5 @@ def test_load_failing_half_way_leaves_module_unchanged(monkeypatch, tmp_path, ow
     # the last run made every call without failing; the loaded adapter works
     assert calls["n"] >= calls_seen
     assert target in gm.adapters
-    if name in ("copy_", "read_adapter_dir", "_sync_state"):
+    if name in ("copy_", "read_adapter_dir", "sync"):
         assert calls_seen > 0, f"{name} was never failed: not a step of this load"

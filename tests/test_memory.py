@@ -29,11 +29,11 @@ def _footprint(gm) -> dict:
         buffers=len(list(gm.buffers())),
         modules=len(list(gm.modules())),
         attributes=len(gm.__dict__),
-        programs=len(gm._glora_programs),
+        programs=len(gm.programs),
         code=gm.code,
         configs=list(gm.adapters),
-        plans=list(gm._glora_plans),
-        weights=dict(gm._glora_weights),
+        plans=list(gm.adapter_state.plans),
+        weights=dict(gm.adapter_state.weights),
     )
 
 
@@ -238,15 +238,16 @@ def test_materialize_retargets_higher_order_op_subgraphs():
 
 def test_retarget_rewrites_autocast_device_type_in_subgraphs():
     """CPU -> CUDA cannot run here; the rewrite itself is checked on the graph."""
-    from graphlora.passes.device import retarget_device
+    from graphlora.passes.device import RetargetDevice
 
     gm = graphlora.inject(AutocastBlock(), LoraConfig(r=2, target_modules=["fc1"]),
                           example_inputs=(torch.randn(2, 5, 8),))
-    graph = gm._primary.base_graph
+    graph = gm.programs.primary.base.graph
     hop = next(n for n in graph.nodes if "wrap_with_autocast" in str(n.target))
     assert hop.args[0] == "cpu"
-    assert retarget_device(graph, torch.device("cpu"), torch.device("cuda", 0), root=gm)
+    retarget = RetargetDevice(torch.device("cpu"), torch.device("cuda", 0))
+    assert retarget(gm.programs.primary.base).modified
     assert hop.args[0] == "cuda"
     (sub,) = _subgraph_modules(gm)
     assert "device(type='cuda', index=0)" in sub.code and "device(type='cpu')" not in sub.code
-    assert not retarget_device(graph, torch.device("cpu"), torch.device("cuda", 0), root=gm)  # idempotent
+    assert not retarget(gm.programs.primary.base).modified  # idempotent

@@ -12,7 +12,7 @@ import graphlora
 from graphlora import LoraConfig, MergeError
 from graphlora.passes.ops import lora_linear, lora_switch
 from graphlora.passes.sites import getattr_path
-from graphlora.passes.specialize import freeze_switches
+from graphlora.passes.specialize import FreezeSwitches
 
 from models import FunctionalMLP, token_ids, reset_to_default
 from peft_oracle import base, peft_model, run
@@ -44,7 +44,7 @@ def clean(gms):
 
 
 def _site_weights(gm) -> dict[str, torch.Tensor]:
-    return {s.weight: getattr_path(gm, s.weight) for s in gm._primary.sites}
+    return {s.weight: getattr_path(gm, s.weight) for s in gm.programs.primary.sites}
 
 
 def _gates(gm) -> dict[tuple[str, str], float]:
@@ -66,7 +66,7 @@ def test_merge_unmerge_restores_exactly(clean, arch):
         plain = run(gm, IDS)
     gm.merge_adapter()
     assert gm.merged_adapters == ["default"]
-    adapted = {s.weight for s in gm._primary.sites if s.name in gm._glora_plans["default"]}
+    adapted = {s.weight for s in gm.programs.primary.sites if s.name in gm.adapter_state.plans["default"]}
     for path, w in weights.items():
         assert torch.equal(w, before[path]) != (path in adapted), path  # only adapted weights changed
     assert all(g == 0.0 for g in _gates(gm).values())  # not counted twice
@@ -95,8 +95,8 @@ def test_merged_weights_match_peft(clean, arch, tmp_path):
         warnings.simplefilter("ignore")
         merged = ref.merge_and_unload()
     theirs = dict(merged.named_parameters())
-    for site in gm._glora_plans["peft"]:
-        path = next(s.weight for s in gm._primary.sites if s.name == site)
+    for site in gm.adapter_state.plans["peft"]:
+        path = next(s.weight for s in gm.programs.primary.sites if s.name == site)
         torch.testing.assert_close(getattr_path(gm, path), theirs[f"{site}.weight"], rtol=1e-6, atol=1e-6)
 
 
@@ -197,7 +197,7 @@ def test_specialize_equals_unspecialized(clean, arch):
     assert not [t for t in reads if ".off." in t] and "_off_" not in code  # no inactive branch
     assert "lora_down" not in code  # gates became constants: plain linear (1.0) or linear * constant
     switches = code.count("lora_switch(") + code.count("lora_linear(")
-    assert switches == len(set(gm._glora_plans["default"]) | set(gm._glora_plans["b"]))
+    assert switches == len(set(gm.adapter_state.plans["default"]) | set(gm.adapter_state.plans["b"]))
     # the adapters' parameters are shared, not copied
     a = gm.graphlora.branch(next(k for k, _, _ in gm.graphlora.branches("b")), "b").lora_A.weight
     assert any(p is a for p in fast.parameters())
@@ -221,7 +221,7 @@ def test_specialize_after_merge_drops_merged_branches(clean):
 
 def test_freeze_switches_pass_on_plain_graphs():
     traced = fx.symbolic_trace(FunctionalMLP())
-    assert freeze_switches(traced).modified is False
+    assert FreezeSwitches()(traced).modified is False
     gm = graphlora.inject(FunctionalMLP(), LoraConfig(r=2, target_modules=["fc1", "proj"], init_lora_weights=False))
     gm.add_adapter("zero", LoraConfig(r=2, target_modules=["fc2"], init_lora_weights=False))
     gm.set_adapter("default")

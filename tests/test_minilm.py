@@ -69,7 +69,7 @@ def _embed(model, batch) -> torch.Tensor:
 
 def test_real_model_sites_and_sanity(gm, batch):
     assert batch["input_ids"].shape[0] == len(SENTENCES) and batch["attention_mask"].min() == 0  # real padding
-    assert sorted(gm._glora_plans["default"]) == sorted(
+    assert sorted(gm.adapter_state.plans["default"]) == sorted(
         f"encoder.layer.{i}.attention.self.{t}" for i in range(6) for t in TARGETS
     )
     with gm.disable_adapter():

@@ -68,20 +68,20 @@ def test_splice_fuses_plain_linear_sites_only():
     ids = torch.randint(0, 32, (2, 6))
     gm(input_ids=ids)
     fused = [n for n in gm.graph.nodes if n.target is lora_linear]
-    assert len(fused) == len(gm._glora_plans["default"]) > 0
+    assert len(fused) == len(gm.adapter_state.plans["default"]) > 0
     assert all(n.name.endswith("_switch") for n in fused)
     assert not [n for n in gm.graph.nodes if n.target is lora_switch]
     downs = [n for n in gm.graph.nodes if n.target is lora_down]
     assert len(downs) == len(fused)
     # the traced base nodes of adapted sites are replaced, other linears stay
-    adapted = {s.node for s in gm._primary.sites if s.name in gm._glora_plans["default"]}
+    adapted = {s.node for s in gm.programs.primary.sites if s.name in gm.adapter_state.plans["default"]}
     names = {n.name for n in gm.graph.nodes}
     assert not adapted & names
-    assert {s.node for s in gm._primary.sites} - adapted <= names
+    assert {s.node for s in gm.programs.primary.sites} - adapted <= names
     # disabling every adapter gives the base model exactly
     with gm.disable_adapter():
         got = gm(input_ids=ids).logits
-    assert torch.equal(got, gm._glora_source(input_ids=ids, use_cache=False).logits)
+    assert torch.equal(got, gm.get_base_model()(input_ids=ids, use_cache=False).logits)
 
 
 def test_custom_op_path_compiles_fullgraph_and_trains(monkeypatch):
@@ -158,7 +158,7 @@ def test_autocast_training_keeps_gradients_through_the_kernel_path(monkeypatch):
 
 def test_window_lengths_with_several_text_configs():
     """A config whose get_text_config() refuses (several text sub-configs) is read at the top level."""
-    from graphlora.program import window_lengths
+    from graphlora.prepare import window_lengths
 
     class TwoTexts:
         sliding_window = 16

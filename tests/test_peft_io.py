@@ -107,7 +107,7 @@ def test_graphlora_save_peft_load(clean, tmp_path, arch, kwargs):
     (directory,) = gm.save_adapter(tmp_path, "mine")
     assert directory == str(tmp_path / "mine")  # non-default adapters go to a subdirectory, as in PEFT
     ref = peft_from_pretrained(arch, directory)
-    assert _peft_sites(ref) == sorted(gm._glora_plans["mine"])
+    assert _peft_sites(ref) == sorted(gm.adapter_state.plans["mine"])
     torch.testing.assert_close(ours, run(ref, IDS), **TOL)
     with ref.disable_adapter():
         assert (ours - run(ref, IDS)).abs().max() > 1e-3  # the adapter does something
@@ -125,7 +125,7 @@ def test_peft_save_graphlora_load(clean, tmp_path, arch, kwargs):
     assert gm.active_adapters == ["default"]  # loading does not switch adapters (PEFT's behaviour)
     gm.set_adapter("theirs")
     torch.testing.assert_close(run(gm, IDS), expected, **TOL)
-    assert sorted(gm._glora_plans["theirs"]) == _peft_sites(ref)
+    assert sorted(gm.adapter_state.plans["theirs"]) == _peft_sites(ref)
     # the in-memory state dict is PEFT's, key for key and value for value
     theirs = peft.get_peft_model_state_dict(ref)
     ours = gm.get_adapter_state_dict("theirs")

@@ -111,7 +111,7 @@ def test_before_after_highlights_the_rewrite(llama):
     assert status["added"] == sum(inserted(llama).values())
     # every adapted site here is a plain linear: its lora_linear switch replaced the base node
     fused = {n.name: n for n in llama.graph.nodes if n.target is lora_linear}
-    sites = {s.name: s.node for s in llama._primary.sites}
+    sites = {s.name: s.node for s in llama.programs.primary.sites}
     base_nodes = {sites[fused[name].meta["graphlora"]["site"]] for name in fused}
     assert len(fused) == 12 and status["removed"] == len(base_nodes) == 12
     assert status["kept"] == len(llama.traced_graph.nodes) - 12

@@ -1,13 +1,13 @@
 """Adapter methods as rules: one :class:`~graphlora.methods.base.MethodRule` per method.
 
-Adding a method means writing one rule module here and registering it in :data:`RULES`
-(see ``docs/adding-a-method.md``). Everything else looks rules up through :func:`rule_for`
+Adding a method means writing one rule module here and listing it in :data:`RULES`, or, from
+outside the package, calling :func:`register_rule` (see ``docs/adding-a-method.md``). Everything else looks rules up through :func:`rule_for`
 (by config) or :func:`rule_for_peft_type` (by a file's ``peft_type``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 from graphlora.errors import ConfigError
 
@@ -15,10 +15,32 @@ from .base import MethodRule
 from .ia3 import IA3Rule
 from .lora import LoraRule
 
-__all__ = ["MethodRule", "RULES", "rule_for", "rule_for_peft_type", "config_types"]
+__all__ = ["MethodRule", "RULES", "rule_for", "rule_for_peft_type", "config_types", "register_rule",
+           "unregister_rule"]
 
 #: every registered rule, in the order they are tried
-RULES: tuple[MethodRule, ...] = (LoraRule(), IA3Rule())
+RULES: list[MethodRule] = [LoraRule(), IA3Rule()]
+
+
+def register_rule(rule: MethodRule) -> MethodRule:
+    """Make ``rule`` serve its ``config_class`` (and its ``peft_type`` in files); returns it.
+
+    Raises:
+        ConfigError: another rule already serves that config class or ``peft_type``.
+    """
+    for other in RULES:
+        if other.config_class is rule.config_class or other.peft_type == rule.peft_type:
+            raise ConfigError(
+                f"{type(other).__name__} already serves {other.config_class.__name__} / peft_type "
+                f"{other.peft_type!r}; unregister_rule it first or give {type(rule).__name__} its own."
+            )
+    RULES.append(rule)
+    return rule
+
+
+def unregister_rule(rule: MethodRule) -> None:
+    """Undo :func:`register_rule` (adapters of that method already loaded stop working)."""
+    RULES.remove(rule)
 
 
 def config_types() -> tuple[type, ...]:
@@ -38,9 +60,9 @@ def rule_for(config: Any) -> MethodRule:
     raise ConfigError(f"config must be one of {names}; got {type(config).__name__}.")
 
 
-def rule_for_peft_type(peft_type: Any) -> MethodRule:
+def rule_for_peft_type(peft_type: Any) -> Union[MethodRule, None]:
     """The rule for a PEFT ``peft_type`` string (``None`` if there is none)."""
     for rule in RULES:
         if str(peft_type).upper() == rule.peft_type:
             return rule
-    return None  # type: ignore[return-value]
+    return None

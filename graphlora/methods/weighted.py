@@ -16,20 +16,23 @@ IA3 adapters (PEFT's ``IA3Model.add_weighted_adapter``): ``l = sum_i w_i l_i``.
 Targets of the new adapter are PEFT's: the union of the list targets (``|``-joined regexes for
 string targets) and, for IA3, of the feed-forward modules. The new adapter is added frozen and
 not activated (PEFT's behaviour); on any error nothing is added.
+
+Each ``combine_*`` is a function of the adapter state: it checks the inputs and returns the new
+adapter's config and a ``fill(site, branch)`` that writes its tensors; the emitted module adds
+the adapter and fills it inside one transaction.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import torch
 
 from graphlora.config import ALL_LINEAR
 from graphlora.errors import ConfigError
-from graphlora.passes.splice import site_key
 
 __all__ = ["combine_lora", "combine_ia3", "union_targets", "COMBINATIONS"]
 
@@ -49,41 +52,31 @@ def union_targets(values: Sequence[Any], field_name: str) -> Any:
     return tuple(sorted(set().union(*values)))
 
 
-def _targets(gm: Any, adapters: Sequence[str]) -> Any:
+def _targets(state: Any, facts: Any, adapters: Sequence[str]) -> Any:
+    from graphlora.planning import resolve_targets
+
     resolved = []
     for a in adapters:
-        config = gm._glora_configs[a]
+        config = state.configs[a]
         t = config.target_modules
-        resolved.append(tuple(gm._resolve_targets(config)) if t is None or t == ALL_LINEAR else t)
+        resolved.append(tuple(resolve_targets(config, facts)) if t is None or t == ALL_LINEAR else t)
     return union_targets(resolved, "target_modules")
 
 
-def _add(gm: Any, adapter_name: str, config: Any, fill) -> None:
-    """Add ``config`` as ``adapter_name``, fill its branches, keep the previous active set; roll back on error."""
-    previous = dict(gm._glora_weights)
-    gm.add_adapter(adapter_name, dataclasses.replace(config, inference_mode=True))
-    try:
-        with torch.no_grad():
-            for site in gm._glora_plans[adapter_name]:
-                fill(site, gm.graphlora.branch(site_key(site), adapter_name))
-    except BaseException:
-        gm._forget(adapter_name)
-        if previous:
-            gm._set_active(previous)
-        raise
-    if previous:
-        gm._set_active(previous)
+Fill = Callable[[str, Any], None]
 
 
 def _lora_rank(config: Any) -> int:
     return max(config.r, *config.rank_pattern.values()) if config.rank_pattern else config.r
 
 
-def combine_lora(gm: Any, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+def combine_lora(state: Any, facts: Any, records: Any, adapters: Sequence[str], weights: Sequence[float],
                  combination_type: str, *, svd_rank: Union[int, None] = None, svd_clamp: Union[float, None] = None,
-                 svd_full_matrices: bool = True, svd_driver: Union[str, None] = None) -> None:
-    """Combine LoRA adapters (see the module docstring)."""
-    configs = [gm._glora_configs[a] for a in adapters]
+                 svd_full_matrices: bool = True, svd_driver: Union[str, None] = None) -> tuple[Any, Fill]:
+    """Combine LoRA adapters (see the module docstring): the new config and its ``fill``."""
+    from graphlora.planning import plan_adapter
+
+    configs = [state.configs[a] for a in adapters]
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]
     if dora:
         raise ConfigError(
@@ -105,10 +98,10 @@ def combine_lora(gm: Any, adapters: Sequence[str], weights: Sequence[float], ada
         if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
             raise ConfigError(f"svd_rank={svd_rank!r} must be a positive integer (or None for the largest rank).")
         rank = svd_rank or max(ranks)
-    config = dataclasses.replace(configs[0], r=rank, lora_alpha=rank, target_modules=_targets(gm, adapters),
+    config = dataclasses.replace(configs[0], r=rank, lora_alpha=rank, target_modules=_targets(state, facts, adapters),
                                  alpha_pattern={}, rank_pattern={})
-    plan = gm._plan(config)  # fails early (NoTargetError) before anything is added
-    sources = {site: [(a, w) for a, w in zip(adapters, weights) if site in gm._glora_plans[a]] for site in plan}
+    plan = plan_adapter(config, facts, records)  # fails early (NoTargetError) before anything is added
+    sources = {site: [(a, w) for a, w in zip(adapters, weights) if site in state.plans[a]] for site in plan}
     empty = [s for s, found in sources.items() if not found]
     if empty:
         raise ConfigError(
@@ -117,7 +110,7 @@ def combine_lora(gm: Any, adapters: Sequence[str], weights: Sequence[float], ada
         )
 
     def fill(site: str, branch: Any) -> None:
-        parts = [(gm.graphlora.branch(site_key(site), a), w) for a, w in sources[site]]
+        parts = [(state.branch(site, a), w) for a, w in sources[site]]
         A_out, B_out = branch.lora_A.weight, branch.lora_B.weight
         A_out.zero_()
         B_out.zero_()
@@ -142,28 +135,30 @@ def combine_lora(gm: Any, adapters: Sequence[str], weights: Sequence[float], ada
             A_out.copy_(Vh)
             B_out.copy_(U)
 
-    _add(gm, adapter_name, config, fill)
+    return config, fill
 
 
-def combine_ia3(gm: Any, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                combination_type: str) -> None:
-    """Combine IA3 adapters: ``l = sum_i w_i l_i`` (PEFT's only IA3 combination)."""
+def combine_ia3(state: Any, facts: Any, records: Any, adapters: Sequence[str], weights: Sequence[float],
+                combination_type: str) -> tuple[Any, Fill]:
+    """Combine IA3 adapters: ``l = sum_i w_i l_i`` (PEFT's only IA3 combination): the new config and its ``fill``."""
+    from graphlora.planning import plan_adapter
+
     if combination_type != "linear" and len(adapters) > 1:
         raise ConfigError(
             f"combination_type={combination_type!r} is not defined for IA3 adapters; PEFT combines IA3 "
             "vectors linearly: use combination_type='linear'."
         )
-    configs = [gm._glora_configs[a] for a in adapters]
-    resolved = [gm._rule(a).resolve_config(c, gm._glora_model_type) for a, c in zip(adapters, configs)]
+    configs = [state.configs[a] for a in adapters]
+    resolved = [state.rule(a).resolve_config(c, facts.model_type) for a, c in zip(adapters, configs)]
     ff = union_targets([c.feedforward_modules for c in resolved], "feedforward_modules")
-    config = dataclasses.replace(configs[0], target_modules=_targets(gm, adapters), feedforward_modules=ff)
-    gm._plan(config)
+    config = dataclasses.replace(configs[0], target_modules=_targets(state, facts, adapters), feedforward_modules=ff)
+    plan_adapter(config, facts, records)
 
     def fill(site: str, branch: Any) -> None:
         branch.ia3_l.zero_()
         for a, w in zip(adapters, weights):
-            if site in gm._glora_plans[a]:
-                source = gm.graphlora.branch(site_key(site), a).ia3_l
+            if site in state.plans[a]:
+                source = state.branch(site, a).ia3_l
                 if source.shape != branch.ia3_l.shape:
                     raise ConfigError(
                         f"IA3 adapter {a!r} scales the {'input' if source.shape[0] == 1 else 'output'} of {site!r} "
@@ -171,4 +166,4 @@ def combine_ia3(gm: Any, adapters: Sequence[str], weights: Sequence[float], adap
                     )
                 branch.ia3_l += source * w
 
-    _add(gm, adapter_name, config, fill)
+    return config, fill

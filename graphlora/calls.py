@@ -1,0 +1,95 @@
+"""Calls: how a call to the emitted module maps to a program (one per call signature).
+
+With the ``export`` frontend a graph serves one call signature: which keyword arguments, the values
+of non-tensor ones, tensor ranks and dtypes. :class:`CallSpec` holds what graphlora read from the
+source model's ``forward`` once at inject time, binds every call to its parameter names and gives
+its :data:`ProgramKey`. The ``fx`` frontend's graph serves any signature: its key is ``(None, mixed)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .capture import call_key, forward_params
+from .errors import SignatureError
+
+__all__ = ["CallSpec", "ProgramKey", "describe_key"]
+
+#: ``(signature, mixed)``: the call signature (``None`` with the fx frontend) and whether the call
+#: is a mixed-adapter batch (``adapter_names=`` given).
+ProgramKey = tuple[Union[tuple, None], bool]
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """The source model's call signature, as graphlora binds calls to it.
+
+    Attributes:
+        frontend: ``"fx"`` or ``"export"``.
+        name: the model's class name (for messages).
+        arg_names: ``forward``'s positional parameter names (export only).
+        defaults: values graphlora adds when a call leaves them out (``use_cache=False``).
+        none_defaults: parameters whose default is ``None``: passing ``None`` is leaving them out.
+    """
+
+    frontend: str
+    name: str
+    arg_names: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    none_defaults: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, model: nn.Module, frontend: str) -> "CallSpec":
+        names, defaults = forward_params(model) if frontend == "export" else ((), {})
+        params = inspect.signature(model.forward).parameters
+        none = frozenset(p.name for p in params.values() if p.default is None and p.name not in defaults)
+        return cls(frontend, type(model).__name__, names, dict(defaults), none)
+
+    def normalize(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with ``None``-for-default dropped and graphlora's defaults added."""
+        out = {k: v for k, v in kwargs.items() if not (v is None and k in self.none_defaults)}
+        for key, value in self.defaults.items():
+            out.setdefault(key, value)
+        return out
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Positional and keyword arguments as one normalized keyword dict.
+
+        Raises:
+            SignatureError: too many positional arguments, or one given twice.
+        """
+        names = self.arg_names
+        if len(args) > len(names):
+            raise SignatureError(
+                f"{self.name} takes at most {len(names)} positional arguments ({', '.join(names)}), "
+                f"got {len(args)}; pass the rest by keyword."
+            )
+        bound = dict(zip(names, args))
+        clash = sorted(set(bound) & set(kwargs))
+        if clash:
+            raise SignatureError(f"got multiple values for argument(s) {clash}.")
+        bound.update(kwargs)
+        return self.normalize(bound)
+
+    def key(self, kwargs: Mapping[str, Any], mixed: bool) -> ProgramKey:
+        """The program key of a bound call (``kwargs`` from :meth:`bind`; ignored with fx)."""
+        return (call_key(kwargs) if self.frontend == "export" else None, mixed)
+
+
+def describe_key(key: ProgramKey) -> str:
+    """``(input_ids=<tensor>, use_cache=False)`` for a program key (empty for fx)."""
+    sig, mixed = key
+    if sig is None:
+        return ""
+    desc = ", ".join(f"{name}={'<tensor>' if d[0] == 'tensor' else d[-1]!r}" for name, d in sig)
+    return f"({desc}{', adapter_names=...' if mixed else ''})"
+
+
+def describe_call(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={'<tensor>' if isinstance(v, torch.Tensor) else v!r}" for k, v in kwargs.items())

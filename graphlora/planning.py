@@ -1,0 +1,129 @@
+"""Planning: which sites an adapter config selects, with the method's per-site constants.
+
+Pure functions of a config and the located sites (PEFT's selection rules, see
+:mod:`graphlora.passes.targeting`), plus the name checks every adding call makes. Nothing here
+changes any state.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from torch import nn
+
+from graphlora.passes import Site, is_targeted
+
+from ._checks import check_layers_in_range, check_target_types
+from .config import ALL_LINEAR
+from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, NoTargetError, closest
+from .methods import rule_for
+
+__all__ = ["ModelFacts", "resolve_targets", "plan_adapter", "check_new_name", "check_known"]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning reads from the source model, once, at inject time.
+
+    Attributes:
+        source: the original model (its module tree, for the target-type and layer checks).
+        site_names: every located site name, in graph order, without repeats.
+        head: the output embedding's module path (``"all-linear"`` leaves it out), if any.
+        model_type: ``model.config.model_type`` (PEFT's default targets are keyed by it).
+        aliases: parameter name -> every name of that tensor (tied weights).
+    """
+
+    source: nn.Module
+    site_names: tuple[str, ...]
+    head: Union[str, None]
+    model_type: Union[str, None]
+    aliases: Mapping[str, list[str]]
+
+
+def resolve_targets(config: Any, facts: ModelFacts) -> Any:
+    """``config.target_modules`` with ``None`` (the method's default for the model type) and
+    ``"all-linear"`` (every site but the output head) resolved.
+
+    Raises:
+        ConfigError: no target set and no default for the model type.
+    """
+    targets = config.target_modules
+    if targets is None:
+        default = rule_for(config).default_targets(facts.model_type)
+        if default is None:
+            raise ConfigError(
+                f"target_modules is not set and there is no default for model type "
+                f"{facts.model_type!r}; set target_modules, e.g. {closest('proj', list(facts.site_names), 3)} "
+                "or 'all-linear'."
+            )
+        return default
+    if targets == ALL_LINEAR:
+        return tuple(n for n in facts.site_names if n != facts.head)
+    return targets
+
+
+def plan_adapter(config: Any, facts: ModelFacts, records: Mapping[str, Site]) -> dict[str, Any]:
+    """site name -> the method's per-site constants (LoRA: ``(r, alpha, scaling)``) for the
+    sites ``config`` selects, in graph order.
+
+    Raises:
+        NoTargetError: nothing selected. TargetTypeError / ConfigError: a target that is not a
+        linear op, layers that do not exist, or a config the method refuses.
+    """
+    rule = rule_for(config)
+    targets = resolve_targets(config, facts)
+    resolved = rule.resolve_config(config, facts.model_type)
+    plan = {}
+    for name in facts.site_names:
+        if is_targeted(
+            name, targets, exclude_modules=config.exclude_modules,
+            layers_to_transform=getattr(config, "layers_to_transform", None),
+            layers_pattern=getattr(config, "layers_pattern", None),
+        ):
+            plan[name] = rule.site_plan(resolved, name)
+    check_target_types(facts.source, config, config.target_modules, records)
+    check_layers_in_range(config, records, facts.source)
+    if not plan:
+        wanted = targets if isinstance(targets, str) else ", ".join(targets)
+        probe = targets if isinstance(targets, str) else next(iter(targets), "")
+        raise NoTargetError(
+            f"target_modules={config.target_modules!r} matched no linear op "
+            f"(looked for: {wanted}; exclude_modules={config.exclude_modules!r}, "
+            f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r}). "
+            f"Closest linear sites: {closest(probe, list(facts.site_names))}. "
+            f"Use names from gm.sites or graphlora.list_sites(model)."
+        )
+    return plan
+
+
+def check_new_name(name: Any, existing: Iterable[str]) -> None:
+    """Refuse an adapter name that is unusable or taken.
+
+    Raises:
+        ConfigError: not a plain identifier-like name, or ``"__base__"``.
+        AdapterExistsError: already loaded.
+    """
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == "__base__":
+        raise ConfigError(
+            f"adapter name {name!r} is not usable; use letters, digits, '_' or '-' (no '.'), "
+            "and not '__base__'."
+        )
+    existing = list(existing)
+    if name in existing:
+        raise AdapterExistsError(
+            f"an adapter named {name!r} already exists (adapters: {existing}); "
+            "pick another name or delete_adapter it first."
+        )
+
+
+def check_known(names: Sequence[str], existing: Iterable[str]) -> None:
+    """Raises AdapterNotFoundError for the first name not in ``existing``."""
+    existing = list(existing)
+    for name in names:
+        if name not in existing:
+            raise AdapterNotFoundError(f"no adapter named {name!r}; loaded adapters: {existing}.")

@@ -1,0 +1,311 @@
+"""Programs: one GraphModule per call signature, all built by one pipeline and sharing one store.
+
+A *program* serves one :data:`~graphlora.calls.ProgramKey` (call signature, mixed or not). Every
+program comes from the same forward-only pipeline::
+
+    capture (trace the source model)  →  base passes  →  locate sites  →  splice the adapters
+
+:meth:`ProgramSet.get_or_build` runs it once per key, on first use. The pristine result of the
+first three steps (``Program.base``) is kept, so adding or deleting an adapter re-splices every
+program from it (:meth:`ProgramSet.rebuild`), and delete-then-re-add gives the same code.
+
+**One store of parameters and buffers.** The emitted module (``root``) owns every parameter,
+buffer and adapter; each program's GraphModule reads the very same objects. What a later trace
+makes that ``root`` does not have (a tensor constant of its own, a dropout module under a new
+path) stays *local* to that program, on its GraphModule only, and is moved with ``root``
+(``.to()``) and follows its ``train()``/``eval()``. So a forward call never changes
+``root.named_modules()``, ``named_parameters()`` or ``state_dict()`` keys.
+
+The first program's GraphModule is ``root`` itself (``gm.graph``, ``gm.code``); it is built by the
+same steps, only spliced in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from graphlora.passes import RetargetDevice, Site, SpliceAdapters, SpliceMixed, locate_sites, run_passes
+from graphlora.passes.sites import getattr_path
+
+from ._compat import adopt_graph
+from .calls import CallSpec, ProgramKey, describe_call, describe_key
+from .capture import trace_export
+from .errors import SignatureError
+from .prepare import copy_graph, prepare_base
+from .state import STORE, AdapterState
+
+__all__ = ["Program", "ProgramSet", "first_records"]
+
+
+@dataclass
+class Program:
+    """One call signature's program.
+
+    Attributes:
+        key: the call signature and whether it is a mixed-adapter batch.
+        base: the traced GraphModule after the base passes, before any adapter (pristine).
+        sites: the linear sites located in ``base``.
+        local: ``get_attr`` / ``call_module`` targets held by ``base`` alone, not by the root.
+        module: the spliced GraphModule that runs this signature (the root for the first program).
+    """
+
+    key: ProgramKey
+    base: fx.GraphModule
+    sites: list[Site]
+    local: frozenset[str] = frozenset()
+    module: Union[fx.GraphModule, None] = None
+
+    @property
+    def mixed(self) -> bool:
+        return self.key[1]
+
+
+def first_records(sites: list[Site]) -> dict[str, Site]:
+    """site name -> its first :class:`Site` record (a tied weight can be called twice)."""
+    records: dict[str, Site] = {}
+    for site in sites:
+        records.setdefault(site.name, site)
+    return records
+
+
+def _targets(graph: fx.Graph) -> list[str]:
+    return list(dict.fromkeys(n.target for n in graph.nodes if n.op in ("get_attr", "call_module")))
+
+
+def _equivalent(mine: Any, theirs: Any) -> bool:
+    """Whether an object of a new trace can be replaced by the root's object at the same path."""
+    if mine is theirs:
+        return True
+    if isinstance(mine, nn.Dropout) and type(mine) is type(theirs):
+        return mine.p == theirs.p and mine.inplace == theirs.inplace
+    if isinstance(mine, fx.GraphModule) and isinstance(theirs, fx.GraphModule):
+        return mine.code == theirs.code and all(
+            _equivalent(a, b) for a, b in zip(_named_tensors(mine), _named_tensors(theirs))
+        ) and len(_named_tensors(mine)) == len(_named_tensors(theirs))
+    if isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor):
+        if isinstance(mine, nn.Parameter) or isinstance(theirs, nn.Parameter):
+            return False  # parameters are shared objects or nothing
+        return (mine.shape == theirs.shape and mine.dtype == theirs.dtype and mine.device == theirs.device
+                and (mine.device.type == "meta" or torch.equal(mine, theirs)))
+    return False
+
+
+def _named_tensors(module: nn.Module) -> list[torch.Tensor]:
+    return [t for _, t in (*module.named_parameters(), *module.named_buffers())]
+
+
+def _set_path(root: nn.Module, target: str, value: torch.Tensor) -> None:
+    prefix, _, name = target.rpartition(".")
+    owner = root.get_submodule(prefix) if prefix else root
+    if name in owner._parameters:
+        param = owner._parameters[name]
+        if param is not None:
+            param.data = value
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+class ProgramSet:
+    """Every program of one emitted module (see the module docstring).
+
+    Args:
+        root: the emitted module; the first program's GraphModule and the owner of all shared state.
+        source: the original model (later signatures are traced from it; it shares every tensor).
+        calls: how calls bind to the source model's signature.
+        state: the adapter state the splice reads.
+        first: the first program, traced at inject time (its ``module`` is ``root``).
+        aliases: tied parameter names (for naming sites).
+    """
+
+    def __init__(self, root: fx.GraphModule, source: nn.Module, calls: CallSpec, state: AdapterState,
+                 first: Program, aliases: Mapping[str, list[str]]) -> None:
+        self.root, self.source, self.calls, self.state = root, source, calls, state
+        self.aliases = aliases
+        self.primary_key = first.key
+        first.module = root
+        self._programs: dict[ProgramKey, Program] = {first.key: first}
+        self.records = first_records(first.sites)
+        devices = {p.device for p in root.parameters()}
+        self.device: Union[torch.device, None] = next(iter(devices)) if len(devices) == 1 else None
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def primary(self) -> Program:
+        """The program traced at inject time (its module is the emitted module)."""
+        return self._programs[self.primary_key]
+
+    def __iter__(self) -> Iterator[Program]:
+        return iter(list(self._programs.values()))
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._programs
+
+    def keys(self) -> list[ProgramKey]:
+        return list(self._programs)
+
+    def describe(self) -> str:
+        """The traced signatures, for messages."""
+        return "; ".join(d for d in (describe_key(k) for k in self._programs if not k[1]) if d)
+
+    # ------------------------------------------------------------------ building
+    def get_or_build(self, key: ProgramKey, kwargs: Mapping[str, Any]) -> Program:
+        """The program for ``key``; on first use, trace (if needed) and splice it.
+
+        Raises:
+            SignatureError: the call needs a new trace and tracing it failed.
+        """
+        program = self._programs.get(key)
+        if program is not None:
+            return program
+        sig, mixed = key
+        plain = self._programs.get((sig, False)) or self._trace((sig, False), kwargs)
+        if not mixed:
+            return plain
+        program = Program(key, plain.base, plain.sites, plain.local)
+        self._build(program)
+        self._programs[key] = program
+        return program
+
+    def _trace(self, key: ProgramKey, kwargs: Mapping[str, Any]) -> Program:
+        try:
+            gm = prepare_base(trace_export(self.source, kwargs), self.source)
+        except Exception as exc:
+            text = str(exc).strip()
+            raise SignatureError(
+                f"this call ({describe_call(kwargs)}) needs a new graph and tracing it failed: "
+                f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}. "
+                f"Traced signatures: {self.describe()}. Call the module with arguments the original model accepts."
+            ) from exc
+        local = self._local_targets(gm)
+        for target in local:  # a parameter only this signature reads is a base parameter: frozen too
+            obj = getattr_path(gm, target)
+            if isinstance(obj, nn.Parameter):
+                obj.requires_grad_(False)
+        program = Program(key, gm, locate_sites(gm, self.aliases), local)
+        self._build(program)
+        self._programs[key] = program
+        return program
+
+    def _local_targets(self, gm: fx.GraphModule) -> frozenset[str]:
+        local = set()
+        for target in _targets(gm.graph):
+            try:
+                mine = getattr_path(self.root, target)
+            except AttributeError:
+                local.add(target)
+                continue
+            if not _equivalent(mine, getattr_path(gm, target)):
+                local.add(target)
+        return frozenset(local)
+
+    def _build(self, program: Program) -> None:
+        """Splice the current adapters into a copy of ``program.base`` and make it the program's module."""
+        graph = copy_graph(program.base.graph)
+        root = self.root
+        if program.key == self.primary_key:
+            adopt_graph(root, graph)  # code is generated once, by the runner
+            module = root
+        else:
+            attrs = {t: getattr_path(program.base if t in program.local else root, t) for t in _targets(graph)}
+            module = fx.GraphModule(attrs, graph, class_name=root._get_name())
+            module.add_module(STORE, self.state.store)
+            module.train(root.training)
+        if program.mixed:
+            step = SpliceMixed(program.sites, self.state.mixed_specs(self.records), f"{STORE}.row_index")
+        else:
+            step = SpliceAdapters(program.sites, self.state.branch_specs(self.records))
+        run_passes(module, [step])  # the runner regenerates the module's code once, whatever changed
+        program.module = module
+
+    def rebuild(self) -> None:
+        """Re-splice every program from its pristine graph with the current adapters."""
+        for program in self:
+            self._build(program)
+
+    # ------------------------------------------------------------------ transactions
+    def snapshot(self) -> tuple:
+        """What :meth:`restore` needs to put every program back (references, no copies)."""
+        return dict(self._programs), {k: p.module for k, p in self._programs.items()}, self.root.graph
+
+    def restore(self, snapshot: tuple) -> None:
+        programs, modules, graph = snapshot
+        self._programs = dict(programs)
+        for key, program in self._programs.items():
+            program.module = modules[key]
+        if self.root.graph is not graph:
+            adopt_graph(self.root, graph)
+            self.root.recompile()
+
+    # ------------------------------------------------------------------ moves
+    def after_move(self, fn: Any, replaced: Mapping[int, torch.Tensor]) -> None:
+        """After ``root._apply(fn)`` (``.to()``, ``.cuda()``, ``.half()``, ``to_empty``).
+
+        Args:
+            fn: the function applied to the root's tensors; applied to local tensors too.
+            replaced: ``id(old tensor) -> new tensor`` for every root tensor the move replaced.
+        """
+        self._share_with_source(replaced)
+        for program in self._distinct_bases():
+            for target in program.local:
+                obj = getattr_path(program.base, target)
+                if isinstance(obj, nn.Module):
+                    obj._apply(fn)
+                elif isinstance(obj, torch.Tensor):
+                    _set_path(program.base, target, fn(obj))
+        if self._retarget():
+            self.rebuild()
+        else:
+            for program in self:
+                if program.key != self.primary_key:
+                    self._build(program)
+
+    def _distinct_bases(self) -> list[Program]:
+        seen, out = set(), []
+        for program in self:
+            if id(program.base) not in seen:
+                seen.add(id(program.base))
+                out.append(program)
+        return out
+
+    def _share_with_source(self, replaced: Mapping[int, torch.Tensor]) -> None:
+        """Keep the source model on the same tensors after a move that replaced them (``to_empty``).
+
+        New call signatures are traced from the source model, so every slot of it that held a
+        replaced tensor (tied aliases included) now holds its replacement.
+        """
+        if not replaced:
+            return
+        for module in self.source.modules():
+            for slots in (module._parameters, module._buffers):
+                for key, tensor in slots.items():
+                    if tensor is not None and id(tensor) in replaced:
+                        slots[key] = replaced[id(tensor)]
+
+    def _retarget(self) -> bool:
+        """After a move to one device, make the traced graphs create their tensors there too.
+
+        Only when every parameter is on a single device (a model spread over devices keeps its
+        graphs as traced). Returns True when a pristine graph changed.
+        """
+        devices = {p.device for p in self.root.parameters()}
+        if len(devices) != 1 or self.device is None:
+            return False
+        (new,) = devices
+        if new == self.device:
+            return False
+        changed = False
+        for program in self._distinct_bases():
+            changed |= run_passes(program.base, [RetargetDevice(self.device, new)]).modified
+        self.device = new
+        return changed

@@ -1,0 +1,98 @@
+"""One transaction for every mutating call: snapshot what it may touch, restore it on any exception.
+
+A call such as ``add_adapter``, ``load_adapter`` (new or hotswap), ``delete_adapter``,
+``add_weighted_adapter``, ``merge_adapter`` or ``unmerge_adapter`` runs as::
+
+    with transaction(gm, tensors=[...]):
+        ...  # change state, store, programs, tensors
+
+and if anything raises (``BaseException``: a ``KeyboardInterrupt`` too) the module is put back as
+it was: the adapter state (configs, plans, active set and weights, enabled, trainable, merge
+bookkeeping), the store's module tree (which branches exist, each module's attributes and
+submodules: a hotswap's new dropout, alpha and scaling), every parameter's ``requires_grad``, the
+values of ``tensors`` (what the call writes in place: a hotswap's adapter weights, base weights a
+merge or unmerge rewrites), base weights merged for the first time by the call (from the original
+the merge recorded, so a first merge costs no extra copy), and every program's graph. Switch buffers are then rewritten from the restored state.
+
+What the snapshot costs: dict copies, one shallow ``__dict__`` copy per store module, and clones of
+``tensors`` only. Transactions nest: an inner one (``load_adapter`` calling ``add_adapter``) leaves
+the restoring to the outermost, which snapshotted first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphlora.passes.sites import getattr_path
+
+__all__ = ["transaction"]
+
+
+def _module_tree(root: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Each module under ``root`` with a copy of its ``__dict__`` (its three registries copied too)."""
+    out = []
+    for module in root.modules():
+        saved = dict(module.__dict__)
+        for registry in ("_parameters", "_buffers", "_modules"):
+            saved[registry] = dict(saved[registry])
+        out.append((module, saved))
+    return out
+
+
+def _restore_tree(tree: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for module, saved in tree:
+        module.__dict__.clear()
+        module.__dict__.update(saved)
+
+
+@contextlib.contextmanager
+def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+    """Run the body; on any exception restore ``gm`` (see the module docstring) and re-raise.
+
+    Args:
+        gm: the :class:`~graphlora.AdaptedGraphModule`.
+        tensors: tensors the body writes in place (they are cloned first).
+    """
+    depth = gm._transaction_depth
+    if depth:
+        gm._transaction_depth = depth + 1
+        try:
+            yield
+        finally:
+            gm._transaction_depth = depth
+        return
+    state = gm.adapter_state
+    saved_state = (dict(state.configs), dict(state.plans), dict(state.weights), state.enabled, state.trainable,
+                   copy.copy(state.merge), dict(state.merge.originals), dict(state.merge.merged))
+    tree = _module_tree(state.store)
+    grads = [(p, p.requires_grad) for p in gm.parameters()] + [(p, p.requires_grad) for p in state.store.parameters()]
+    backups = [(t, t.detach().clone()) for t in tensors]
+    programs = gm.programs.snapshot()
+    gm._transaction_depth = 1
+    try:
+        yield
+    except BaseException:
+        (state.configs, state.plans, state.weights, state.enabled, state.trainable, merge,
+         originals, merged) = saved_state
+        merge.originals, merge.merged = originals, merged
+        with torch.no_grad():
+            for path, original in state.merge.originals.items():
+                if path not in originals:  # merged for the first time by this call: the original is the backup
+                    getattr_path(gm, path).copy_(original)
+            for tensor, value in backups:
+                tensor.copy_(value)
+        state.merge = merge
+        _restore_tree(tree)
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        gm.programs.restore(programs)
+        state.sync()
+        raise
+    finally:
+        gm._transaction_depth = 0
