@@ -6,7 +6,7 @@
 """
 
 from .api import inject, list_sites
-from .config import IA3Config, LoraConfig
+from .config import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 from .errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -35,6 +35,8 @@ __all__ = [
     "list_sites",
     "LoraConfig",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "AdaptedGraphModule",
     "SiteInfo",
     "GraphLoraError",

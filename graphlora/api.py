@@ -8,7 +8,7 @@ from typing import Any, Union
 from torch import nn
 
 from .capture import capture
-from .config import IA3Config, LoraConfig
+from .config import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 from .errors import ConfigError
 from .methods import config_types
 from .module import AdaptedGraphModule
@@ -18,10 +18,11 @@ __all__ = ["inject", "list_sites"]
 
 def inject(
     model: nn.Module,
-    config: Union[LoraConfig, IA3Config, str, os.PathLike, None] = None,
+    config: Union[LoraConfig, IA3Config, LoHaConfig, LoKrConfig, str, os.PathLike, None] = None,
     *,
     adapter_name: str = "default",
     example_inputs: Any = None,
+    is_trainable: bool = False,
 ) -> AdaptedGraphModule:
     """Trace ``model`` and splice a LoRA adapter into the linear ops ``config`` selects.
 
@@ -31,11 +32,15 @@ def inject(
             :class:`IA3Config` (default: ``LoraConfig()``), or the path of a
             PEFT LoRA adapter directory (``adapter_config.json`` + weights, as PEFT's
             ``save_pretrained`` writes it): its config is used and its weights loaded (frozen, as
-            PEFT's ``from_pretrained``; see ``AdaptedGraphModule.load_adapter``).
+            PEFT's ``from_pretrained``, unless ``is_trainable``; see ``AdaptedGraphModule.load_adapter``).
+            LoHa and LoKr configs (:class:`LoHaConfig`, :class:`LoKrConfig`) work the same way.
         adapter_name: name of the first adapter.
         example_inputs: a tuple of positional args or a dict of kwargs to trace with
             (needed only for models ``torch.fx.symbolic_trace`` cannot trace that are not
             transformers models).
+        is_trainable: with a directory ``config``, load the adapter trainable
+            (``PeftModel.from_pretrained(..., is_trainable=True)``); ignored otherwise (a config
+            object is trainable unless its ``inference_mode`` is set).
 
     Returns:
         The regenerated :class:`AdaptedGraphModule`; it shares the model's parameters
@@ -51,7 +56,7 @@ def inject(
 
         read_adapter_config(config, adapter_name)  # fail before the (slow) trace on a bad path or config
         gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
-        gm.load_adapter(config, adapter_name)
+        gm.load_adapter(config, adapter_name, is_trainable=is_trainable)
         return gm
     config = LoraConfig() if config is None else config
     if not isinstance(config, config_types()):

@@ -27,12 +27,13 @@ from typing import Any, Union
 
 from .errors import ConfigError, closest
 
-__all__ = ["LoraConfig", "IA3Config", "ALL_LINEAR", "DEFAULT_TARGET_MODULES", "DEFAULT_IA3_MODULES"]
+__all__ = ["LoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "ALL_LINEAR", "DEFAULT_TARGET_MODULES",
+           "DEFAULT_IA3_MODULES", "DEFAULT_LOHA_MODULES", "DEFAULT_LOKR_MODULES"]
 
 ALL_LINEAR = "all-linear"
 
 #: PEFT's default ``target_modules`` per ``model_type`` when a config leaves them unset.
-DEFAULT_TARGET_MODULES: Mapping[str, tuple[str, ...]] = {
+DEFAULT_TARGET_MODULES: Mapping[str, Union[tuple[str, ...], str]] = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
     "mixtral": ("q_proj", "v_proj"),
@@ -40,14 +41,40 @@ DEFAULT_TARGET_MODULES: Mapping[str, tuple[str, ...]] = {
     "qwen3": ("q_proj", "v_proj"),
     "gemma": ("q_proj", "v_proj"),
     "gemma2": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
+    "gemma3_text": ("q_proj", "v_proj"),
     "gpt2": ("c_attn",),
     "bert": ("query", "value"),
     "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "layoutlm": ("query", "value"),
     "t5": ("q", "v"),
-    "vit": ("query", "value"),
+    "mt5": ("q", "v"),
     "opt": ("q_proj", "v_proj"),
+    "bart": ("q_proj", "v_proj"),
+    "gptj": ("q_proj", "v_proj"),
+    "gpt_neo": ("q_proj", "v_proj"),
+    "gpt_neox": ("query_key_value",),
+    "gpt_bigcode": ("c_attn",),
+    "bloom": ("query_key_value",),
+    "falcon": ("query_key_value",),
+    "codegen": ("qkv_proj",),
+    "mpt": ("Wqkv",),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"),
+    "stablelm": ("q_proj", "v_proj"),
+    "llama4": ("q_proj", "v_proj"),
+    "deberta": ("in_proj",),
+    "deberta-v2": ("query_proj", "value_proj"),
+    # not in PEFT's table (PEFT asks for target_modules): graphlora's own choices, see
+    # docs/peft-compatibility.md. ViT's attention is q_proj/k_proj/v_proj in transformers 5
+    # (PEFT 0.17 dropped its ("query", "value") entry).
+    "phi3": ("qkv_proj",),
+    "vit": ("q_proj", "v_proj"),
 }
+
+#: PEFT keeps one table per method; for LoHa and LoKr it is LoRA's (graphlora's choices included).
+DEFAULT_LOHA_MODULES: Mapping[str, Union[tuple[str, ...], str]] = DEFAULT_TARGET_MODULES
+DEFAULT_LOKR_MODULES: Mapping[str, Union[tuple[str, ...], str]] = DEFAULT_TARGET_MODULES
 
 TargetSpec = Union[str, Sequence[str], None]
 _INIT_CHOICES = (True, False, "gaussian")
@@ -251,11 +278,24 @@ DEFAULT_IA3_MODULES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
     "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
     "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma3_text": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "llama4": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
     "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "gpt_bigcode": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
     "bert": (("key", "value", "output.dense"), ("output.dense",)),
     "roberta": (("key", "value", "output.dense"), ("output.dense",)),
     "t5": (("k", "v", "wo"), ("wo",)),
+    "mt5": (("k", "v", "wi_1"), ()),
     "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
+    "bart": (("q_proj", "v_proj", "fc2"), ("fc2",)),
+    "gptj": (("q_proj", "v_proj", "fc_out"), ("fc_out",)),
+    "gpt_neo": (("q_proj", "v_proj", "c_proj"), ("c_proj",)),
+    "gpt_neox": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "bloom": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
+    "falcon": (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)),
+    "phi": (("q_proj", "v_proj", "fc2"), ("fc2",)),
+    "deberta": (("in_proj", "output.dense"), ("output.dense",)),
+    "deberta-v2": (("key_proj", "value_proj", "output.dense"), ("output.dense",)),
 }
 
 
@@ -317,6 +357,169 @@ class IA3Config(_PeftConfigIO):
             raise ConfigError(f"modules_to_save={self.modules_to_save!r} is not supported; leave it None.")
 
 
+def _check_lycoris(config: Any, inits: tuple) -> None:
+    """Validation shared by :class:`LoHaConfig` and :class:`LoKrConfig` (in place on a frozen config)."""
+    set_ = object.__setattr__
+    name = type(config).__name__
+    if isinstance(config.r, bool) or not isinstance(config.r, numbers.Integral) or config.r <= 0:
+        raise ConfigError(f"r={config.r!r} must be a positive integer (the adapter rank), e.g. r=8.")
+    set_(config, "r", int(config.r))
+    if isinstance(config.alpha, bool) or not isinstance(config.alpha, numbers.Real) or not math.isfinite(config.alpha):
+        raise ConfigError(f"alpha={config.alpha!r} must be a finite number, e.g. alpha=8 (the scale is alpha / r).")
+    _normalize_targets(config, ("target_modules", "exclude_modules"))
+    for field_name in ("rank_dropout", "module_dropout"):
+        value = getattr(config, field_name)
+        if not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"{field_name}={value!r} must be a number in [0, 1).")
+        if value:
+            raise ConfigError(
+                f"{field_name}={value!r} is not supported by graphlora's {name} (its random masks are "
+                f"drawn per call in PEFT's order, which a graph cannot reproduce); use {field_name}=0.0."
+            )
+    if config.use_effective_conv2d:
+        raise ConfigError(
+            f"use_effective_conv2d={config.use_effective_conv2d!r} is a convolution option; graphlora's "
+            f"{name} adapts linear sites only. Use use_effective_conv2d=False."
+        )
+    if config.init_weights not in inits or (isinstance(config.init_weights, str) and config.init_weights not in inits):
+        raise ConfigError(f"init_weights={config.init_weights!r} is not supported; use one of {list(inits)}.")
+    if config.modules_to_save:
+        raise ConfigError(f"modules_to_save={config.modules_to_save!r} is not supported; leave it None.")
+    layers = config.layers_to_transform
+    if layers is not None:
+        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool) and layers >= 0:
+            set_(config, "layers_to_transform", int(layers))
+        elif isinstance(layers, (list, tuple)) and all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in layers
+        ):
+            set_(config, "layers_to_transform", tuple(int(i) for i in layers))
+        else:
+            raise ConfigError(f"layers_to_transform={layers!r} must be a non-negative int or a list of them.")
+        if isinstance(config.target_modules, str):
+            raise ConfigError(
+                f"layers_to_transform={layers!r} cannot be used with target_modules={config.target_modules!r} "
+                "(a string); list the module names instead (PEFT has the same rule)."
+            )
+    if config.layers_pattern is not None:
+        if config.layers_to_transform is None:
+            raise ConfigError(f"layers_pattern={config.layers_pattern!r} needs layers_to_transform; set both or neither.")
+        if not isinstance(config.layers_pattern, str):
+            set_(config, "layers_pattern", tuple(config.layers_pattern))
+    for field_name, kind in (("rank_pattern", "r"), ("alpha_pattern", "alpha")):
+        pattern = dict(getattr(config, field_name) or {})
+        for key, value in pattern.items():
+            _check_regex(key, f"{field_name} key")
+            ok = isinstance(value, numbers.Integral) and value > 0 if kind == "r" else isinstance(value, numbers.Real)
+            if isinstance(value, bool) or not ok:
+                raise ConfigError(f"{field_name}[{key!r}]={value!r} is not a valid {kind}.")
+        set_(config, field_name, pattern)
+
+
+@dataclass(frozen=True)
+class LoHaConfig(_PeftConfigIO):
+    """Configuration of one LoHa adapter (low-rank Hadamard product; PEFT's ``LoHaConfig`` names).
+
+    Per targeted linear site with weight ``W`` (``d_out x d_in``) it learns ``w1a``, ``w2a``
+    (``d_out x r``) and ``w1b``, ``w2b`` (``r x d_in``) and computes
+
+    .. math::
+
+        y = W x + b + \\Delta W x, \\qquad
+        \\Delta W = \\big((w_{1a} w_{1b}) \\odot (w_{2a} w_{2b})\\big) \\cdot \\frac{\\alpha}{r}
+
+    adding ``2 r (d_in + d_out)`` parameters. With ``init_weights=True`` ``w2b`` starts at zero
+    (injection is the identity); ``False`` draws all four (tests).
+
+    Args:
+        r, alpha: rank and the numerator of the scale ``alpha / r`` (per site through
+            ``rank_pattern`` / ``alpha_pattern``, PEFT's matching).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern: as :class:`LoraConfig`
+            (``None`` targets: PEFT's default for the model type, :data:`DEFAULT_LOHA_MODULES`).
+        rank_dropout, module_dropout: must be 0 (refused otherwise).
+        use_effective_conv2d: a convolution option: must be False (linear sites only).
+
+    Raises:
+        ConfigError: a field has an unusable value (the message names it and the fix).
+    """
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    init_weights: bool = True
+    layers_to_transform: Union[int, Sequence[int], None] = None
+    layers_pattern: Union[str, Sequence[str], None] = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    modules_to_save: None = None
+    task_type: Union[str, None] = None
+    base_model_name_or_path: Union[str, None] = None
+    inference_mode: bool = False
+
+    peft_type = "LOHA"
+
+    def __post_init__(self) -> None:
+        _check_lycoris(self, (True, False))
+
+
+@dataclass(frozen=True)
+class LoKrConfig(_PeftConfigIO):
+    """Configuration of one LoKr adapter (Kronecker product; PEFT's ``LoKrConfig`` names).
+
+    Per targeted linear site (``d_out = a c``, ``d_in = b d`` from PEFT's ``factorization`` of
+    each dimension with ``decompose_factor``) it computes
+
+    .. math::
+
+        y = W x + b + \\Delta W x, \\qquad \\Delta W = (w_1 \\otimes w_2) \\cdot \\frac{\\alpha}{r}
+
+    with ``w1`` (``a x b``) stored whole, or as ``w1_a w1_b`` when ``decompose_both`` and
+    ``r < max(a, b) / 2``; ``w2`` (``c x d``) stored whole unless ``r < max(c, d) / 2``, then as
+    ``w2_a w2_b`` (PEFT's rule). ``init_weights=True`` zeros ``w1`` (or ``w1_a``): identity at
+    injection; ``"lycoris"`` zeros ``w2`` (or ``w2_b``); ``False`` draws everything (tests).
+
+    Args:
+        as :class:`LoHaConfig`, plus ``decompose_both``, ``decompose_factor`` (``-1``: factors
+        near the square root) and ``rank_dropout_scale`` (only used with rank dropout).
+
+    Raises:
+        ConfigError: a field has an unusable value (the message names it and the fix).
+    """
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    init_weights: Union[bool, str] = True
+    layers_to_transform: Union[int, Sequence[int], None] = None
+    layers_pattern: Union[str, Sequence[str], None] = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    modules_to_save: None = None
+    task_type: Union[str, None] = None
+    base_model_name_or_path: Union[str, None] = None
+    inference_mode: bool = False
+
+    peft_type = "LOKR"
+
+    def __post_init__(self) -> None:
+        _check_lycoris(self, (True, False, "lycoris"))
+        factor = self.decompose_factor
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or (factor <= 0 and factor != -1):
+            raise ConfigError(f"decompose_factor={factor!r} must be -1 (near the square root) or a positive integer.")
+        if not isinstance(self.decompose_both, bool):
+            raise ConfigError(f"decompose_both={self.decompose_both!r} must be True or False.")
+
+
 def _name_unknown_fields(cls: type) -> type:
     """Make ``cls(**kwargs)`` with a misspelt keyword raise :class:`UnknownFieldError` (a
     ``TypeError`` and a :class:`ConfigError`) naming the closest fields, instead of Python's bare
@@ -341,5 +544,5 @@ def _name_unknown_fields(cls: type) -> type:
     return cls
 
 
-for _cls in (LoraConfig, IA3Config):
+for _cls in (LoraConfig, IA3Config, LoHaConfig, LoKrConfig):
     _name_unknown_fields(_cls)

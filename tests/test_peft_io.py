@@ -268,7 +268,8 @@ def test_missing_and_unexpected_keys(clean, tmp_path):
 
 @pytest.mark.parametrize("change,match", [
     (dict(peft_type="IA3"), r"bias='none' is not an IA3Config field"),  # a LoRA file relabelled
-    (dict(peft_type="LOHA"), "peft_type='LOHA'"),
+    (dict(peft_type="VERA"), "peft_type='VERA'"),  # a method graphlora does not have
+    (dict(peft_type="LOHA"), r"bias='none' is not a LoHaConfig field"),  # a LoRA file relabelled
     (dict(lora_bias=True), "lora_bias=True"),
     (dict(modules_to_save=["classifier"]), "modules_to_save"),
     (dict(init_lora_weights="pissa"), "pissa"),

@@ -13,13 +13,15 @@ from graphlora.errors import ConfigError
 
 from .base import MethodRule
 from .ia3 import IA3Rule
+from .loha import LoHaRule
+from .lokr import LoKrRule
 from .lora import LoraRule
 
 __all__ = ["MethodRule", "RULES", "rule_for", "rule_for_peft_type", "config_types", "register_rule",
            "unregister_rule"]
 
 #: every registered rule, in the order they are tried
-RULES: list[MethodRule] = [LoraRule(), IA3Rule()]
+RULES: list[MethodRule] = [LoraRule(), IA3Rule(), LoHaRule(), LoKrRule()]
 
 
 def register_rule(rule: MethodRule) -> MethodRule:
