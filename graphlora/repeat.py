@@ -28,11 +28,11 @@ __all__ = ["layer_stack", "trace_repeated"]
 MIN_LAYERS = 4
 
 
-def layer_stack(model: nn.Module) -> Union[tuple[str, nn.ModuleList], None]:
-    """The ``nn.ModuleList`` of at least ``MIN_LAYERS`` same-class layers holding the most parameters."""
+def layer_stack(model: nn.Module, min_layers: int = MIN_LAYERS) -> Union[tuple[str, nn.ModuleList], None]:
+    """The ``nn.ModuleList`` of at least ``min_layers`` same-class layers holding the most parameters."""
     best: Union[tuple[str, nn.ModuleList, int], None] = None
     for name, module in model.named_modules():
-        if not name or not isinstance(module, nn.ModuleList) or len(module) < MIN_LAYERS:
+        if not name or not isinstance(module, nn.ModuleList) or len(module) < min_layers:
             continue
         if len({type(m) for m in module}) != 1:
             continue

@@ -20,6 +20,8 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
   values into the graph (the specialize pass).
 - :class:`RetargetDevice(old, new) <RetargetDevice>` (:mod:`.device`) — move the devices a trace
   baked into the graph (nested higher-order-op graphs included).
+- :class:`CheckpointBlocks(prefix, every_n_layers, options) <CheckpointBlocks>` (:mod:`.checkpoint`) —
+  each block's nodes as one activation-checkpointed call (training mode only).
 - :class:`ReplicateBlock(prefix, count, source) <ReplicateBlock>` (:mod:`.replicate`) — a graph
   traced with two copies of a block, stamped out to ``count`` (a new module, or ``modified=False``
   when the graph does not have that shape).
@@ -37,6 +39,7 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
 """
 
 from .attention import CausalAttention, causal_sdpa
+from .checkpoint import CheckpointBlocks, release_regions
 from .cleanup import StripTensorAsserts
 from .device import RetargetDevice
 from .dropout import FollowTrainMode
@@ -65,6 +68,8 @@ __all__ = [
     "FreezeSwitches",
     "RetargetDevice",
     "ReplicateBlock",
+    "CheckpointBlocks",
+    "release_regions",
     "is_targeted",
     "is_excluded",
     "pattern_value",
