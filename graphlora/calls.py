@@ -36,6 +36,8 @@ class CallSpec:
         arg_names: ``forward``'s positional parameter names (export only).
         defaults: values graphlora adds when a call leaves them out (``use_cache=False``).
         none_defaults: parameters whose default is ``None``: passing ``None`` is leaving them out.
+        var_keyword: ``forward`` takes ``**kwargs`` (constants there are traced into the program).
+        keyword_names: ``forward``'s keyword-only parameters.
     """
 
     frontend: str
@@ -43,13 +45,25 @@ class CallSpec:
     arg_names: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
     none_defaults: frozenset[str] = frozenset()
+    var_keyword: bool = False
+    keyword_names: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, model: nn.Module, frontend: str) -> "CallSpec":
         names, defaults = forward_params(model) if frontend == "export" else ((), {})
         params = inspect.signature(model.forward).parameters
         none = frozenset(p.name for p in params.values() if p.default is None and p.name not in defaults)
-        return cls(frontend, type(model).__name__, names, dict(defaults), none)
+        var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        keyword = frozenset(p.name for p in params.values() if p.kind == p.KEYWORD_ONLY)
+        return cls(frontend, type(model).__name__, names, dict(defaults), none, var_kw, keyword)
+
+    def graph_inputs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """A bound call's arguments the traced graph takes: those ``forward`` reaches only through
+        ``**kwargs`` (``output_hidden_states=True``, ...) are constants of the program, not inputs."""
+        if not self.var_keyword:
+            return dict(kwargs)
+        named = set(self.arg_names) | self.keyword_names
+        return {k: v for k, v in kwargs.items() if k in named}
 
     def normalize(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """``kwargs`` with ``None``-for-default dropped and graphlora's defaults added."""
@@ -87,8 +101,16 @@ def describe_key(key: ProgramKey) -> str:
     sig, mixed = key
     if sig is None:
         return ""
-    desc = ", ".join(f"{name}={'<tensor>' if d[0] == 'tensor' else d[-1]!r}" for name, d in sig)
+    desc = ", ".join(f"{name}={_describe_value(d)}" for name, d in sig)
     return f"({desc}{', adapter_names=...' if mixed else ''})"
+
+
+def _describe_value(d: tuple) -> str:
+    if d[0] == "tensor":
+        return "<tensor>"
+    if d[0] == "cache":  # ("cache", type, layers, leaves, windows): see graphlora.generation.describe_cache
+        return f"<{d[1]}, {'empty' if d[3] == 0 else f'{d[3]} tensors'}>"
+    return repr(d[-1])
 
 
 def describe_call(kwargs: Mapping[str, Any]) -> str:

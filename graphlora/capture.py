@@ -14,15 +14,16 @@ Both keep the original parameter tensors (``data_ptr`` equal): nothing is copied
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ._compat import export_module, is_pretrained_model
+from ._compat import export_module, is_cache, is_pretrained_model
 from .errors import TraceError
 
 __all__ = [
@@ -66,6 +67,10 @@ def _describe(value: Any) -> Any:
         return ("tensor", value.dtype, value.dim())
     if value is None or isinstance(value, (bool, int, float, str)):
         return ("const", value)
+    if is_cache(value):  # a KV cache: its type, layers and filled leaves (one program per pytree spec)
+        from .generation import describe_cache
+
+        return describe_cache(value)
     return ("object", type(value).__qualname__)
 
 
@@ -162,17 +167,61 @@ def trace_export(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     """
     from .repeat import trace_repeated
 
+    kwargs, fixed = split_var_keyword(model, kwargs)
+    kwargs = widen_for_trace(kwargs)
+    with _fixed_keywords(model, fixed):
+        return trace_repeated(model, kwargs, _export_eval) or _export_eval(model, kwargs)
+
+
+def split_var_keyword(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``kwargs`` split into those ``model.forward`` names and those that reach it only through
+    ``**kwargs`` (transformers' ``output_hidden_states``, ``output_attentions``, ``return_dict``).
+
+    The second part is traced as constants (each value its own program) and is not an input of
+    the traced graph.
+
+    Raises:
+        TraceError: a value reaching ``forward`` only through ``**kwargs`` is not a constant
+            (``None``, bool, int, float, str): a tensor there cannot be a graph input.
+    """
     params = inspect.signature(model.forward).parameters
     named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    through_var_kw = sorted(set(kwargs) - named)
-    if through_var_kw:
+    fixed = {k: v for k, v in kwargs.items() if k not in named}
+    tensors = sorted(k for k, v in fixed.items() if _describe(v)[0] != "const")
+    if tensors:
         raise TraceError(
-            f"{', '.join(through_var_kw)} reach {type(model).__name__}.forward only through **kwargs, which "
-            "the torch.export capture cannot trace yet; call without them (for transformers models: "
-            "set them on model.config before graphlora.inject instead, e.g. config.output_hidden_states=True)."
+            f"{', '.join(tensors)} reach {type(model).__name__}.forward only through **kwargs, where the "
+            "torch.export capture takes constants only (output_hidden_states=True, return_dict=False, ...), "
+            f"not {', '.join(type(fixed[k]).__name__ for k in tensors)} values; call without them, or trace a "
+            "wrapper module whose forward names them as parameters."
         )
-    kwargs = widen_for_trace(kwargs)
-    return trace_repeated(model, kwargs, _export_eval) or _export_eval(model, kwargs)
+    return {k: v for k, v in kwargs.items() if k in named}, fixed
+
+
+@contextlib.contextmanager
+def _fixed_keywords(model: torch.nn.Module, fixed: Mapping[str, Any]) -> Iterator[None]:
+    """Inside: ``model.forward`` passes ``fixed`` on to the real forward, and its signature has no
+    ``**kwargs`` (what ``torch.export`` binds inputs to). The instance's own ``forward`` (if any)
+    is put back after."""
+    if not fixed:
+        yield
+        return
+    had = "forward" in vars(model)
+    original = model.forward
+    sig = inspect.signature(original)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **kwargs, **fixed)
+
+    forward.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD])
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = original
+        else:
+            del model.forward
 
 
 def _first_line(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ any error the module is as it was. The math lives in functions over the state:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import warnings
@@ -39,10 +40,12 @@ from graphlora.passes.sites import getattr_path
 
 from . import merge as merging
 from . import peft_io
+from . import surface
 from ._checks import check_fx_call, check_placement
 from ._compat import is_pretrained_model
 from .calls import CallSpec
 from .capture import Captured
+from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
 from .methods import rule_for
@@ -51,6 +54,7 @@ from .planning import ModelFacts, check_known, check_new_name, plan_adapter
 from .prepare import copy_graph, prepare_base
 from .programs import Program, ProgramSet, first_records
 from .siteinfo import SiteInfo, site_infos, sites_table
+from .signature import show_source_signature
 from .state import STORE, AdapterState, AdapterStore
 from .transaction import transaction
 
@@ -100,7 +104,8 @@ class AdaptedGraphModule(fx.GraphModule):
         calls = CallSpec.of(model, captured.frontend)
         aliases = _param_aliases(model)
         sites = locate_sites(base, aliases)
-        first = Program(calls.key(calls.normalize(captured.kwargs or {}), False), base, sites)
+        first = Program(calls.key(calls.normalize(captured.kwargs or {}), False), base, sites,
+                        example=captured.kwargs)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         # the only attribute writes of the facade: everything else lives in these objects
         self._calls = calls
@@ -108,6 +113,7 @@ class AdaptedGraphModule(fx.GraphModule):
         self._facts = ModelFacts(model, tuple(first_records(sites)), _output_head(model), model_type, aliases)
         self._programs = ProgramSet(self, model, calls, self._adapters, first, aliases)
         self._transaction_depth = 0
+        show_source_signature(type(self), model)
         self.train(model.training)
 
     @classmethod
@@ -130,6 +136,44 @@ class AdaptedGraphModule(fx.GraphModule):
         """The original model (it shares every parameter with this module; PEFT's name)."""
         return self._facts.source
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate`` through this module's programs, with a KV cache; ``adapter_names=[...]``
+        gives each input row its adapter (see :mod:`graphlora.generation`)."""
+        from .generation import generate
+
+        return generate(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ transformers model surface
+    # (graphlora/surface.py: the source model's attributes, save_pretrained, unload, pickling)
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules first
+        except AttributeError as exc:
+            return surface.missing_attribute(self, name, exc)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' ``num_parameters`` over this module: base and adapter parameters."""
+        return surface.num_parameters(self, only_trainable, exclude_embeddings)
+
+    def save_pretrained(self, save_directory: PathLike, selected_adapters: Union[Sequence[str], None] = None,
+                        **kwargs: Any) -> list[str]:
+        """The adapter files, as ``PeftModel.save_pretrained`` writes them (see :func:`surface.save_pretrained`)."""
+        return surface.save_pretrained(self, save_directory, selected_adapters, **kwargs)
+
+    def unload(self) -> nn.Module:
+        """The source model without adapters (PEFT's ``unload``): its weights as they are now, so
+        merged adapters stay in them. This module keeps working over the same shared weights."""
+        return self.get_base_model()
+
+    def __reduce__(self) -> tuple:
+        """Pickle as the source model plus the adapter state; loading re-traces (:func:`surface.rebuild`)."""
+        return surface.reduce(self)
+
+    def __deepcopy__(self, memo: dict) -> "AdaptedGraphModule":
+        """An independent copy: its own source model, parameters and adapters (re-traced)."""
+        fn, args = surface.reduce(self)
+        return fn(*copy.deepcopy(args, memo))
+
     @property
     def _records(self) -> dict:
         return self._programs.records
@@ -143,6 +187,8 @@ class AdaptedGraphModule(fx.GraphModule):
         # GraphModule installs its own __call__ wrapper on each recompile; route first instead,
         # so that torch.compile traces the program graphs, never the routing Python.
         type(self).__call__ = AdaptedGraphModule.__call__
+        facts = self.__dict__.get("_facts")  # Trainer reads the source model's signature (labels, attention_mask)
+        show_source_signature(type(self), facts.source if facts is not None else None)
         return code
 
     @torch.compiler.disable(recursive=False)
@@ -172,7 +218,8 @@ class AdaptedGraphModule(fx.GraphModule):
         key = self._calls.key(kwargs, names is not None)
         if names is not None:
             write_row_index(self._adapters, names, args, kwargs, self.training)
-        return self._programs.get_or_build(key, kwargs).module, args, kwargs
+        module = self._programs.get_or_build(key, kwargs).module
+        return module, args, (self._calls.graph_inputs(kwargs) if self._calls.frontend == "export" else kwargs)
 
     def train(self, mode: bool = True) -> "AdaptedGraphModule":
         super().train(mode)
@@ -191,6 +238,60 @@ class AdaptedGraphModule(fx.GraphModule):
             programs.after_move(fn, {id(before[n]): t for n, t in after.items() if n in before and before[n] is not t})
             self._adapters.sync()  # new buffers (to_empty: garbage): rewrite the switch state
         return result
+
+    #: transformers' Trainer passes loss keywords (``num_items_in_batch``) to a forward with ``**kwargs``;
+    #: the traced graphs take none, so Trainer averages each batch's loss itself (as without them).
+    accepts_loss_kwargs = False
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Union[Mapping[str, Any], None] = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """Checkpoint each decoder block in training mode (transformers' arguments).
+
+        Every program but the mixed-batch ones is re-spliced with the block regions of the layer
+        stack wrapped in ``torch.utils.checkpoint.checkpoint(..., **gradient_checkpointing_kwargs)``
+        (default ``use_reentrant=False``; see :mod:`graphlora.passes.checkpoint`). In eval mode, or
+        under ``no_grad``, nothing is checkpointed. Enabled on the source model before inject, it
+        is on already.
+
+        Raises:
+            ConfigError: bad arguments, ``offload=True``, or a model without a layer stack.
+        """
+        settings = settings_for(self._facts.source, gradient_checkpointing_kwargs, every_n_layers, offload)
+        with self._transaction():
+            self._programs.set_checkpointing(settings)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Union[Mapping[str, Any], None] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' newer name of :meth:`gradient_checkpointing_enable`."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Stop checkpointing: every program is re-spliced without regions."""
+        with self._transaction():
+            self._programs.set_checkpointing(None)
+
+    def activation_checkpointing_disable(self) -> None:
+        """transformers' newer name of :meth:`gradient_checkpointing_disable`."""
+        self.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the training programs checkpoint their blocks."""
+        return self._programs.checkpointing is not None
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """transformers' newer name of :attr:`is_gradient_checkpointing`."""
+        return self.is_gradient_checkpointing
+
+    def enable_input_require_grads(self) -> None:
+        """Nothing to do (kept for callers such as PEFT and TRL): each checkpoint region receives
+        the adapter parameters as inputs, so even ``use_reentrant=True`` needs no input that
+        requires grad."""
+
+    def disable_input_require_grads(self) -> None:
+        """Nothing to undo (see :meth:`enable_input_require_grads`)."""
 
     # ------------------------------------------------------------------ planning
     def _plan(self, config: AnyConfig) -> dict[str, Any]:
@@ -451,17 +552,21 @@ class AdaptedGraphModule(fx.GraphModule):
 
     def merge_and_unload(
         self, adapter_names: Union[Iterable[str], None] = None, safe_merge: bool = False
-    ) -> fx.GraphModule:
-        """Merge (the active adapters, by default) and return the traced base graph on the merged weights.
+    ) -> nn.Module:
+        """Merge (the active adapters, by default) and return the model on the merged weights.
 
-        The result is a plain ``torch.fx.GraphModule`` with no adapter nodes: the graph as traced
-        (``traced_graph``), sharing the (now merged) base parameters, so it runs at the base model's
-        speed and its outputs equal this module's before the merge. Adapters already merged stay
-        merged; this module stays in the merged state (``unmerge_adapter()`` undoes it, and changes
-        the returned module's weights back too, since they are shared).
+        For a transformers model the result is the source model itself (its own class, so
+        ``generate``, ``save_pretrained`` and ``from_pretrained`` of what it saves work), as PEFT's
+        ``merge_and_unload`` returns the base model. For any other model it is a plain
+        ``torch.fx.GraphModule``: the graph as traced (``traced_graph``), no adapter nodes. Either way
+        the result shares the (now merged) base parameters, so its outputs equal this module's
+        before the merge.
 
-        With the export frontend the graph is that of the first traced call signature: call it with
-        exactly those arguments (for a transformers model, include ``use_cache=False``).
+        This module afterwards: it stays in the merged state over the same shared weights (its
+        merged adapters are listed in ``merged_adapters``; it still runs and gives the merged
+        outputs). ``unmerge_adapter()`` restores the exact original weights, and so changes the
+        returned model back too: to keep a merged model and go on with adapters, save (or
+        deep-copy) the returned model first.
         """
         merged = self._adapters.merge.merged
         if adapter_names is None:
@@ -472,6 +577,9 @@ class AdaptedGraphModule(fx.GraphModule):
             pending = [n for n in _names(adapter_names) if n not in merged]
             if pending:
                 self.merge_adapter(pending, safe_merge=safe_merge)
+        source = surface.merged_source(self)
+        if source is not None:
+            return source
         plain = fx.GraphModule(self, self.traced_graph, class_name=self._get_name())
         plain.train(self.training)
         return plain

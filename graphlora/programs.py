@@ -30,12 +30,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphlora.passes import RetargetDevice, Site, SpliceAdapters, SpliceMixed, locate_sites, run_passes
+from graphlora.passes import (CheckpointBlocks, RetargetDevice, Site, SpliceAdapters, SpliceMixed, locate_sites,
+                              release_regions, run_passes)
+from graphlora.passes.checkpoint import REGION_PREFIX
 from graphlora.passes.sites import getattr_path
 
 from ._compat import adopt_graph
 from .calls import CallSpec, ProgramKey, describe_call, describe_key
-from .capture import trace_export
+from .generation import trace_call
+from .checkpointing import CheckpointSettings, settings_of_source
 from .errors import SignatureError
 from .prepare import copy_graph, prepare_base
 from .state import STORE, AdapterState
@@ -60,6 +63,8 @@ class Program:
     sites: list[Site]
     local: frozenset[str] = frozenset()
     module: Union[fx.GraphModule, None] = None
+    #: the inputs it was traced on (kept for the first program only: pickling re-traces from them)
+    example: Union[Mapping[str, Any], None] = None
 
     @property
     def mixed(self) -> bool:
@@ -100,6 +105,35 @@ def _named_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [t for _, t in (*module.named_parameters(), *module.named_buffers())]
 
 
+def _float_dtype(module: nn.Module) -> Union[torch.dtype, None]:
+    """The one dtype of every floating parameter (``None``: none, or several)."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return next(iter(dtypes)) if len(dtypes) == 1 else None
+
+
+def _cast_like(value: Any, param: torch.Tensor) -> Any:
+    """An example input on ``param``'s device, floating tensors in its dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(param.device, param.dtype) if value.is_floating_point() else value.to(param.device)
+
+
+def _install(root: nn.Module, target: str, obj: Any) -> None:
+    """Put ``obj`` at ``target`` on ``root``: a module as a submodule, a tensor as the buffer there
+    (non-persistent when new), anything else as an attribute."""
+    prefix, _, name = target.rpartition(".")
+    owner = root.get_submodule(prefix) if prefix else root
+    if isinstance(obj, nn.Module):
+        owner.add_module(name, obj)
+    elif isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter):
+        persistent = name not in owner._non_persistent_buffers_set if name in owner._buffers else False
+        if name in owner.__dict__:
+            delattr(owner, name)
+        owner.register_buffer(name, obj, persistent=persistent)
+    else:
+        setattr(owner, name, obj)
+
+
 def _set_path(root: nn.Module, target: str, value: torch.Tensor) -> None:
     prefix, _, name = target.rpartition(".")
     owner = root.get_submodule(prefix) if prefix else root
@@ -135,12 +169,21 @@ class ProgramSet:
         self.records = first_records(first.sites)
         devices = {p.device for p in root.parameters()}
         self.device: Union[torch.device, None] = next(iter(devices)) if len(devices) == 1 else None
+        self.dtype: Union[torch.dtype, None] = _float_dtype(root)
+        #: gradient checkpointing of the non-mixed programs (``None``: off); enabled on the source model
+        #: before inject, it carries over
+        self.checkpointing: Union[CheckpointSettings, None] = settings_of_source(source)
 
     # ------------------------------------------------------------------ reading
     @property
     def primary(self) -> Program:
         """The program traced at inject time (its module is the emitted module)."""
         return self._programs[self.primary_key]
+
+    @property
+    def primary_example(self) -> Union[Mapping[str, Any], None]:
+        """The inputs the first program was traced on (``None``: made from the config, or fx)."""
+        return self.primary.example
 
     def __iter__(self) -> Iterator[Program]:
         return iter(list(self._programs.values()))
@@ -179,7 +222,7 @@ class ProgramSet:
 
     def _trace(self, key: ProgramKey, kwargs: Mapping[str, Any]) -> Program:
         try:
-            gm = prepare_base(trace_export(self.source, kwargs), self.source)
+            gm = prepare_base(trace_call(self.source, kwargs), self.source)
         except Exception as exc:
             text = str(exc).strip()
             raise SignatureError(
@@ -225,8 +268,18 @@ class ProgramSet:
             step = SpliceMixed(program.sites, self.state.mixed_specs(self.records), f"{STORE}.row_index")
         else:
             step = SpliceAdapters(program.sites, self.state.branch_specs(self.records))
-        run_passes(module, [step])  # the runner regenerates the module's code once, whatever changed
+        steps = [step]
+        release_regions(module)  # checkpoint regions of the graph this one replaces (snapshot keeps them)
+        ckpt = self.checkpointing
+        if ckpt is not None and not program.mixed:  # mixed batches serve: they never checkpoint
+            steps.append(CheckpointBlocks(ckpt.prefix, ckpt.every_n_layers, ckpt.options))
+        run_passes(module, steps)  # the runner regenerates the module's code once, whatever changed
         program.module = module
+
+    def set_checkpointing(self, settings: Union[CheckpointSettings, None]) -> None:
+        """Turn gradient checkpointing on (``settings``) or off (``None``) and re-splice every program."""
+        self.checkpointing = settings
+        self.rebuild()
 
     def rebuild(self) -> None:
         """Re-splice every program from its pristine graph with the current adapters."""
@@ -236,10 +289,17 @@ class ProgramSet:
     # ------------------------------------------------------------------ transactions
     def snapshot(self) -> tuple:
         """What :meth:`restore` needs to put every program back (references, no copies)."""
-        return dict(self._programs), {k: p.module for k, p in self._programs.items()}, self.root.graph
+        regions = {name: m for name, m in self.root.named_children() if name.startswith(REGION_PREFIX)}
+        return dict(self._programs), {k: p.module for k, p in self._programs.items()}, self.root.graph, (
+            self.checkpointing, regions)
 
     def restore(self, snapshot: tuple) -> None:
-        programs, modules, graph = snapshot
+        programs, modules, graph, (checkpointing, regions) = snapshot
+        self.checkpointing = checkpointing
+        for name in [n for n, _ in self.root.named_children() if n.startswith(REGION_PREFIX)]:
+            delattr(self.root, name)
+        for name, region in regions.items():
+            self.root.add_module(name, region)
         self._programs = dict(programs)
         for key, program in self._programs.items():
             program.module = modules[key]
@@ -263,12 +323,62 @@ class ProgramSet:
                     obj._apply(fn)
                 elif isinstance(obj, torch.Tensor):
                     _set_path(program.base, target, fn(obj))
+        dtype = _float_dtype(self.root)
+        if dtype is not None and self.dtype is not None and dtype != self.dtype and self._retrace():
+            self.dtype = dtype
+            return
         if self._retarget():
             self.rebuild()
         else:
             for program in self:
                 if program.key != self.primary_key:
                     self._build(program)
+
+    def _retrace(self) -> bool:
+        """After a cast of every floating parameter to a new dtype (``.half()``, ``.to(torch.bfloat16)``):
+        trace the first program again from the (now cast) source model and forget the others, which
+        trace again on their next call. A trace records each cast as "to this dtype", and cannot tell
+        a deliberate upcast (RMSNorm's variance, rotary angles in float32) from a cast back to the
+        activation dtype, so rewriting dtype constants would silently change the numbers; a new trace
+        is exact. Returns False when there is nothing to re-trace from (the fx frontend's graph
+        calls the modules and bakes no dtype; a model traced on user inputs without a record).
+        """
+        from ._compat import is_pretrained_model
+        from .capture import example_inputs_for
+
+        if self.calls.frontend != "export":
+            return False
+        primary = self.primary
+        example = primary.example
+        if example is None and is_pretrained_model(self.source):
+            example = example_inputs_for(self.source)
+        if example is None:
+            return False
+        param = next(self.root.parameters())
+        example = {k: _cast_like(v, param) for k, v in example.items()}
+        gm = prepare_base(trace_call(self.source, example), self.source)
+        sites = locate_sites(gm, self.aliases)
+        if [s.name for s in sites] != [s.name for s in primary.sites]:
+            raise RuntimeError(
+                "re-tracing after the dtype change found other linear sites "
+                f"({len(sites)} against {len(primary.sites)}); cast the model before graphlora.inject instead."
+            )
+        for target in _targets(gm.graph):  # what the new trace made itself replaces the root's
+            obj = getattr_path(gm, target)
+            try:
+                mine = getattr_path(self.root, target)
+            except AttributeError:
+                mine = None
+            if mine is not None and _equivalent(mine, obj):
+                continue
+            _install(self.root, target, obj)
+        first = Program(self.primary_key, gm, sites, frozenset(), self.root, example=primary.example)
+        self._programs = {self.primary_key: first}
+        self.records = first_records(sites)
+        devices = {p.device for p in self.root.parameters()}
+        self.device = next(iter(devices)) if len(devices) == 1 else None
+        self._build(first)
+        return True
 
     def _distinct_bases(self) -> list[Program]:
         seen, out = set(), []

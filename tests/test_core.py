@@ -338,12 +338,13 @@ def test_switching_while_merged_unmerges_and_mixed_batches_are_refused():
         assert torch.equal(gm(ids).logits, base(ids, use_cache=False).logits)
 
 
-def test_arguments_only_var_keyword_takes_get_a_clear_error_and_the_config_route_works():
+def test_constants_through_var_keyword_are_traced_tensors_there_get_a_clear_error_and_the_config_route_works():
     model = tiny_llama()
     gm = graphlora.inject(model, LoraConfig(r=2, target_modules=["q_proj"]))
     code = gm.code
-    with pytest.raises(graphlora.SignatureError, match="output_hidden_states.*model.config"):
-        gm(input_ids=token_ids(2, 5), output_hidden_states=True)
+    assert len(gm(input_ids=token_ids(2, 5), output_hidden_states=True).hidden_states) == 3  # its own program
+    with pytest.raises(graphlora.SignatureError, match=r"extra_mask reach.*only through \*\*kwargs.*constants only"):
+        gm(input_ids=token_ids(2, 5), extra_mask=torch.ones(2, 5))
     assert gm.code == code
     model = tiny_llama()
     model.config.output_hidden_states = True

@@ -106,9 +106,9 @@ def test_merge_and_unload_equals_unmerged(clean, arch):
     before = {path: w.clone() for path, w in _site_weights(gm).items()}
     expected = run(gm, IDS)
     plain = gm.merge_and_unload()
-    assert type(plain) is not type(gm) and isinstance(plain, fx.GraphModule)
-    assert not isinstance(plain, graphlora.AdaptedGraphModule)
-    assert "lora" not in plain.code and "graphlora" not in dict(plain.named_modules())
+    # a transformers model comes back as itself (tests/test_surface.py: saves and reloads)
+    assert type(plain) is type(gm.get_base_model()) and not isinstance(plain, fx.GraphModule)
+    assert "graphlora" not in dict(plain.named_modules())
     torch.testing.assert_close(_call(plain, arch), expected, **TOL)
     # it shares the merged weights: no copy, so unmerging changes it back too
     shared = {id(p) for p in gm.parameters()}

@@ -1,0 +1,188 @@
+"""Generation benchmark: tokens/s of transformers' ``generate`` for base, PEFT, graphlora, graphlora merged.
+
+Model: Llama-7B-shaped (hidden 4096, intermediate 11008, 32 heads, vocab 32000), 4 layers, bf16, sdpa;
+LoRA r=16, alpha=32 on q,k,v,o,gate,up,down (random B, same weights for PEFT and graphlora). Prompts
+of 32 and 1024 tokens, 64 new tokens (``min_new_tokens`` = ``max_new_tokens``: no early stop),
+greedy, batch 1, 8, 32; dynamic cache, and static cache (``cache_implementation="static"``) where it
+works (an error is recorded, not raised). Plus ``adapter_names`` mixing 8 adapters at batch 8 (one
+row each) against the base model at batch 8. Each cell: median of 3 timed runs after 2 identical
+warm-ups (graphlora traces its programs in the first). Ratios are against the base model in the same
+mode from this process.
+
+Run: ``python bench/bench_generate.py --out bench/generate-h200.json`` (``--tiny`` for a CPU smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+import graphlora
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NEW_TOKENS = 64
+
+
+def build(tiny: bool, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tiny:
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+    else:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=4,
+                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def randomize_lora(model, seed: int) -> None:
+    """Random ``lora_B`` (and A) in every LoRA layer of a PEFT model: the adapter changes the tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p))
+
+
+def seconds(fn, device, warmup: int = 2, iters: int = 3) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` identical calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def prompt(batch: int, length: int, vocab: int, device):
+    gen = torch.Generator().manual_seed(batch * 7919 + length)
+    ids = torch.randint(1, vocab, (batch, length), generator=gen).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def cell(model, inputs, device, new_tokens: int, **kwargs) -> dict:
+    batch = inputs["input_ids"].shape[0]
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, **kwargs)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
+        return out
+
+    try:
+        sec = seconds(run, device)
+    except Exception as exc:  # a mode that does not work here (static cache through graphlora, ...)
+        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"}
+    return {"seconds": sec, "tokens_per_s": batch * new_tokens / sec}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer toy model on CPU (smoke run)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prompts", default="32,1024")
+    ap.add_argument("--modes", default="dynamic,static")
+    args = ap.parse_args()
+    import peft
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    new_tokens = 4 if args.tiny else NEW_TOKENS
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts = [min(int(p), 64) if args.tiny else int(p) for p in args.prompts.split(",")]
+    modes = args.modes.split(",")
+
+    base = build(args.tiny, device, dtype)
+    config = dict(r=16, lora_alpha=32, target_modules=TARGETS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(build(args.tiny, device, dtype), peft.LoraConfig(**config)).eval()
+        randomize_lora(ref, seed=1)
+        for i in range(1, 8):  # adapters for the mixed-batch cell
+            ref.add_adapter(f"a{i}", peft.LoraConfig(**config))
+        randomize_lora(ref, seed=2)
+        ref.set_adapter("default")
+    gm = graphlora.inject(build(args.tiny, device, dtype), graphlora.LoraConfig(**config)).eval()
+    for i in range(1, 8):
+        gm.add_adapter(f"a{i}", graphlora.LoraConfig(**config))
+    gm.set_adapter("default")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # random adapters (not PEFT's values: this measures speed, not tokens)
+        for _, _, branch in gm.graphlora.branches():
+            for p in (branch.lora_A.weight, branch.lora_B.weight):
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p))
+
+    vocab = base.config.vocab_size
+    rows = []
+    for mode in modes:
+        extra = {"cache_implementation": "static"} if mode == "static" else {}
+        for length in prompts:
+            for batch in batches:
+                inputs = prompt(batch, length, vocab, device)
+                row = {"mode": mode, "prompt": length, "batch": batch,
+                       "base": cell(base, inputs, device, new_tokens, **extra),
+                       "peft": cell(ref, inputs, device, new_tokens, **extra),
+                       "graphlora": cell(gm, inputs, device, new_tokens, **extra)}
+                gm.merge_adapter()
+                try:
+                    row["graphlora_merged"] = cell(gm, inputs, device, new_tokens, **extra)
+                finally:
+                    gm.unmerge_adapter()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        mixed_batch = 8
+        names = ["default"] + [f"a{i}" for i in range(1, 8)]
+        for length in prompts:
+            inputs = prompt(mixed_batch, length, vocab, device)
+            row = {"mode": mode, "prompt": length, "batch": mixed_batch, "mixed": 8,
+                   "base": cell(base, inputs, device, new_tokens, **extra),
+                   "peft": cell(ref, inputs, device, new_tokens, adapter_names=names, **extra),
+                   "graphlora": cell(gm, inputs, device, new_tokens, adapter_names=names, **extra)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    def ratio(row, key):
+        a, b = row.get(key, {}), row["base"]
+        if "tokens_per_s" not in a or "tokens_per_s" not in b:
+            return a.get("error", "n/a")[:40] if isinstance(a, dict) else "n/a"
+        return f"{a['tokens_per_s']:,.0f} ({a['tokens_per_s'] / b['tokens_per_s']:.2f}x)"
+
+    print()
+    print("| mode | prompt | batch | base tok/s | PEFT | graphlora | graphlora merged |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        b = row["base"]
+        base_cell = f"{b['tokens_per_s']:,.0f}" if "tokens_per_s" in b else b.get("error", "")[:40]
+        label = f"{row['mode']}{' mixed 8' if row.get('mixed') else ''}"
+        print(f"| {label} | {row['prompt']} | {row['batch']} | {base_cell} | {ratio(row, 'peft')} | "
+              f"{ratio(row, 'graphlora')} | {ratio(row, 'graphlora_merged')} |")
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "dtype": str(dtype), "new_tokens": new_tokens, "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

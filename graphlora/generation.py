@@ -1,0 +1,368 @@
+"""Generation: ``gm.generate(...)`` runs transformers' own loop through the adapted graphs, with a KV cache.
+
+**The loop is transformers'.** :func:`generate` calls the *source model's* ``generate`` (it shares
+every parameter with ``gm``) while that model's ``forward`` is shadowed by an instance attribute
+that calls ``gm(**kwargs)``; the shadow carries the original signature (``functools.wraps``), so
+transformers' argument checks, cache set-up, logits processors, beam search, stopping criteria and
+streamers all behave as on the model. The shadow is removed in ``finally``: bad input gets
+transformers' own error and leaves adapters and graphs as they were.
+
+**The KV cache is a graph input and output.** ``DynamicCache`` is registered as a pytree node
+(:func:`graphlora._compat.register_cache_pytree`), so an exported program takes the cache's key and
+value tensors as inputs and returns the updated cache. Each distinct shape of call is its own
+program, keyed by :func:`describe_cache` (cache type, number of layers, number of filled leaves,
+sliding windows): prefill without a cache (``use_cache=True``), prefill with an empty cache object,
+decode with a filled cache. Calls the ProgramSet has not seen are traced by :func:`trace_call`:
+
+- a filled cache is traced on synthetic inputs of consistent shapes, batch ``B = 2``, past
+  ``P = 3``, ``N = 2`` new tokens (``attention_mask`` ``[B, P + N]``, ``position_ids`` and
+  ``cache_position`` counting from ``P``), with ``Dim.AUTO`` on batch and length of every cache
+  tensor and on dims 0/1 of every other tensor. No size is 0 or 1, so torch.export specializes none
+  of them and the graph serves every batch size, past length and number of new tokens (one decode
+  step is ``N = 1``);
+- prefill calls are traced on the call's own inputs with size-1 dims widened to 2
+  (:func:`graphlora.capture.widen_for_trace`); an empty cache has no leaves, its pytree spec is
+  part of the key.
+
+Cache calls skip the two-layer replication of deep models (:mod:`graphlora.repeat`): each layer
+writes its own cache slot, so block 1 is not block 0 renamed.
+
+**Encoder-decoder models** (T5): transformers' ``generate`` calls ``get_encoder()(...)`` directly, so
+the encoder's ``forward`` is shadowed too and runs its own program, traced from
+:class:`EncoderHalf` (the source's children under their own names, so sites and parameters are
+named as in the whole model's trace; the key carries ``HALF``). Decoder calls take
+``encoder_outputs`` and an ``EncoderDecoderCache`` (registered here as a pytree node) and are always
+traced on synthetic inputs (encoder length 4; the first decoder step has one token).
+
+Not yet: ``StaticCache`` (``cache_implementation="static"``) is refused with a :class:`ConfigError`;
+it would need its in-place updated tensors (keys, values, ``cumulative_length``) registered as
+pytree leaves and traced as input mutations, or held as program buffers.
+
+**Mixed batches.** ``adapter_names=[...]`` (one per input row) flows into every forward call of the
+loop; a call whose batch is ``k`` times longer (``num_beams`` or ``num_return_sequences``, expanded
+by transformers with ``repeat_interleave``) gets each name repeated ``k`` times, as PEFT does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ._compat import (cache_dynamic_shapes, dynamic_dims, export_with_shapes, is_cache, pytree_shapes,
+                      register_cache_pytree)
+from .errors import ConfigError
+
+__all__ = ["generate", "describe_cache", "is_cache_call", "trace_call", "example_cache_inputs"]
+
+#: Synthetic decode trace: batch, past length, new tokens (none 0 or 1: torch.export keeps them dynamic).
+TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 3, 2
+#: Synthetic encoder length of an encoder-decoder trace.
+TRACE_ENCODER = 4
+
+
+# ---------------------------------------------------------------------- program keys
+def describe_cache(cache: Any) -> tuple:
+    """What a cache object contributes to a program key: ``("cache", type, layers, leaves, windows)``.
+
+    Two caches with equal descriptions flatten to the same pytree spec, so one exported graph takes
+    both: an empty ``DynamicCache`` (prefill) has 0 leaves, a filled one ``2 · layers``.
+    """
+    from torch.utils import _pytree as pytree
+
+    register_cache_pytree()
+    layers = getattr(cache, "layers", ())
+    windows = tuple(getattr(layer, "sliding_window", None) for layer in layers)
+    # -1: a cache type export cannot take apart (StaticCache, ...): _export_cache_call refuses it
+    leaves = len(pytree.tree_flatten(cache)[0]) if type(cache) in pytree.SUPPORTED_NODES else -1
+    return ("cache", type(cache).__qualname__, len(layers), leaves, windows)
+
+
+def is_cache_call(kwargs: Mapping[str, Any]) -> bool:
+    """A call that takes or returns a KV cache (``use_cache=True`` or a cache object given)."""
+    return kwargs.get("use_cache") is True or any(is_cache(v) for v in kwargs.values())
+
+
+# ---------------------------------------------------------------------- tracing
+def _cache_item(kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+    return next(((k, v) for k, v in kwargs.items() if is_cache(v)), (None, None))
+
+
+def _filled(cache: Any) -> bool:
+    return cache is not None and describe_cache(cache)[3] > 0
+
+
+def _synthetic_cache(cache: Any, batch: int, past: int, encoder: int) -> Any:
+    """A cache of ``cache``'s pytree spec whose leaves are ``[batch, heads, length, head_dim]`` zeros.
+
+    ``length`` is ``past`` for self-attention layers and ``encoder`` for cross-attention ones.
+    """
+    from torch.utils import _pytree as pytree
+
+    cross = getattr(cache, "cross_attention_cache", None)
+    if cross is not None:  # EncoderDecoderCache(self_attention_cache, cross_attention_cache)
+        return type(cache)(_synthetic_cache(cache.self_attention_cache, batch, past, encoder),
+                           _synthetic_cache(cross, batch, encoder, encoder))
+    leaves, spec = pytree.tree_flatten(cache)
+    fresh = [torch.zeros((batch, t.shape[1], past, *t.shape[3:]), dtype=t.dtype, device=t.device) for t in leaves]
+    return pytree.tree_unflatten(fresh, spec)
+
+
+def _zeros_like_rows(value: Any, batch: int, length: int) -> Any:
+    """``value`` (a tensor or a pytree of them, e.g. ``encoder_outputs``) as ``[batch, length, ...]`` zeros."""
+    from torch.utils import _pytree as pytree
+
+    def fresh(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            return t
+        return torch.zeros((batch, length, *t.shape[2:]), dtype=t.dtype, device=t.device)
+
+    return pytree.tree_map(fresh, value)
+
+
+def example_cache_inputs(kwargs: Mapping[str, Any], batch: int = TRACE_BATCH, past: int = TRACE_PAST,
+                         new: int = TRACE_NEW, encoder: Union[int, None] = None) -> dict[str, Any]:
+    """Consistent synthetic inputs for a KV-cache call: ``batch`` rows, ``past`` cached, ``new`` new positions.
+
+    With ``encoder`` (an encoder-decoder model), ``input_ids`` / ``attention_mask`` /
+    ``encoder_outputs`` and the cross-attention cache have ``encoder`` positions, the ``decoder_*``
+    inputs and the self-attention cache ``past`` and ``new``.
+
+    Raises:
+        ConfigError: a tensor argument whose meaning (and so whose synthetic shape) is unknown.
+    """
+    out: dict[str, Any] = {}
+    steps = {"decoder_input_ids", "decoder_inputs_embeds"} if encoder else {"input_ids", "inputs_embeds"}
+    steps |= {"token_type_ids"}
+    masks = {"decoder_attention_mask"} if encoder else {"attention_mask"}
+    enc_inputs = {"input_ids", "inputs_embeds", "attention_mask"} if encoder else set()
+    for name, value in kwargs.items():
+        if is_cache(value):
+            out[name] = _synthetic_cache(value, batch, past, encoder or past)
+        elif name == "encoder_outputs" and encoder:
+            out[name] = _zeros_like_rows(value, batch, encoder)
+        elif not isinstance(value, torch.Tensor):
+            out[name] = value
+        elif name in steps or name in enc_inputs:
+            length = encoder if name in enc_inputs else new
+            dtype_shape = (batch, length, *value.shape[2:])
+            fill = torch.ones if name == "attention_mask" else torch.zeros
+            out[name] = fill(dtype_shape, dtype=value.dtype, device=value.device)
+        elif name in masks and value.dim() == 2:
+            out[name] = torch.ones((batch, past + new), dtype=value.dtype, device=value.device)
+        elif name in ("position_ids", "decoder_position_ids") and value.dim() == 2:
+            pos = torch.arange(past, past + new, dtype=value.dtype, device=value.device)
+            out[name] = pos.expand(batch, new).contiguous()
+        elif name == "cache_position" and value.dim() == 1:
+            out[name] = torch.arange(past, past + new, dtype=value.dtype, device=value.device)
+        else:
+            raise ConfigError(
+                f"cannot trace a KV-cache call with {name}= (a {value.dim()}-d tensor graphlora does not know "
+                "how to resize for the decode trace); call without it, or with use_cache=False."
+            )
+    return out
+
+
+def _encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
+    from torch.export import Dim
+
+    from .capture import widen_for_trace
+
+    register_cache_pytree()
+    name, cache = _cache_item(kwargs)
+    if cache is not None and describe_cache(cache)[3] < 0:
+        raise ConfigError(
+            f"{name}= is a {type(cache).__name__}, which graphlora's graphs cannot take yet (only DynamicCache "
+            "and EncoderDecoderCache); generate without cache_implementation= (the default dynamic cache)."
+        )
+    filled = _filled(cache)
+    if _encoder_decoder(model):  # the decoder's first step has one token: always synthetic
+        example = example_cache_inputs(kwargs, past=TRACE_PAST if filled else 0, encoder=TRACE_ENCODER)
+    elif filled:
+        example = example_cache_inputs(kwargs)
+    else:
+        example = widen_for_trace(kwargs)
+    shapes = {}
+    for name, value in example.items():
+        if is_cache(value):
+            shapes[name] = cache_dynamic_shapes(value)
+        elif isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str)):
+            shapes[name] = dynamic_dims(value)
+        else:  # encoder_outputs and other pytrees of tensors: batch and length of each leaf
+            shapes[name] = pytree_shapes(value, {0: Dim.AUTO, 1: Dim.AUTO})
+    was_training = model.training
+    model.eval()
+    try:
+        gm = export_with_shapes(model, example, shapes)
+    finally:
+        model.train(was_training)
+    gm.training = False  # traced in eval mode (see graphlora.capture)
+    return gm
+
+
+#: marks the program key of an encoder-half call (see :class:`EncoderHalf`)
+HALF = "__graphlora_half__"
+
+
+class EncoderHalf(nn.Module):
+    """The encoder of an encoder-decoder model as a module whose paths are the whole model's.
+
+    It holds the source model's children under their own names, so a trace of it names sites and
+    parameters exactly as the whole model's trace does (``encoder.block.0.layer.0.SelfAttention.q``)
+    and the splice finds the same adapters. ``forward`` is the encoder's, returning a ``ModelOutput``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        encoder = model.get_encoder()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        self._path = next(name for name, module in model.named_modules() if module is encoder)
+        self.train(model.training)
+
+    def forward(self, input_ids: Any = None, attention_mask: Any = None, inputs_embeds: Any = None) -> Any:
+        encoder = self.get_submodule(self._path)
+        return encoder(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                       return_dict=True)
+
+
+def trace_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
+    """Trace ``model`` for the call ``kwargs``: cache calls as in the module docstring, encoder halves
+    with :class:`EncoderHalf`, others by :func:`graphlora.capture.trace_export`."""
+    from .capture import trace_export
+
+    if HALF in kwargs:
+        return trace_export(EncoderHalf(model), {k: v for k, v in kwargs.items() if k != HALF})
+    if not is_cache_call(kwargs):
+        return trace_export(model, kwargs)
+    return _export_cache_call(model, kwargs)
+
+
+def run_encoder(gm: Any, kwargs: Mapping[str, Any], names: Union[Sequence[str], None] = None) -> Any:
+    """The source model's encoder on ``kwargs`` through ``gm``'s encoder program (traced on first use)."""
+    from .capture import call_key
+    from .mixed import write_row_index
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    key = (call_key({**kwargs, HALF: "encoder"}), names is not None)
+    if names is not None:
+        write_row_index(gm.adapter_state, names, (), kwargs, gm.training)
+    return gm.programs.get_or_build(key, {**kwargs, HALF: "encoder"}).module(**kwargs)
+
+
+# ---------------------------------------------------------------------- generate
+def _row_names(names: Sequence[str], batch: Any) -> list[str]:
+    """``names`` (one per input row) repeated for a call of ``batch`` rows (beams, return sequences)."""
+    if batch is None or batch == len(names):
+        return list(names)
+    if batch % len(names):
+        raise ConfigError(
+            f"adapter_names has {len(names)} names but generate runs {batch} rows, not a multiple; "
+            "give one adapter name per input row."
+        )
+    return [n for n in names for _ in range(batch // len(names))]  # repeat_interleave, as transformers expands
+
+
+def _batch_of(kwargs: Mapping[str, Any]) -> Any:
+    first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return None if first is None else first.shape[0]
+
+
+def generate(gm: Any, *args: Any, **kwargs: Any) -> Any:
+    """The source model's ``generate(*args, **kwargs)`` with its forward routed through ``gm``'s programs.
+
+    Takes everything transformers' ``generate`` takes, plus ``adapter_names=[...]`` (one adapter
+    name or ``"__base__"`` per input row). Returns what transformers returns.
+
+    Raises:
+        AttributeError: the source model has no ``generate`` (it is not a generative model).
+        Whatever transformers raises for bad arguments; ``gm`` is left as it was.
+    """
+    source = gm.get_base_model()
+    run = getattr(source, "generate", None)
+    if run is None:
+        raise AttributeError(
+            f"{type(source).__name__} cannot generate (it has no generate method); graphlora's generate runs "
+            "the model's own. Use a model with a language-modeling head, e.g. AutoModelForCausalLM."
+        )
+    names = kwargs.pop("adapter_names", None)
+    if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
+        raise ConfigError(f"adapter_names must be a list with one adapter name per input row, got {names!r}.")
+    original = source.forward
+    encoder = source.get_encoder() if _encoder_decoder(source) and hasattr(source, "get_encoder") else None
+    originals = {id(source): source.__dict__.get("forward", _NONE)}
+    if encoder is not None:
+        originals[id(encoder)] = encoder.__dict__.get("forward", _NONE)
+
+    def unshadowed() -> contextlib.ExitStack:  # a first call traces the source model: its own forwards
+        stack = contextlib.ExitStack()
+        stack.enter_context(_forward_as(source, originals[id(source)]))
+        if encoder is not None:
+            stack.enter_context(_forward_as(encoder, originals[id(encoder)]))
+        return stack
+
+    @functools.wraps(original)  # transformers reads forward's signature to check and prepare inputs
+    def forward(*call_args: Any, **call_kwargs: Any) -> Any:
+        if call_kwargs.get("return_dict") is True:
+            call_kwargs.pop("return_dict")  # the programs return the model's output class already
+        if names is not None:
+            batch = _batch_of(call_kwargs) or _batch_of(dict(enumerate(call_args)))
+            call_kwargs["adapter_names"] = _row_names(names, batch)
+        with unshadowed():
+            return gm(*call_args, **call_kwargs)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_forward_as(source, forward))
+        if encoder is not None:
+            stack.enter_context(_forward_as(encoder, _encoder_forward(gm, encoder.forward, names, unshadowed)))
+        return run(*args, **kwargs)
+
+
+def _encoder_forward(gm: Any, original: Any, names: Any, unshadowed: Any) -> Any:
+    """The shadow of an encoder's ``forward``: the encoder program (generate calls ``get_encoder()(...)``)."""
+    flags = ("output_attentions", "output_hidden_states")
+
+    @functools.wraps(original)
+    def forward(**kwargs: Any) -> Any:
+        kwargs.pop("return_dict", None)  # the program returns a ModelOutput
+        asked = [f for f in flags if kwargs.pop(f, None)]
+        if asked:
+            raise ConfigError(
+                f"generate with {asked[0]}=True on an encoder-decoder model: the encoder program returns the "
+                "last hidden state only; generate without it."
+            )
+        rows = None if names is None else _row_names(names, _batch_of(kwargs))
+        with unshadowed():
+            return run_encoder(gm, kwargs, rows)
+
+    return forward
+
+
+_NONE = object()
+
+
+@contextlib.contextmanager
+def _forward_as(module: nn.Module, forward: Any) -> Iterator[None]:
+    """``module.forward`` is ``forward`` (an instance attribute; ``_NONE``: the class's) inside the block."""
+    before = module.__dict__.get("forward", _NONE)
+    _set_forward(module, forward)
+    try:
+        yield
+    finally:
+        _set_forward(module, before)
+
+
+def _set_forward(module: nn.Module, forward: Any) -> None:
+    if forward is _NONE:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = forward
