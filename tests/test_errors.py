@@ -426,4 +426,4 @@ def test_export_call_that_does_not_fit(llama, unchanged):
     # an unseen signature that cannot be traced lists the traced ones; nothing is added
     with unchanged(model, gm):
         with pytest.raises(SignatureError, match=r"Traced signatures: \(input_ids=<tensor>, use_cache=False\)"):
-            gm(torch.randn(2, 5))  # float token ids: the embedding cannot trace
+            gm(input_ids=token_ids(2, 5)[0])  # 1-D token ids: the model cannot trace them
