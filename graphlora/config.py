@@ -117,6 +117,24 @@ def _check_regex(value: str, field_name: str) -> None:
         ) from None
 
 
+def _check_modules_to_save(config: Any) -> None:
+    """In place on a frozen config: ``modules_to_save`` as a tuple of names (``None`` when empty).
+
+    PEFT's matching applies (a module path that ends with an entry), see :mod:`graphlora.modules_to_save`.
+    """
+    value = config.modules_to_save
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(
+            f"modules_to_save={value!r} must be a list of module names (e.g. ['classifier']), or None."
+        )
+    bad = [v for v in value if not isinstance(v, str) or not v]
+    if bad:
+        raise ConfigError(f"modules_to_save entries must be non-empty strings; got {bad!r}.")
+    object.__setattr__(config, "modules_to_save", tuple(dict.fromkeys(value)) or None)
+
+
 class _PeftConfigIO:
     """``to_dict`` / ``from_dict`` in PEFT's ``adapter_config.json`` shape, for any frozen config
     dataclass with a ``peft_type`` class attribute."""
@@ -182,6 +200,12 @@ class LoraConfig(_PeftConfigIO):
         use_dora: weight-decomposed LoRA (DoRA): the adapted weight is
             ``m * (W + s B A) / ||W + s B A||_row`` with a learned magnitude ``m`` per output
             feature (``lora_magnitude_vector``), the norm detached as in PEFT.
+        bias: which base biases train with the adapter and are saved with it: ``"none"``,
+            ``"all"`` (every parameter whose name contains ``bias``) or ``"lora_only"`` (the
+            adapted sites' biases); see :mod:`graphlora.modules_to_save`.
+        modules_to_save: module names (a path *ending with* an entry, PEFT's rule) of which the
+            adapter keeps its own trainable copy, used while it is active (a classification head);
+            ``task_type="SEQ_CLS"`` adds ``classifier`` and ``score`` as PEFT does.
 
     Raises:
         ConfigError: a field has an unusable value (the message names it and the fix).
@@ -201,6 +225,7 @@ class LoraConfig(_PeftConfigIO):
     fan_in_fan_out: Union[bool, None] = None
     use_dora: bool = False
     bias: str = "none"
+    modules_to_save: Union[Sequence[str], None] = None
     task_type: Union[str, None] = None
     base_model_name_or_path: Union[str, None] = None
     inference_mode: bool = False
@@ -223,8 +248,12 @@ class LoraConfig(_PeftConfigIO):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False or 'gaussian'."
             )
-        if self.bias != "none":
-            raise ConfigError(f"bias={self.bias!r} is not supported yet; use bias='none'.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(
+                f"bias={self.bias!r} is not supported; use 'none', 'all' (every base bias trains) or 'lora_only' "
+                "(the adapted sites' biases train), PEFT's choices."
+            )
+        _check_modules_to_save(self)
         layers = self.layers_to_transform
         if layers is not None:
             if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
@@ -334,7 +363,7 @@ class IA3Config(_PeftConfigIO):
     exclude_modules: TargetSpec = None
     init_ia3_weights: bool = True
     fan_in_fan_out: Union[bool, None] = None
-    modules_to_save: None = None
+    modules_to_save: Union[Sequence[str], None] = None
     task_type: Union[str, None] = None
     base_model_name_or_path: Union[str, None] = None
     inference_mode: bool = False
@@ -353,8 +382,7 @@ class IA3Config(_PeftConfigIO):
                 )
         if not isinstance(self.init_ia3_weights, bool):
             raise ConfigError(f"init_ia3_weights={self.init_ia3_weights!r} must be True (ones) or False (random).")
-        if self.modules_to_save:
-            raise ConfigError(f"modules_to_save={self.modules_to_save!r} is not supported; leave it None.")
+        _check_modules_to_save(self)
 
 
 def _check_lycoris(config: Any, inits: tuple) -> None:
@@ -383,8 +411,7 @@ def _check_lycoris(config: Any, inits: tuple) -> None:
         )
     if config.init_weights not in inits or (isinstance(config.init_weights, str) and config.init_weights not in inits):
         raise ConfigError(f"init_weights={config.init_weights!r} is not supported; use one of {list(inits)}.")
-    if config.modules_to_save:
-        raise ConfigError(f"modules_to_save={config.modules_to_save!r} is not supported; leave it None.")
+    _check_modules_to_save(config)
     layers = config.layers_to_transform
     if layers is not None:
         if isinstance(layers, numbers.Integral) and not isinstance(layers, bool) and layers >= 0:
@@ -454,7 +481,7 @@ class LoHaConfig(_PeftConfigIO):
     layers_pattern: Union[str, Sequence[str], None] = None
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    modules_to_save: None = None
+    modules_to_save: Union[Sequence[str], None] = None
     task_type: Union[str, None] = None
     base_model_name_or_path: Union[str, None] = None
     inference_mode: bool = False
@@ -504,7 +531,7 @@ class LoKrConfig(_PeftConfigIO):
     layers_pattern: Union[str, Sequence[str], None] = None
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    modules_to_save: None = None
+    modules_to_save: Union[Sequence[str], None] = None
     task_type: Union[str, None] = None
     base_model_name_or_path: Union[str, None] = None
     inference_mode: bool = False

@@ -186,6 +186,8 @@ def config_to_peft(
         base_model_name_or_path: written when the config has none.
         auto_mapping: PEFT's ``{"base_model_class", "parent_library"}`` when ``task_type`` is unset.
     """
+    from .modules_to_save import written_modules_to_save
+
     out = config.to_dict()
     targets = config.target_modules
     if targets == ALL_LINEAR:
@@ -196,7 +198,7 @@ def config_to_peft(
     out["fan_in_fan_out"] = bool(config.fan_in_fan_out) if config.fan_in_fan_out is not None else fan_in_fan_out
     out["inference_mode"] = True
     out["base_model_name_or_path"] = config.base_model_name_or_path or base_model_name_or_path
-    out.setdefault("modules_to_save", None)
+    out["modules_to_save"] = written_modules_to_save(config)  # with task_type's additions, as PEFT writes it
     out.setdefault("use_dora", False)
     out.setdefault("revision", None)
     if config.task_type is None and auto_mapping is not None:

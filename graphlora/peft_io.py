@@ -27,6 +27,7 @@ from ._atomic import AtomicWriter
 from .config import IA3Config, LoraConfig
 from .errors import AdapterFileError
 from .methods import RULES, rule_for, rule_for_peft_type
+from .modules_to_save import extra_tensors
 from .peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -168,6 +169,7 @@ def adapter_state_dict(state: AdapterState, adapter_name: str) -> dict[str, torc
     for site in state.plans[adapter_name]:
         for suffix, tensor in rule.tensors(state.branch(site, adapter_name)).items():
             out[_module_key(site, suffix)] = tensor
+    out.update(extra_tensors(state.store, adapter_name))  # modules_to_save copies, bias="all"/"lora_only"
     return out
 
 
@@ -234,7 +236,8 @@ def check_tensors(directory: str, tensors: Mapping[str, torch.Tensor], expected:
         parsed = parse_key(key)
         if parsed is None:
             why = ("it is not a tensor this adapter's config has (LoRA A/B, DoRA magnitudes with "
-                   "use_dora, IA3 vectors); biases, embeddings and modules_to_save are not supported")
+                   "use_dora, IA3 vectors, modules_to_save copies, biases with bias='all'/'lora_only'); "
+                   "embeddings are not supported")
         else:
             selected = sorted({p[0] for p in (parse_key(k) for k in expected) if p is not None})
             why = (f"the adapter config does not select site {parsed[0]!r} on this model "
@@ -290,6 +293,12 @@ def check_hotswap(state: AdapterState, directory: str, adapter_name: str, config
                 f"the loaded adapter {adapter_name!r}; delete_adapter({adapter_name!r}) first or load under "
                 "another name."
             )
+    stray = [k for k in tensors if k not in current]
+    if stray:
+        raise AdapterFileError(
+            f"{directory!r}: the file has {stray[0]!r} ({len(stray)} in all) but the loaded adapter {adapter_name!r} "
+            "does not (other modules_to_save or bias); delete_adapter first or load under another name."
+        )
     extra = [k for k in current if k not in tensors]
     if extra:
         raise AdapterFileError(

@@ -271,7 +271,7 @@ def test_missing_and_unexpected_keys(clean, tmp_path):
     (dict(peft_type="VERA"), "peft_type='VERA'"),  # a method graphlora does not have
     (dict(peft_type="LOHA"), r"bias='none' is not a LoHaConfig field"),  # a LoRA file relabelled
     (dict(lora_bias=True), "lora_bias=True"),
-    (dict(modules_to_save=["classifier"]), "modules_to_save"),
+    (dict(modules_to_save=["no_such_head"]), "modules_to_save=.*'no_such_head' names no module"),
     (dict(init_lora_weights="pissa"), "pissa"),
 ])
 def test_unsupported_configs_are_refused(clean, tmp_path, change, match):
