@@ -54,6 +54,11 @@ def adopt_graph(gm: fx.GraphModule, graph: fx.Graph) -> None:
     graph.owning_module = gm
 
 
+def current_graph(gm: fx.GraphModule) -> fx.Graph:
+    """``gm``'s graph as it is now, without the emitted module's refresh of a stale graph."""
+    return gm._graph
+
+
 def layer_checkpointing(layers: "torch.nn.ModuleList") -> tuple[list[bool], dict[str, Any]]:
     """What transformers' ``gradient_checkpointing_enable`` left on a model's layers: one flag per
     layer (its ``gradient_checkpointing``) and the keyword arguments of its checkpoint function

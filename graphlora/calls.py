@@ -19,11 +19,19 @@ from torch import nn
 from .capture import call_key, forward_params
 from .errors import SignatureError
 
-__all__ = ["CallSpec", "ProgramKey", "describe_key"]
+__all__ = ["CallSpec", "ProgramKey", "describe_key", "SWITCH", "BANK", "MIXED", "MODES"]
 
-#: ``(signature, mixed)``: the call signature (``None`` with the fx frontend) and whether the call
-#: is a mixed-adapter batch (``adapter_names=`` given).
-ProgramKey = tuple[Union[tuple, None], bool]
+#: How a program applies the adapters (the second half of its key):
+#: ``SWITCH``: every loaded adapter's own branch behind the site's switch (training, and every
+#: call with grad enabled or in training mode; the emitted module's own graph);
+#: ``BANK``: serving (eval mode, no grad): the banked LoRA adapters from their site's bank
+#: (:mod:`graphlora.banks`), costing what the active ones cost, other methods as in ``SWITCH``;
+#: ``MIXED``: a mixed-adapter batch (``adapter_names=``), each row's adapter from the banks.
+SWITCH, BANK, MIXED = "switch", "bank", "mixed"
+MODES = (SWITCH, BANK, MIXED)
+
+#: ``(signature, mode)``: the call signature (``None`` with the fx frontend) and one of :data:`MODES`.
+ProgramKey = tuple[Union[tuple, None], str]
 
 
 @dataclass(frozen=True)
@@ -91,18 +99,18 @@ class CallSpec:
         bound.update(kwargs)
         return self.normalize(bound)
 
-    def key(self, kwargs: Mapping[str, Any], mixed: bool) -> ProgramKey:
+    def key(self, kwargs: Mapping[str, Any], mode: str) -> ProgramKey:
         """The program key of a bound call (``kwargs`` from :meth:`bind`; ignored with fx)."""
-        return (call_key(kwargs) if self.frontend == "export" else None, mixed)
+        return (call_key(kwargs) if self.frontend == "export" else None, mode)
 
 
 def describe_key(key: ProgramKey) -> str:
     """``(input_ids=<tensor>, use_cache=False)`` for a program key (empty for fx)."""
-    sig, mixed = key
+    sig, mode = key
     if sig is None:
         return ""
     desc = ", ".join(f"{name}={_describe_value(d)}" for name, d in sig)
-    return f"({desc}{', adapter_names=...' if mixed else ''})"
+    return f"({desc}{', adapter_names=...' if mode == MIXED else ''})"
 
 
 def _describe_value(d: tuple) -> str:

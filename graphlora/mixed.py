@@ -45,7 +45,7 @@ def write_row_index(state: AdapterState, names: Any, args: tuple, kwargs: Mappin
             "weights (every row would carry them); call gm.unmerge_adapter() first."
         )
     slots = state.slots()
-    unknown = [n for n in names if n not in slots]
+    unknown = [n for n in names if n not in state.configs and n != "__base__"]
     if unknown:
         raise AdapterNotFoundError(
             f"adapter_names has unknown adapter {unknown[0]!r}; loaded adapters: "

@@ -39,11 +39,12 @@ from graphlora.passes import locate_sites
 from graphlora.passes.sites import getattr_path
 
 from . import merge as merging
+from . import modules_to_save as saved_modules
 from . import peft_io
 from . import surface
 from ._checks import check_fx_call, check_placement
-from ._compat import is_pretrained_model
-from .calls import CallSpec
+from ._compat import current_graph, is_pretrained_model
+from .calls import BANK, MIXED, SWITCH, CallSpec
 from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
@@ -104,7 +105,7 @@ class AdaptedGraphModule(fx.GraphModule):
         calls = CallSpec.of(model, captured.frontend)
         aliases = _param_aliases(model)
         sites = locate_sites(base, aliases)
-        first = Program(calls.key(calls.normalize(captured.kwargs or {}), False), base, sites,
+        first = Program(calls.key(calls.normalize(captured.kwargs or {}), SWITCH), base, sites,
                         example=captured.kwargs)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         # the only attribute writes of the facade: everything else lives in these objects
@@ -215,11 +216,37 @@ class AdaptedGraphModule(fx.GraphModule):
         names = kwargs.pop("adapter_names", None)
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
-        key = self._calls.key(kwargs, names is not None)
+        key = self._calls.key(kwargs, self._mode(names))
         if names is not None:
             write_row_index(self._adapters, names, args, kwargs, self.training)
         module = self._programs.get_or_build(key, kwargs).module
         return module, args, (self._calls.graph_inputs(kwargs) if self._calls.frontend == "export" else kwargs)
+
+    def _mode(self, names: Any = None) -> str:
+        """Which program mode serves this call: a mixed batch (``adapter_names``), the banks (eval
+        mode under ``no_grad`` / ``inference_mode``, with a banked adapter), else the switch form."""
+        if names is not None:
+            return MIXED
+        if not self.training and not torch.is_grad_enabled() and self._adapters.banks.slots:
+            return BANK
+        return SWITCH
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The rewritten graph (re-spliced first if an add or delete left it out of date)."""
+        programs = self.__dict__.get("_programs")
+        if programs is not None:
+            programs.refresh(programs.primary)
+        return current_graph(self)
+
+    @graph.setter
+    def graph(self, g: fx.Graph) -> None:
+        fx.GraphModule.graph.fset(self, g)
+
+    @property
+    def code(self) -> str:
+        self.graph  # noqa: B018 (refreshes a stale graph)
+        return fx.GraphModule.code.fget(self)
 
     def train(self, mode: bool = True) -> "AdaptedGraphModule":
         super().train(mode)
@@ -236,7 +263,9 @@ class AdaptedGraphModule(fx.GraphModule):
         if programs is not None:
             after = dict((*self.named_parameters(), *self.named_buffers()))
             programs.after_move(fn, {id(before[n]): t for n, t in after.items() if n in before and before[n] is not t})
-            self._adapters.sync()  # new buffers (to_empty: garbage): rewrite the switch state
+            # adapter parameters are views of their bank slots again; new buffers (to_empty: garbage)
+            # get the switch state rewritten and the free slots zeroed
+            self._adapters.restore_banks()
         return result
 
     #: transformers' Trainer passes loss keywords (``num_items_in_batch``) to a forward with ``**kwargs``;
@@ -320,6 +349,7 @@ class AdaptedGraphModule(fx.GraphModule):
         check_new_name(adapter_name, state.configs)
         plan = self._plan(config)
         check_placement(self, self._records, state.store, plan, f"add adapter {adapter_name!r}")
+        extras = saved_modules.plan_extras(config, self._facts, plan, state, self._programs.primary.base.graph)
         branches = {}
         for name, site_plan in plan.items():
             site = self._records[name]
@@ -328,9 +358,14 @@ class AdaptedGraphModule(fx.GraphModule):
             branches[name] = branch
         with self._transaction():
             state.add(adapter_name, config, plan, branches)
-            self._programs.rebuild()
+            saved_modules.install_extras(state, adapter_name, extras, self._facts.source)
+            state.place_banks()  # into a free bank slot (plain LoRA): a tensor write
+            # each program re-splices on its next call if its recipe changed: the serving programs,
+            # which read banks, do not when the adapter went into banks they already have
+            self._programs.invalidate()
             for param in self._base_parameters():
-                param.requires_grad_(False)
+                if param.requires_grad:
+                    param.requires_grad_(False)
             state.set_active({adapter_name: 1.0})
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -360,7 +395,8 @@ class AdaptedGraphModule(fx.GraphModule):
         was_active = dict(state.weights)
         with self._transaction():
             state.remove(adapter_name)
-            self._programs.rebuild()
+            state.place_banks()  # frees its slot
+            self._programs.invalidate()
             remaining = {a: w for a, w in was_active.items() if a != adapter_name} or {next(iter(state.configs)): 1.0}
             state.set_active(remaining)
 
@@ -428,6 +464,7 @@ class AdaptedGraphModule(fx.GraphModule):
         if not names:
             raise ConfigError("set_adapter needs at least one adapter name; use disable_adapters() for none.")
         check_known(names, self._adapters.configs)
+        saved_modules.check_active(self._adapters, names)
         self._unmerge_before("set_adapter")
         self._adapters.set_active({n: 1.0 for n in names})
 
@@ -439,6 +476,7 @@ class AdaptedGraphModule(fx.GraphModule):
         for name, w in weights.items():
             if not _finite(w):
                 raise ConfigError(f"weight {w!r} for adapter {name!r} must be a finite number.")
+        saved_modules.check_active(self._adapters, list(weights))
         self._unmerge_before("set_adapter_weights")
         self._adapters.set_active({n: float(w) for n, w in weights.items()})
 
@@ -577,6 +615,7 @@ class AdaptedGraphModule(fx.GraphModule):
             pending = [n for n in _names(adapter_names) if n not in merged]
             if pending:
                 self.merge_adapter(pending, safe_merge=safe_merge)
+        saved_modules.fold_active_copies(self)  # modules_to_save: the active copy replaces the module
         source = surface.merged_source(self)
         if source is not None:
             return source
@@ -652,16 +691,20 @@ class AdaptedGraphModule(fx.GraphModule):
             check_new_name(adapter_name, state.configs)
         try:
             plan = self._plan(config)
+            extras = saved_modules.plan_extras(config, self._facts, plan, state,  # modules_to_save, bias
+                                               self._programs.primary.base.graph)
         except ConfigError as exc:  # no site, a non-linear target, layers out of range
             raise peft_io.AdapterFileError(f"{directory!r}: {exc}") from exc
-        peft_io.check_tensors(directory, tensors, peft_io.expected_shapes(plan, config, self._records))
+        tensors = saved_modules.canonical_tensors(extras, tensors)
+        peft_io.check_tensors(directory, tensors, {**peft_io.expected_shapes(plan, config, self._records),
+                                                   **saved_modules.extra_shapes(extras, self._facts.source)})
         check_placement(self, self._records, state.store, plan,
                         f"load adapter {adapter_name!r} from {directory!r}", loading=True)
         if exists:
             self._hotswap(directory, adapter_name, config, plan, tensors)
             return
         previous = dict(state.weights)
-        with self._transaction():
+        with self._transaction(saved_modules.base_tensors(extras, self._facts.source)):  # bias=: base biases
             self.add_adapter(adapter_name, config)
             with torch.no_grad():
                 for key, param in peft_io.adapter_state_dict(state, adapter_name).items():
@@ -682,8 +725,8 @@ class AdaptedGraphModule(fx.GraphModule):
         current = peft_io.adapter_state_dict(state, adapter_name)
         with self._transaction(current.values()):
             if peft_io.hotswap(state, adapter_name, config, plan, tensors):
-                self._programs.rebuild()
-            state.sync()
+                self._programs.invalidate()
+            state.place_banks()  # a new alpha: the bank's scale
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -708,8 +751,42 @@ class AdaptedGraphModule(fx.GraphModule):
         return self.adapters
 
     def adapter_slots(self) -> dict[str, int]:
-        """Adapter name -> slot used by mixed batches (``"__base__"``: no adapter)."""
+        """Adapter name -> its bank slot, used by serving and mixed batches (``"__base__"``: the
+        zero slot, no adapter)."""
         return self._adapters.slots()
+
+    def configure_banks(self, max_loras: Union[int, None] = None, max_lora_rank: Union[int, None] = None,
+                        max_active: Union[int, None] = None, grow: Union[bool, None] = None) -> None:
+        """Reserve adapter-bank room (vLLM's names), so later adds never resize a bank.
+
+        Plain LoRA adapters are served from per-site banks (:mod:`graphlora.banks`): adding one into
+        a free slot writes tensors only, and compiled or CUDA-graph-captured serving graphs stay
+        valid. A bank that is full grows (a compiled graph recompiles once, with a warning), or with
+        ``grow=False`` the add fails with an error naming this call.
+
+        Args:
+            max_loras: slots per bank (banks never shrink; 4 until reserved).
+            max_lora_rank: the banks' rank (lower ranks are zero-padded).
+            max_active: how many banked adapters may be active at once without a recompile (the
+                serving update costs ``max_active * max_lora_rank`` columns; default 2, growing).
+            grow: whether a full bank grows (default True).
+
+        Raises:
+            ConfigError: a value that is not a positive integer.
+        """
+        for name, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank), ("max_active", max_active)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value!r} must be a positive integer (or None to keep it).")
+        layout = self._adapters.banks
+        capacity, rank = layout.reserved
+        new_grow = layout.grow if grow is None else bool(grow)
+        reserved = (max_loras or capacity, max_lora_rank or rank)
+        with self._transaction():
+            layout.reserved, layout.grow = reserved, True
+            if max_active is not None:
+                layout.reserve_width(self._adapters.store.banks, max_active)
+            self._adapters.place_banks(warn=False)
+            layout.grow = new_grow
 
     @property
     def traced_graph(self) -> fx.Graph:

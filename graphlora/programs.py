@@ -1,13 +1,21 @@
 """Programs: one GraphModule per call signature, all built by one pipeline and sharing one store.
 
-A *program* serves one :data:`~graphlora.calls.ProgramKey` (call signature, mixed or not). Every
-program comes from the same forward-only pipeline::
+A *program* serves one :data:`~graphlora.calls.ProgramKey`: a call signature and a mode
+(``SWITCH``: every adapter's own branch, for training; ``BANK``: serving from the adapter banks;
+``MIXED``: a mixed-adapter batch). Every program comes from the same forward-only pipeline::
 
     capture (trace the source model)  →  base passes  →  locate sites  →  splice the adapters
 
 :meth:`ProgramSet.get_or_build` runs it once per key, on first use. The pristine result of the
-first three steps (``Program.base``) is kept, so adding or deleting an adapter re-splices every
-program from it (:meth:`ProgramSet.rebuild`), and delete-then-re-add gives the same code.
+first three steps (``Program.base``) is kept, so a program can be re-spliced from it, and
+delete-then-re-add gives the same code.
+
+**Re-splicing is lazy and only when needed.** Each program keeps its *recipe*: the branch specs
+it was spliced with. A structural change (add, delete, a hotswap that changes a branch) only
+marks the set stale (:meth:`ProgramSet.invalidate`); the next call of a program compares its
+recipe with the current one and re-splices only if they differ. A serving (``BANK``) program's
+recipe names the banks, not the adapters in them, so adding a LoRA adapter into a free bank slot
+leaves it as it is: no re-splice, no recompilation.
 
 **One store of parameters and buffers.** The emitted module (``root``) owns every parameter,
 buffer and adapter; each program's GraphModule reads the very same objects. What a later trace
@@ -30,14 +38,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphlora.passes import (CheckpointBlocks, RetargetDevice, Site, SpliceAdapters, SpliceMixed, locate_sites,
+from graphlora.passes import (CheckpointBlocks, RetargetDevice, Site, SpliceAdapters, locate_sites,
                               release_regions, run_passes)
 from graphlora.passes.checkpoint import REGION_PREFIX
 from graphlora.passes.sites import getattr_path
 
-from ._compat import adopt_graph
-from .calls import CallSpec, ProgramKey, describe_call, describe_key
+from ._compat import adopt_graph, current_graph
+from .calls import MIXED, SWITCH, CallSpec, ProgramKey, describe_call, describe_key
 from .generation import trace_call
+from .modules_to_save import saved_recipe, switch_steps
 from .checkpointing import CheckpointSettings, settings_of_source
 from .errors import SignatureError
 from .prepare import copy_graph, prepare_base
@@ -51,7 +60,7 @@ class Program:
     """One call signature's program.
 
     Attributes:
-        key: the call signature and whether it is a mixed-adapter batch.
+        key: the call signature and the mode (:data:`~graphlora.calls.MODES`).
         base: the traced GraphModule after the base passes, before any adapter (pristine).
         sites: the linear sites located in ``base``.
         local: ``get_attr`` / ``call_module`` targets held by ``base`` alone, not by the root.
@@ -65,10 +74,17 @@ class Program:
     module: Union[fx.GraphModule, None] = None
     #: the inputs it was traced on (kept for the first program only: pickling re-traces from them)
     example: Union[Mapping[str, Any], None] = None
+    #: what it was spliced with (see the module docstring) and the set's version it was checked at
+    recipe: Any = None
+    version: int = -1
+
+    @property
+    def mode(self) -> str:
+        return self.key[1]
 
     @property
     def mixed(self) -> bool:
-        return self.key[1]
+        return self.key[1] == MIXED
 
 
 def first_records(sites: list[Site]) -> dict[str, Site]:
@@ -166,6 +182,8 @@ class ProgramSet:
         self.primary_key = first.key
         first.module = root
         self._programs: dict[ProgramKey, Program] = {first.key: first}
+        #: bumped by :meth:`invalidate`; a program checked at an older version re-checks its recipe
+        self.version = 0
         self.records = first_records(first.sites)
         devices = {p.device for p in root.parameters()}
         self.device: Union[torch.device, None] = next(iter(devices)) if len(devices) == 1 else None
@@ -199,7 +217,7 @@ class ProgramSet:
 
     def describe(self) -> str:
         """The traced signatures, for messages."""
-        return "; ".join(d for d in (describe_key(k) for k in self._programs if not k[1]) if d)
+        return "; ".join(d for d in (describe_key(k) for k in self._programs if k[1] == SWITCH) if d)
 
     # ------------------------------------------------------------------ building
     def get_or_build(self, key: ProgramKey, kwargs: Mapping[str, Any]) -> Program:
@@ -210,15 +228,47 @@ class ProgramSet:
         """
         program = self._programs.get(key)
         if program is not None:
+            if program.version != self.version:
+                self.refresh(program)
             return program
-        sig, mixed = key
-        plain = self._programs.get((sig, False)) or self._trace((sig, False), kwargs)
-        if not mixed:
+        sig, mode = key
+        plain = self._programs.get((sig, SWITCH))
+        if plain is None:
+            plain = self._trace((sig, SWITCH), kwargs)
+        elif plain.version != self.version:
+            self.refresh(plain)
+        if mode == SWITCH:
             return plain
         program = Program(key, plain.base, plain.sites, plain.local)
         self._build(program)
         self._programs[key] = program
         return program
+
+    def invalidate(self) -> None:
+        """The adapters' structure changed: each program re-checks its recipe on its next call."""
+        self.version += 1
+
+    def refresh(self, program: Program) -> None:
+        """Re-splice ``program`` if its recipe is out of date (see the module docstring)."""
+        if program.version == self.version:
+            return
+        program.version = self.version  # first: building reads the root's graph, which refreshes
+        try:
+            specs = self._specs(program)
+            if self._recipe(specs) != program.recipe:
+                self._build(program, specs)
+        except BaseException:
+            program.version = -1  # try again on the next call
+            raise
+
+    def _specs(self, program: Program) -> dict:
+        if program.mode == SWITCH:
+            return self.state.branch_specs(self.records)
+        return self.state.bank_specs(self.records, mixed=program.mode == MIXED)
+
+    def _recipe(self, specs: Mapping[str, Any]) -> tuple:
+        return tuple(sorted((site, tuple(branches)) for site, branches in specs.items() if branches)), (
+            self.checkpointing), saved_recipe(self.state)
 
     def _trace(self, key: ProgramKey, kwargs: Mapping[str, Any]) -> Program:
         try:
@@ -252,8 +302,10 @@ class ProgramSet:
                 local.add(target)
         return frozenset(local)
 
-    def _build(self, program: Program) -> None:
+    def _build(self, program: Program, specs: Union[Mapping[str, Any], None] = None) -> None:
         """Splice the current adapters into a copy of ``program.base`` and make it the program's module."""
+        program.version = self.version
+        specs = self._specs(program) if specs is None else specs
         graph = copy_graph(program.base.graph)
         root = self.root
         if program.key == self.primary_key:
@@ -264,17 +316,15 @@ class ProgramSet:
             module = fx.GraphModule(attrs, graph, class_name=root._get_name())
             module.add_module(STORE, self.state.store)
             module.train(root.training)
-        if program.mixed:
-            step = SpliceMixed(program.sites, self.state.mixed_specs(self.records), f"{STORE}.row_index")
-        else:
-            step = SpliceAdapters(program.sites, self.state.branch_specs(self.records))
-        steps = [step]
+        steps: list = [SpliceAdapters(program.sites, specs)]
+        steps += switch_steps(self.state, program.mode == MIXED)  # modules_to_save: parameter switches
         release_regions(module)  # checkpoint regions of the graph this one replaces (snapshot keeps them)
         ckpt = self.checkpointing
-        if ckpt is not None and not program.mixed:  # mixed batches serve: they never checkpoint
+        if ckpt is not None and program.mode == SWITCH:  # serving programs never checkpoint
             steps.append(CheckpointBlocks(ckpt.prefix, ckpt.every_n_layers, ckpt.options))
         run_passes(module, steps)  # the runner regenerates the module's code once, whatever changed
         program.module = module
+        program.recipe = self._recipe(specs)
 
     def set_checkpointing(self, settings: Union[CheckpointSettings, None]) -> None:
         """Turn gradient checkpointing on (``settings``) or off (``None``) and re-splice every program."""
@@ -290,20 +340,20 @@ class ProgramSet:
     def snapshot(self) -> tuple:
         """What :meth:`restore` needs to put every program back (references, no copies)."""
         regions = {name: m for name, m in self.root.named_children() if name.startswith(REGION_PREFIX)}
-        return dict(self._programs), {k: p.module for k, p in self._programs.items()}, self.root.graph, (
-            self.checkpointing, regions)
+        built = {k: (p.module, p.recipe, p.version) for k, p in self._programs.items()}
+        return dict(self._programs), built, current_graph(self.root), (self.checkpointing, regions, self.version)
 
     def restore(self, snapshot: tuple) -> None:
-        programs, modules, graph, (checkpointing, regions) = snapshot
-        self.checkpointing = checkpointing
+        programs, built, graph, (checkpointing, regions, version) = snapshot
+        self.checkpointing, self.version = checkpointing, version
         for name in [n for n, _ in self.root.named_children() if n.startswith(REGION_PREFIX)]:
             delattr(self.root, name)
         for name, region in regions.items():
             self.root.add_module(name, region)
         self._programs = dict(programs)
         for key, program in self._programs.items():
-            program.module = modules[key]
-        if self.root.graph is not graph:
+            program.module, program.recipe, program.version = built[key]
+        if current_graph(self.root) is not graph:
             adopt_graph(self.root, graph)
             self.root.recompile()
 

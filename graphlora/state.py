@@ -19,6 +19,8 @@ and every mutating call runs inside :func:`graphlora.transaction.transaction`. I
     graphlora.<site_key>.<adapter>.lora_magnitude_vector  [d_out]  trainable (DoRA only)
     graphlora.<site_key>.<adapter>.ia3_l           [d_out, 1] or [1, d_in]   trainable (IA3)
     graphlora.row_index                            [batch]      mixed-batch adapter slots
+    graphlora._banks.<site_key>.lora_A / lora_B / scale / gate   the site's bank (serving, see graphlora.banks)
+    graphlora._banks.active                        [K]          bank slots of the active adapters
 
 Every branch has ``apply_state(weight, merged)``, which writes its switch buffers in place;
 :meth:`AdapterState.sync` calls it with each adapter's effective weight::
@@ -40,7 +42,11 @@ from torch import nn
 from graphlora.passes import BranchSpec, Site
 from graphlora.passes.splice import site_key
 
+from . import banks as banking
+from .banks import BANKS, BankLayout, BankSet
 from .methods import MethodRule, rule_for
+from .methods.lora import bank_spec
+from .modules_to_save import SAVED, drop_extras, sync_extras
 
 __all__ = ["AdapterStore", "AdapterState", "MergeState", "STORE"]
 
@@ -55,6 +61,11 @@ class AdapterStore(nn.Module):
         super().__init__()
         # mixed-adapter batches: one slot per row, written in place before each call
         self.register_buffer("row_index", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.add_module(BANKS, BankSet())
+
+    @property
+    def banks(self) -> BankSet:
+        return cast(BankSet, self._modules[BANKS])
 
     def _site(self, key: str) -> nn.ModuleDict:
         return cast(nn.ModuleDict, self._modules[key])
@@ -76,6 +87,8 @@ class AdapterStore(nn.Module):
     def branches(self, adapter: Union[str, None] = None) -> Iterator[tuple[str, str, nn.Module]]:
         """``(site_key, adapter, branch)`` triples, optionally for one adapter."""
         for key in list(self._modules):
+            if key in (BANKS, SAVED):  # SAVED: modules_to_save copies (graphlora.modules_to_save)
+                continue
             for name, branch in self._site(key).items():
                 if adapter is None or name == adapter:
                     yield key, name, branch
@@ -105,6 +118,7 @@ class AdapterState:
     enabled: bool = True
     trainable: bool = True
     merge: MergeState = field(default_factory=MergeState)
+    banks: BankLayout = field(default_factory=BankLayout)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -130,21 +144,52 @@ class AdapterState:
                 specs[site].append(rule.branch_spec(adapter, prefix, self.store.branch(key, adapter), records[site]))
         return specs
 
-    def mixed_specs(self, records: Mapping[str, Site]) -> dict[str, list[Union[BranchSpec, None]]]:
-        """Per site, one entry per adapter in slot order; ``None`` where the adapter is absent or
-        cannot be mixed (its spec has no ``mixed`` operands)."""
-        slots = list(self.configs)
-        out: dict[str, list[Union[BranchSpec, None]]] = {}
-        for site, present in self.branch_specs(records).items():
-            by_name = {b.adapter: b for b in present if getattr(b, "mixed", None) is not None}
-            out[site] = [by_name.get(name) for name in slots]
+    def slots(self) -> dict[str, int]:
+        """Adapter name -> bank slot, for the adapters mixed batches can run (``"__base__"``: the
+        banks' zero slot, no adapter)."""
+        slots = dict(self.banks.slots)
+        slots["__base__"] = self.banks.capacity
+        return slots
+
+    def bankable(self) -> dict[str, dict[str, tuple]]:
+        """adapter -> site name -> ``(A, B, scaling)`` for every adapter whose method banks it."""
+        out: dict[str, dict[str, tuple]] = {}
+        for adapter, plan in self.plans.items():
+            rule = self.rule(adapter)
+            factors = {site: rule.bank_factors(self.branch(site, adapter)) for site in plan}
+            if factors and all(f is not None for f in factors.values()):
+                out[adapter] = cast(dict[str, tuple], factors)
         return out
 
-    def slots(self) -> dict[str, int]:
-        """Adapter name -> mixed-batch slot (``"__base__"``: no adapter)."""
-        slots = {name: i for i, name in enumerate(self.configs)}
-        slots["__base__"] = len(slots)
-        return slots
+    def place_banks(self, warn: bool = True) -> bool:
+        """Slots for every bankable adapter and bound views (see :func:`graphlora.banks.place`);
+        True when the set of banked sites changed."""
+        changed = banking.place(self.store.banks, self.banks, self.bankable(),
+                                {site: site_key(site) for plan in self.plans.values() for site in plan}, warn)
+        self.sync()
+        return changed
+
+    def restore_banks(self) -> None:
+        """After a transaction's restore or a move: bind the parameters again and zero the slots no
+        adapter holds (a failed call may have written one; ``to_empty`` leaves garbage)."""
+        self.place_banks(warn=False)
+        banking.clear_free(self.store.banks, self.banks)
+
+    def bank_specs(self, records: Mapping[str, Site], mixed: bool) -> dict[str, list[BranchSpec]]:
+        """site name -> the bank branch (serving: ``active`` slots; ``mixed``: per-row slots),
+        followed, when not ``mixed``, by the branches of adapters that are not banked."""
+        specs: dict[str, list[BranchSpec]] = defaultdict(list)
+        banked = {key for key, _ in self.store.banks.sites()}
+        index = f"{STORE}.row_index" if mixed else f"{STORE}.{BANKS}.active"
+        for site in records:
+            key = site_key(site)
+            if key in banked:
+                specs[site].append(bank_spec(f"{STORE}.{BANKS}.{key}", index, mixed))
+        if not mixed:
+            slots = self.banks.slots
+            for site, present in self.branch_specs(records).items():
+                specs[site].extend(b for b in present if b.adapter not in slots)
+        return specs
 
     # ------------------------------------------------------------------ writing
     def add(self, name: str, config: Any, plan: Mapping[str, Any], branches: Mapping[str, nn.Module]) -> None:
@@ -158,6 +203,7 @@ class AdapterState:
         """Forget an adapter: its branches, config, plan and place in the active set."""
         for key, adapter, _ in list(self.store.branches(name)):
             self.store.remove(key, adapter)
+        drop_extras(self.store, name)
         self.configs.pop(name, None)
         self.plans.pop(name, None)
         self.weights.pop(name, None)
@@ -180,10 +226,18 @@ class AdapterState:
         """
         active = self.weights if self.enabled else {}
         merged = self.merge.merged
-        for _, adapter, branch in self.store.branches():
+        slots = self.banks.slots
+        scalings: dict[str, dict[str, float]] = defaultdict(dict)
+        for key, adapter, branch in self.store.branches():
             weight = active[adapter] if adapter in active and adapter not in merged else 0.0
             branch.apply_state(weight, adapter in merged)
+            if adapter in slots:
+                scalings[adapter][key] = 0.0 if adapter in merged else branch.scaling
             trainable = self.trainable and adapter in self.weights and not self.configs[adapter].inference_mode
             for param in branch.parameters():
                 if param.requires_grad != trainable:
                     param.requires_grad_(trainable)
+        if slots:
+            banking.write_state(self.store.banks, self.banks, {a: w for a, w in active.items() if a in slots},
+                                scalings)
+        sync_extras(self)  # modules_to_save slots and bias requires_grad

@@ -69,7 +69,7 @@ def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = ()) -> Iterator[No
         return
     state = gm.adapter_state
     saved_state = (dict(state.configs), dict(state.plans), dict(state.weights), state.enabled, state.trainable,
-                   copy.copy(state.merge), dict(state.merge.originals), dict(state.merge.merged))
+                   copy.copy(state.merge), dict(state.merge.originals), dict(state.merge.merged), state.banks.copy())
     tree = _module_tree(state.store)
     grads = [(p, p.requires_grad) for p in gm.parameters()] + [(p, p.requires_grad) for p in state.store.parameters()]
     backups = [(t, t.detach().clone()) for t in tensors]
@@ -79,7 +79,7 @@ def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = ()) -> Iterator[No
         yield
     except BaseException:
         (state.configs, state.plans, state.weights, state.enabled, state.trainable, merge,
-         originals, merged) = saved_state
+         originals, merged, state.banks) = saved_state
         merge.originals, merge.merged = originals, merged
         with torch.no_grad():
             for path, original in state.merge.originals.items():
@@ -92,7 +92,7 @@ def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = ()) -> Iterator[No
         for param, flag in grads:
             param.requires_grad_(flag)
         gm.programs.restore(programs)
-        state.sync()
+        state.restore_banks()  # parameters are views of their (restored) bank slots again; switch state
         raise
     finally:
         gm._transaction_depth = 0

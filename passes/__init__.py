@@ -15,7 +15,7 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
   traced mask is provably causal with ``is_causal=True``.
 - :class:`SpliceAdapters(sites, specs) <SpliceAdapters>` (:mod:`.splice`) — *splice*: insert each
   site's branches (:class:`BranchSpec`, built through a :class:`SiteBuilder`) behind one named
-  switch node; :class:`SpliceMixed(sites, specs, index) <SpliceMixed>`: the mixed-adapter-batch form.
+  switch node (every program form: switch, serving from the adapter banks, mixed batches).
 - :class:`FreezeSwitches(steps) <FreezeSwitches>` (:mod:`.specialize`) — freeze the current gate
   values into the graph (the specialize pass).
 - :class:`RetargetDevice(old, new) <RetargetDevice>` (:mod:`.device`) — move the devices a trace
@@ -33,9 +33,9 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
   ``addmm`` with an (in, out) weight) as a :class:`Site` record.
 - :mod:`.targeting` — PEFT's target-selection rules as pure functions of module paths.
 - :mod:`.ops` — the runtime functions the inserted nodes call (the low-rank switches
-  ``lora_down``, ``lora_switch``, ``lora_linear``, ``lora_mixed``); :mod:`.method_ops` the
-  scaling switch ``scale_switch``; :mod:`.kernels` their Triton kernels.
-- :mod:`.stack_cache` — mixed-batch stacked adapter weights kept between eager calls.
+  ``lora_down``, ``lora_switch``, ``lora_linear``, and the bank updates ``lora_bank`` /
+  ``lora_bank_rows``); :mod:`.method_ops` the scaling switch ``scale_switch``; :mod:`.kernels`
+  their Triton kernels.
 """
 
 from .attention import CausalAttention, causal_sdpa
@@ -48,7 +48,7 @@ from .replicate import ReplicateBlock
 from .result import GraphPass
 from .sites import Site, locate_sites
 from .specialize import FreezeSwitches
-from .splice import BranchSpec, SiteBuilder, SpliceAdapters, SpliceMixed
+from .splice import BranchSpec, SiteBuilder, SpliceAdapters
 from .targeting import is_excluded, is_targeted, pattern_value
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
     "CausalAttention",
     "causal_sdpa",
     "SpliceAdapters",
-    "SpliceMixed",
     "FreezeSwitches",
     "RetargetDevice",
     "ReplicateBlock",

@@ -1,6 +1,6 @@
 """The scaling switch: the runtime function of adapters that scale a site's input or output.
 
-Kept apart from :mod:`.ops` (the low-rank switches ``lora_switch``, ``lora_mixed``) so each file
+Kept apart from :mod:`.ops` (the low-rank switches ``lora_switch``, ``lora_bank``) so each file
 has one job. Plain PyTorch, so autograd, ``torch.compile`` and CPU work as for any op, and exactly
 the identity on its input when its gates are 0 (bit for bit, for finite inputs). Runtime functions
 that belong to one method live in that method's module under ``graphlora/methods/``.

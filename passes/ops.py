@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from . import stack_cache
 
-__all__ = ["lora_switch", "lora_linear", "lora_down", "lora_mixed"]
+__all__ = ["lora_switch", "lora_linear", "lora_down", "lora_bank", "lora_bank_rows"]
 
 #: Use the opaque custom ops under torch.compile (benchmarks flip it to compare).
 COMPILE_AS_CUSTOM_OP = True
@@ -204,61 +203,55 @@ def lora_down(x: Tensor, a: Tensor, gate: Tensor) -> Tensor:
     return F.linear(x, a) * gate
 
 
-def lora_mixed(
-    base: Tensor,
-    x: Tensor,
-    index: Tensor,
-    a_weights: Sequence[Tensor | None],
-    b_weights: Sequence[Tensor | None],
-    scales: Sequence[Tensor | None],
-) -> Tensor:
-    r"""A site's output when each batch row picks its own adapter (mixed-adapter batch).
-
-    Row ``b`` uses adapter ``index[b]`` (slot ``len(a_weights)`` means no adapter):
+# ---------------------------------------------------------------------------- adapter banks
+def lora_bank(base: Tensor, x: Tensor, active: Tensor, a_bank: Tensor, b_bank: Tensor, gate: Tensor) -> Tensor:
+    r"""A site's serving output from its adapter bank: the active adapters' sum, in two GEMMs.
 
     .. math::
 
-        y_b = \text{base}_b + s_{i_b} \, x_b A_{i_b}^\top B_{i_b}^\top
+        y = \text{base} + \sum_{k<K} g_k \, x A_{s_k}^\top B_{s_k}^\top
+          = \text{base} + \big[(x \hat A^\top) \odot \hat g\big] \hat B^\top
 
-    The adapters' ``A`` / ``B`` are stacked (ranks zero-padded to the largest, plus a zero slot
-    for base rows) and gathered per row, so the whole batch costs two batched matmuls of rank
-    ``r_max``, whatever the number of adapters (the BGMV idea). Base rows get an exact zero.
-    In eager mode the stacks are kept between calls and rebuilt when any weight or scale changes
-    (in place, ``.to()``, replaced): :mod:`graphlora.passes.stack_cache`.
+    with ``s = active`` (``[K]`` slots), ``\hat A = [A_{s_0}; ...; A_{s_{K-1}}]`` (``[K R, d_in]``),
+    ``\hat B = [B_{s_0}, ..., B_{s_{K-1}}]`` (``[d_out, K R]``) and ``\hat g`` each gate repeated
+    ``R`` times. Plain aten ops (two ``index_select``, one ``linear``, one ``mul``, one ``addmm``
+    that adds into the base output): no custom op or Python kernel launch on the hot path, and
+    Inductor sees through all of it. The cost depends on ``K`` (the active adapters), never on
+    how many adapters the bank holds.
 
     Args:
-        base: the base op's output, ``[batch, ..., out]`` or ``[batch * seq, out]``.
-        x: the base op's input with the same leading layout, ``[..., in]``.
-        index: ``[batch]`` int64 adapter slots.
-        a_weights / b_weights: each adapter's ``A`` ``[r_i, in]`` and ``B`` ``[out, r_i]``, ``None``
-            for an adapter without a branch at this site.
-        scales: each adapter's 0-dim ``alpha / r`` tensor (``None`` likewise).
+        base: the base op's output ``[..., d_out]``; x: its input ``[..., d_in]``.
+        active: ``[K]`` int64 bank slots (unused positions point at the zero slot, gate 0).
+        a_bank / b_bank: ``[S + 1, R, d_in]`` / ``[S + 1, d_out, R]``.
+        gate: ``[K]``: ``alpha / r`` of ``s_k`` at this site times its weight.
     """
-    def stack() -> tuple[Tensor, Tensor, Tensor]:
-        present = [i for i, a in enumerate(a_weights) if a is not None]
-        ref_a, ref_b, ref_s = a_weights[present[0]], b_weights[present[0]], scales[present[0]]
-        rank = max(a_weights[i].shape[0] for i in present)
-        zero_a = ref_a.new_zeros(rank, ref_a.shape[1])
-        zero_b = ref_b.new_zeros(ref_b.shape[0], rank)
+    k, r, d_in = active.shape[0], a_bank.shape[1], a_bank.shape[2]
+    d_out = b_bank.shape[1]
+    a = a_bank.index_select(0, active).reshape(k * r, d_in)
+    b = b_bank.index_select(0, active).permute(1, 0, 2).reshape(d_out, k * r)
+    h = F.linear(x.to(a.dtype), a)
+    if k == 1:
+        h = h * gate.to(h.dtype)
+    else:
+        h = (h.unflatten(-1, (k, r)) * gate.to(h.dtype).unsqueeze(-1)).flatten(-2)
+    if h.dtype != base.dtype:  # adapters kept in another dtype than the base
+        return base + F.linear(h, b).to(base.dtype)
+    return torch.addmm(base.reshape(-1, d_out), h.reshape(-1, k * r), b.t()).view(base.shape)
 
-        def padded(t: Tensor, dim: int) -> Tensor:  # eager launches matter here: pad only when needed
-            missing = rank - t.shape[dim]
-            if not missing:
-                return t
-            return F.pad(t, (0, 0, 0, missing) if dim == 0 else (0, missing))
 
-        a_stack = torch.stack([zero_a if a is None else padded(a, 0) for a in a_weights] + [zero_a])
-        b_stack = torch.stack([zero_b if b is None else padded(b, 1) for b in b_weights] + [zero_b])
-        zero_s = ref_s.new_zeros(())
-        scale = torch.stack([zero_s if t is None else t for t in scales] + [zero_s]).to(x.dtype)
-        return a_stack, b_stack, scale
+def lora_bank_rows(base: Tensor, x: Tensor, rows: Tensor, a_bank: Tensor, b_bank: Tensor, scale: Tensor) -> Tensor:
+    r"""A site's output in a mixed-adapter batch: row ``i`` uses bank slot ``rows[i]``.
 
-    if torch.compiler.is_compiling():  # Inductor fuses the stacking; a Python cache would not trace
-        a_stack, b_stack, scale = stack()
-    else:  # eager: reuse the stacks while the weights are unchanged (~13 launches per site saved)
-        a_stack, b_stack, scale = stack_cache.STACKS.get((*a_weights, *b_weights, *scales), stack, context=x.dtype)
-    rows = index.shape[0]
-    x3 = x.reshape(rows, -1, x.shape[-1])
-    h = torch.bmm(x3, a_stack[index].transpose(1, 2)) * scale[index].view(rows, 1, 1)
-    delta = torch.bmm(h, b_stack[index].transpose(1, 2))
-    return base + delta.view(base.shape)
+    .. math::
+
+        y_i = \text{base}_i + s_{j} \, x_i A_{j}^\top B_{j}^\top, \qquad j = \text{rows}_i
+
+    ``x`` is ``[batch, ..., d_in]`` (or ``[batch * seq, d_in]``: rows contiguous). The base rows'
+    slot is the zero slot (scale 0), so they get ``base`` exactly. On CUDA the segmented
+    shrink/expand Triton kernels of :mod:`.sgmv` run it (SGMV for prefill, BGMV for decode,
+    CUDA-graph safe, a ``triton_op`` under ``torch.compile``); elsewhere the per-row gather and two
+    ``bmm`` (:func:`.sgmv.mixed_lora_reference`).
+    """
+    from .sgmv import mixed_lora
+
+    return mixed_lora(base, x, rows, a_bank, b_bank, scale)

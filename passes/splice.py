@@ -30,9 +30,9 @@ adapters only changes gate values (tensor state): the graph, and so ``gm.code`` 
 artefact, stay as they are. Inserted nodes carry ``meta["graphlora"]`` (role, site, adapter) and
 the base node's ``nn_module_stack``.
 
-Two passes: :class:`SpliceAdapters` (the switch form above) and :class:`SpliceMixed` (one
-``lora_mixed`` node per site, each batch row routed to its own low-rank adapter, reading the
-attribute paths in :attr:`BranchSpec.mixed`).
+One pass, :class:`SpliceAdapters`, builds every program's form: the switch form above (each
+adapter its own branch), and the serving and mixed-batch forms, where a site's banked LoRA
+adapters enter as one branch reading the site's adapter bank (``graphlora.methods.lora.emit_bank``).
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ import torch
 import torch.fx as fx
 
 from .method_ops import scale_switch
-from .ops import lora_linear, lora_mixed, lora_switch
+from .ops import lora_linear, lora_switch
 from .result import GraphPass
 from .sites import Site
 
-__all__ = ["BranchSpec", "Emitter", "SiteBuilder", "SpliceAdapters", "SpliceMixed", "site_key"]
+__all__ = ["BranchSpec", "Emitter", "SiteBuilder", "SpliceAdapters", "site_key"]
 
 aten = torch.ops.aten
 
@@ -76,9 +76,6 @@ class BranchSpec:
         stage: ``"input"`` for branches that scale the site's input (they run first), else
             ``"additive"`` or ``"output"``.
         options: method-specific constants for ``emit`` (e.g. ``fan_in_fan_out``).
-        mixed: for a branch that mixed-adapter batches can run (``y += s x A^T B^T`` per row),
-            the attribute paths of its ``A`` ``[r, d_in]``, ``B`` ``[d_out, r]`` and 0-dim scale
-            ``s``; ``None`` when it cannot be mixed. Only :class:`SpliceMixed` reads it.
     """
 
     adapter: str
@@ -87,7 +84,6 @@ class BranchSpec:
     dropout: bool = False
     stage: str = "additive"
     options: tuple[tuple[str, Any], ...] = ()
-    mixed: Union[tuple[str, str, str], None] = None
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
@@ -123,6 +119,7 @@ class SiteBuilder:
         self.input_scales: list[tuple[fx.Node, fx.Node]] = []
         self.low_rank: list[tuple[fx.Node, fx.Node]] = []
         self.residuals: list[fx.Node] = []
+        self.updates: list[tuple[Callable, tuple]] = []
         self.output_scales: list[tuple[fx.Node, fx.Node]] = []
         self._bias: Union[fx.Node, None] = None
         self._bias_known = False  # looked up (once, on the first call of bias())
@@ -179,6 +176,11 @@ class SiteBuilder:
         """``y += term`` (a ``[..., out]`` tensor computed from the base output)."""
         self.residuals.append(term)
 
+    def add_update(self, fn: Callable, args: tuple) -> None:
+        """``y <- fn(y, *args)``: an update that takes the output so far and returns the new one
+        (the adapter banks' ``lora_bank``, which adds into ``y`` in its GEMM)."""
+        self.updates.append((fn, args))
+
     def scale_output(self, vector: fx.Node, gate: fx.Node) -> None:
         """``y <- y * (g l + 1 - g)`` after everything else."""
         self.output_scales.append((vector, gate))
@@ -205,6 +207,8 @@ class SiteBuilder:
         steps: list[tuple[Callable, Callable[[fx.Node], tuple]]] = []
         for term in self.residuals:
             steps.append((aten.add.Tensor, lambda y, t=term: (y, t)))
+        for fn, extra in self.updates:
+            steps.append((fn, lambda y, extra=extra: (y, *extra)))
         if self.low_rank:
             hs, bs = zip(*self.low_rank)
             steps.append((lora_switch, lambda y: (y, tuple(hs), tuple(bs))))
@@ -218,7 +222,8 @@ class SiteBuilder:
         for i, (fn, make_args) in enumerate(steps):
             last = i == len(steps) - 1
             name = f"{self.key}_switch" if last else (
-                f"{self.key}_lora_switch" if fn is lora_switch else f"{self.key}_residual{i}")
+                f"{self.key}_lora_switch" if fn is lora_switch else
+                f"{self.key}_residual{i}" if fn is aten.add.Tensor else f"{self.key}_{fn.__name__}{i}")
             args = make_args(y)
             if fused and i == 0:  # base op and low-rank terms as one node
                 fn, args = lora_linear, (*self._linear_args(), *args[1:])
@@ -264,75 +269,5 @@ class SpliceAdapters(GraphPass):
             if not branches:
                 continue
             SiteBuilder(gm, site, nodes[site.node]).build(branches)
-            modified = True
-        return modified
-
-
-def _attr_name(key: str, spec: BranchSpec, path: str) -> str:
-    """A readable node name for ``get_attr(path)``: ``<site>_<adapter>_<path below the prefix>``."""
-    rest = path[len(spec.prefix) + 1:] if path.startswith(spec.prefix + ".") else path
-    return f"{key}_{spec.adapter}_{rest.replace('.', '_')}"
-
-
-class SpliceMixed(GraphPass):
-    """Mixed-adapter-batch form: one ``lora_mixed`` switch per site, rows routed by ``index``.
-
-    Slot ``i`` of a site is the ``i``-th entry of ``specs[site]`` (every site lists the adapters
-    in the same order, ``None`` where an adapter has no branch: its rows get no contribution
-    there). Each branch is read from its :attr:`BranchSpec.mixed` paths. Inference only: adapter
-    dropout is not applied. ``modified`` is False when no site has any branch.
-
-    Args:
-        sites: the located sites.
-        specs: per site name, one entry per adapter slot.
-        index: attribute path of a ``[batch]`` int64 buffer of adapter slots.
-
-    Raises:
-        ValueError: a branch has no mixed form (``spec.mixed is None``).
-    """
-
-    def __init__(self, sites: Sequence[Site], specs: Mapping[str, Sequence[Union[BranchSpec, None]]],
-                 index: str) -> None:
-        for site, entries in specs.items():
-            for spec in entries:
-                if spec is not None and spec.mixed is None:
-                    raise ValueError(f"adapter {spec.adapter!r} at {site!r} has no mixed-batch form "
-                                     "(BranchSpec.mixed is None)")
-        self.sites, self.specs, self.index = tuple(sites), specs, index
-
-    def rewrite(self, gm: fx.GraphModule) -> bool:
-        graph = gm.graph
-        nodes = {n.name: n for n in graph.nodes}
-        modified = False
-        for site in self.sites:
-            specs = self.specs.get(site.name, ())
-            if not any(specs):
-                continue
-            base = nodes[site.node]
-            x = base.args[0] if site.input_index < 0 else base.args[site.input_index]
-            key = site_key(site.name)
-            with graph.inserting_after(base):
-                idx = graph.create_node("get_attr", self.index, (), {}, name=f"{key}_row_index")
-            cursor, columns = idx, ([], [], [])  # A, B, scale per slot
-            for spec in specs:
-                if spec is None:  # this adapter has no branch here: its slot contributes zero
-                    for bucket in columns:
-                        bucket.append(None)
-                    continue
-                for path, bucket in zip(spec.mixed, columns):
-                    with graph.inserting_after(cursor):
-                        cursor = graph.create_node("get_attr", path, (), {}, name=_attr_name(key, spec, path))
-                    cursor.meta.update(_meta(base, "adapter", site.name, spec.adapter))
-                    bucket.append(cursor)
-            a_nodes, b_nodes, s_nodes = columns
-            with graph.inserting_after(cursor):
-                switch = graph.create_node(
-                    "call_function", lora_mixed, (base, x, idx, tuple(a_nodes), tuple(b_nodes), tuple(s_nodes)), {},
-                    name=f"{key}_switch",
-                )
-            switch.meta.update(_meta(base, "switch", site.name))
-            if "val" in base.meta:
-                switch.meta["val"] = base.meta["val"]
-            base.replace_all_uses_with(switch, delete_user_cb=lambda user: user is not switch)
             modified = True
         return modified

@@ -14,6 +14,7 @@ hook                          what it answers
 ``branch_spec``               how the branch enters the site subgraph (its ``emit`` function,
                               and its ``mixed`` attribute paths when mixed batches can run it)
 ``freeze_steps``              specialize steps for the method's own graph ops (``{}``: none)
+``bank_factors``              its ``(A, B, scaling)`` when it can live in an adapter bank
 ``tensors``/``shapes``        its PEFT file keys (``lora_A.weight``, ``ia3_l``, ...) and shapes
 ``config_to_peft``/``from``   its ``adapter_config.json`` dict both ways
 ``merge``                     its merge math on one weight (and bias)
@@ -84,6 +85,11 @@ class MethodRule:
         """Specialize steps for the method's own ops, by call target (see
         :class:`graphlora.passes.specialize.FreezeSwitches`); the default has none."""
         return {}
+
+    def bank_factors(self, branch: nn.Module) -> Union[tuple[torch.Tensor, torch.Tensor, float], None]:
+        """``(A [r, d_in], B [d_out, r], scaling)`` when the branch's update is ``scaling * x A^T B^T``
+        and it can live in an adapter bank (:mod:`graphlora.banks`); ``None`` keeps its own branch."""
+        return None
 
     def mixable(self, config: Any) -> bool:
         """Whether mixed-adapter batches (``adapter_names=``) support this adapter."""

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from graphlora.config import DEFAULT_TARGET_MODULES, LoraConfig
 from graphlora.passes import BranchSpec, Site
-from graphlora.passes.ops import lora_down
+from graphlora.passes.ops import lora_bank, lora_bank_rows, lora_down
 from graphlora.passes.specialize import FreezeStep, GateReader
 from graphlora.passes.splice import SiteBuilder
 from graphlora.passes.targeting import pattern_value
@@ -49,6 +49,8 @@ __all__ = [
     "dora_residual",
     "row_scale",
     "freeze_dora_residual",
+    "bank_spec",
+    "emit_bank",
 ]
 
 aten = torch.ops.aten
@@ -198,8 +200,15 @@ class LoraBranch(nn.Module):
     def apply_state(self, weight: float, merged: bool = False) -> None:
         """Write the switch buffers in place: ``gate = scaling * weight`` (``weight`` is 0 when the
         adapter is inactive, disabled or merged); the mixed-batch ``scale`` is 0 while merged."""
+        # sync visits every branch: skip unchanged writes (the version check catches any other write,
+        # a restore's or a move's new buffers)
+        written = (self.scaling, weight, merged, id(self.gate), self.gate._version, id(self.scale), self.scale._version)
+        if getattr(self, "_written", None) == written and not self.use_dora:
+            return
         self.gate.fill_(self.scaling * weight)
         self.scale.fill_(0.0 if merged else self.scaling)
+        self._written = (self.scaling, weight, merged, id(self.gate), self.gate._version, id(self.scale),
+                         self.scale._version)
         if self.use_dora:
             self.dora_scale.fill_(self.scaling)
             self.dora_on.fill_(weight)
@@ -251,6 +260,32 @@ def emit_dora(builder: SiteBuilder, spec: BranchSpec) -> None:
     on = builder.get_attr(f"{p}.dora_on", f"{tag}_dora_on", a)
     term = builder.call(dora_residual, (builder.base, wx, builder.bias(a), f, on), f"{tag}_dora_residual", a)
     builder.add_residual(term)
+
+
+#: the adapter name bank branches carry in node names and metadata
+BANK = "bank"
+
+
+def emit_bank(builder: SiteBuilder, spec: BranchSpec) -> None:
+    """A site's bank (:mod:`graphlora.banks`): ``y = lora_bank(y, x, active, A_bank, B_bank, gate)``,
+    or with ``spec.option("mixed")``, ``y = lora_bank_rows(y, x, row_index, A_bank, B_bank, scale)``.
+
+    Reads ``P.lora_A``, ``P.lora_B`` and ``P.gate`` (``P.scale`` when mixed) for ``P = spec.prefix``
+    (a :class:`graphlora.banks.SiteBank`) and the slots at ``spec.option("index")``.
+    """
+    p, tag = spec.prefix, f"{builder.key}_{BANK}"
+    mixed = spec.option("mixed", False)
+    index = builder.get_attr(spec.option("index"), f"{tag}_{'rows' if mixed else 'active'}")
+    a = builder.get_attr(f"{p}.lora_A", f"{tag}_lora_A")
+    b = builder.get_attr(f"{p}.lora_B", f"{tag}_lora_B")
+    gate = builder.get_attr(f"{p}.{'scale' if mixed else 'gate'}", f"{tag}_{'scale' if mixed else 'gate'}")
+    builder.add_update(lora_bank_rows if mixed else lora_bank, (builder.x, index, a, b, gate))
+
+
+def bank_spec(prefix: str, index: str, mixed: bool) -> BranchSpec:
+    """The bank branch of one site (``prefix``: its :class:`~graphlora.banks.SiteBank`; ``index``:
+    the ``active`` slots, or the mixed batch's ``row_index``)."""
+    return BranchSpec(BANK, prefix, emit_bank, options=(("index", index), ("mixed", mixed)))
 
 
 # ---------------------------------------------------------------------------- specialize
@@ -313,11 +348,19 @@ class LoraRule(MethodRule):
         if getattr(branch, "use_dora", False):
             return BranchSpec(adapter, prefix, emit_dora, dropout=branch.has_dropout,
                               options=(("fan_in_fan_out", site.fan_in_fan_out),))
-        mixed = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight", f"{prefix}.scale")
-        return BranchSpec(adapter, prefix, emit_low_rank, dropout=branch.has_dropout, mixed=mixed)
+        return BranchSpec(adapter, prefix, emit_low_rank, dropout=branch.has_dropout)
 
     def freeze_steps(self) -> dict[Any, FreezeStep]:
         return {dora_residual: freeze_dora_residual}
+
+    def bank_factors(self, branch: nn.Module) -> Union[tuple[Tensor, Tensor, float], None]:
+        """Plain LoRA banks (:mod:`graphlora.banks`); DoRA keeps its own branch, and so do parameters
+        that are not plain tensors (FSDP2's sharded DTensors: a bank slot cannot be a view of a shard)."""
+        if getattr(branch, "use_dora", False):
+            return None
+        if any(type(p.data) is not torch.Tensor for p in (branch.lora_A.weight, branch.lora_B.weight)):
+            return None
+        return branch.lora_A.weight, branch.lora_B.weight, branch.scaling
 
     # ------------------------------------------------------------------ files
     def tensors(self, branch: nn.Module) -> dict[str, torch.Tensor]:

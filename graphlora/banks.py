@@ -1,0 +1,329 @@
+"""Adapter banks: every plain LoRA adapter of a site in stacked slots, for serving.
+
+Per adapted site, a :class:`SiteBank` holds the LoRA factors of every loaded plain-LoRA adapter in
+fixed-capacity stacks (the idea of vLLM's ``max_loras`` / ``max_lora_rank`` and S-LoRA's pool)::
+
+    lora_A [S + 1, R, d_in]     slot s: adapter s's A, rows r..R-1 zero (ranks below R are padded)
+    lora_B [S + 1, d_out, R]    slot s: its B, columns r..R-1 zero
+    scale  [S + 1]              slot s: its alpha / r at this site (mixed batches read it)
+    gate   [K]                  per active position k: scale[slot_k] * w_k (0 for unused positions)
+
+and one :class:`BankSet` (``graphlora._banks``) holds ``active`` ``[K]`` (int64), the slots of the
+active adapters, shared by every site. Slot ``S`` is all zeros (the base model's slot: inactive
+positions and ``"__base__"`` rows point at it). A site's serving output is then
+
+.. math::
+
+    y = W x + b + \\sum_{k<K} g_k \\, B_{a_k} A_{a_k} x
+
+computed as two GEMMs of width ``K R`` whatever the number of loaded adapters
+(:func:`graphlora.passes.ops.lora_bank`): the cost follows the active adapters, not the loaded
+ones, and switching, adding into a free slot or deleting writes tensors only (no re-splice, no
+recompilation, CUDA graphs stay valid).
+
+**One copy of each tensor.** An adapter's own parameters (``lora_A.weight`` ``[r, d_in]``,
+``lora_B.weight`` ``[d_out, r]``: what training updates, what files hold) are views of its bank
+slot (:meth:`BankSet.bind` sets ``param.data``, so the ``Parameter`` objects, and optimizers
+holding them, are kept). Writing a parameter in place (an optimizer step, ``copy_``, a hotswap)
+is writing the bank. Whatever gives a parameter new storage (``.to()``, ``.half()``, a deep copy,
+``load_state_dict(assign=True)``) is undone by the next :meth:`BankSet.bind`, which copies the
+parameter into its slot and makes it a view again; the emitted module calls it after every
+structural change and move.
+
+**Growth.** Capacity ``S``, rank ``R`` and width ``K`` grow when needed (a warning says a
+compiled graph recompiles once, since the bank shapes change); with ``grow=False``
+(:meth:`graphlora.AdaptedGraphModule.configure_banks`) a full bank is an error naming the setting.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = ["BankLayout", "BankSet", "SiteBank", "BANKS", "DEFAULT_CAPACITY"]
+
+#: the bank set's name on the adapter store (``graphlora._banks``)
+BANKS = "_banks"
+#: slots reserved when the first bankable adapter arrives
+DEFAULT_CAPACITY = 4
+#: adapters that can be active at once before the serving graphs' shapes change: two (the extra
+#: position reads the zero slot, so one active adapter pays ``R`` more zero columns in its GEMMs,
+#: negligible beside the base GEMM)
+DEFAULT_WIDTH = 2
+
+
+class SiteBank(nn.Module):
+    """One site's stacked LoRA slots (see the module docstring for the layout)."""
+
+    def __init__(self, capacity: int, rank: int, d_in: int, d_out: int, width: int,
+                 dtype: torch.dtype, device: Union[torch.device, None]) -> None:
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        kw = {"dtype": dtype, "device": device}
+        self.register_buffer("lora_A", torch.zeros(capacity + 1, rank, d_in, **kw), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(capacity + 1, d_out, rank, **kw), persistent=False)
+        self.register_buffer("scale", torch.zeros(capacity + 1, device=device), persistent=False)
+        self.register_buffer("gate", torch.zeros(width, device=device), persistent=False)
+        #: what was last written into ``scale`` / ``gate``, with the buffer's identity and version
+        #: after the write (skip unchanged writes; any other write or a new buffer forces one)
+        self._scales: dict[int, tuple] = {}
+        self._gates: tuple = ()
+
+    @property
+    def capacity(self) -> int:
+        return self.lora_A.shape[0] - 1
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    @torch.no_grad()
+    def resized(self, capacity: int, rank: int, width: int) -> "SiteBank":
+        """A copy with more slots / rank / width, slot contents kept (the zero slot moves to the end)."""
+        old = self.capacity
+        new = SiteBank(capacity, rank, self.d_in, self.d_out, width, self.lora_A.dtype, self.lora_A.device)
+        r = self.rank
+        new.lora_A[:old, :r].copy_(self.lora_A[:old])
+        new.lora_B[:old, :, :r].copy_(self.lora_B[:old])
+        new.scale[:old].copy_(self.scale[:old])
+        new._scales = dict(self._scales)
+        return new
+
+    def slot_views(self, slot: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``[r, d_in]`` and ``[d_out, r]`` views of slot ``slot`` (an adapter's A and B)."""
+        return self.lora_A[slot, :r], self.lora_B[slot, :, :r]
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.set_scale(slot, 0.0)
+
+    @torch.no_grad()
+    def set_scale(self, slot: int, value: float) -> None:
+        if self._scales.get(slot) != (value, id(self.scale), self.scale._version):
+            self.scale[slot] = value
+            self._scales[slot] = (value, id(self.scale), self.scale._version)
+
+    @torch.no_grad()
+    def set_gates(self, values: tuple[float, ...]) -> None:
+        """Write ``gate`` in place (only when it changed)."""
+        if (values, id(self.gate), self.gate._version) != self._gates:
+            self.gate.copy_(torch.tensor(values, dtype=self.gate.dtype), non_blocking=True)
+            self._gates = (values, id(self.gate), self.gate._version)
+
+    @torch.no_grad()
+    def set_width(self, width: int) -> None:
+        """Room for ``width`` active adapters (a new ``gate`` buffer; the slots are untouched)."""
+        self.register_buffer("gate", torch.zeros(width, dtype=self.gate.dtype, device=self.gate.device),
+                             persistent=False)
+        self._gates = ()
+
+    def forget_written(self) -> None:
+        """After a move (new buffers with the same values) or a restore: write everything next time."""
+        self._scales, self._gates = {}, ()
+
+
+@dataclass
+class BankLayout:
+    """The bank bookkeeping (part of the adapter state).
+
+    Attributes:
+        slots: adapter -> its slot (every bankable adapter has one).
+        capacity / rank / width: the banks' ``S``, ``R`` and ``K`` (0 until the first adapter).
+        grow: grow when full (``False``: refuse with an error naming ``configure_banks``).
+        reserved: what ``configure_banks`` asked for (capacity, rank), kept as lower bounds.
+    """
+
+    slots: dict[str, int] = field(default_factory=dict)
+    capacity: int = 0
+    rank: int = 0
+    width: int = DEFAULT_WIDTH
+    grow: bool = True
+    reserved: tuple[int, int] = (0, 0)
+
+    def copy(self) -> "BankLayout":
+        return BankLayout(dict(self.slots), self.capacity, self.rank, self.width, self.grow, self.reserved)
+
+    def reserve_width(self, banks: "BankSet", width: int) -> None:
+        """Room for ``width`` adapters active at once (a compiled serving graph recompiles when it grows)."""
+        if width > self.width:
+            self.width = width
+            for _, bank in banks.sites():
+                bank.set_width(width)
+
+    def free_slot(self) -> Union[int, None]:
+        used = set(self.slots.values())
+        return next((s for s in range(self.capacity) if s not in used), None)
+
+
+class BankSet(nn.Module):
+    """``graphlora._banks``: a :class:`SiteBank` per banked site and the shared ``active`` slots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("active", torch.zeros(1, dtype=torch.long), persistent=False)
+        self._active: tuple = ()
+
+    def site(self, key: str) -> SiteBank:
+        module = self._modules[key]
+        assert isinstance(module, SiteBank)
+        return module
+
+    def sites(self) -> Iterator[tuple[str, SiteBank]]:
+        for key, module in self._modules.items():
+            assert isinstance(module, SiteBank)
+            yield key, module
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._modules
+
+    @torch.no_grad()
+    def set_active(self, slots: tuple[int, ...]) -> None:
+        """Write ``active`` in place (a new buffer only when its size or the banks' device changed)."""
+        device = next((bank.lora_A.device for _, bank in self.sites()), self.active.device)
+        if (slots, id(self.active), self.active._version) != self._active:
+            value = torch.tensor(slots, dtype=torch.long)
+            if self.active.shape == value.shape and self.active.device == device:
+                self.active.copy_(value, non_blocking=True)
+            else:
+                self.register_buffer("active", value.to(device), persistent=False)
+            self._active = (slots, id(self.active), self.active._version)
+
+    def forget_written(self) -> None:
+        self._active = ()
+        for _, bank in self.sites():
+            bank.forget_written()
+
+
+# ---------------------------------------------------------------------------- placement
+def _needed(layout: BankLayout, bankable: Mapping[str, Mapping[str, Any]]) -> tuple[int, int]:
+    """The (capacity, rank) the bankable adapters need (``bankable``: adapter -> site -> (A, B, scaling)):
+    the current or reserved room (:data:`DEFAULT_CAPACITY` when nothing was reserved), doubled when
+    the adapters no longer fit."""
+    count = len(bankable)
+    rank = max((a.shape[0] for sites in bankable.values() for a, _, _ in sites.values()), default=0)
+    capacity = max(layout.capacity, layout.reserved[0] or (DEFAULT_CAPACITY if count else 0))
+    if count > capacity:
+        capacity = max(count, 2 * capacity)
+    return capacity, max(layout.rank, layout.reserved[1], rank)
+
+
+def place(banks: BankSet, layout: BankLayout, bankable: Mapping[str, Mapping[str, Any]],
+          keys: Mapping[str, str], warn: bool = True) -> bool:
+    """Give every bankable adapter a slot, each banked site a bank, and bind the parameters.
+
+    Args:
+        banks: the bank set (modules are added, resized or removed in it).
+        layout: the bookkeeping (updated).
+        bankable: adapter -> site name -> ``(A param, B param, scaling)``.
+        keys: site name -> site key.
+        warn: warn when a bank grows (off when the user asked for the room).
+
+    Returns:
+        Whether the set of banked sites changed (the serving graphs must then be re-spliced).
+
+    Raises:
+        ConfigError: a bank is full and ``layout.grow`` is off.
+    """
+    for gone in [a for a in layout.slots if a not in bankable]:
+        slot = layout.slots.pop(gone)
+        for _, bank in banks.sites():
+            bank.clear(slot)
+    capacity, rank = _needed(layout, bankable)
+    exists = any(True for _ in banks.sites())
+    if exists and (capacity, rank) != (layout.capacity, layout.rank):
+        if not layout.grow:
+            raise ConfigError(
+                f"the adapter banks are full: {layout.capacity} slots of rank <= {layout.rank}, and this needs "
+                f"{len(bankable)} adapters of rank <= {rank}; call gm.configure_banks(max_loras={len(bankable)}, "
+                f"max_lora_rank={rank}) first, or configure_banks(grow=True)."
+            )
+        if warn:
+            warnings.warn(
+                f"graphlora: the adapter banks grow from {layout.capacity} slots of rank {layout.rank} to "
+                f"{capacity} of rank {rank}; a compiled graph recompiles once (reserve room with "
+                "gm.configure_banks(max_loras=..., max_lora_rank=...) to avoid it).", stacklevel=4)
+    layout.capacity, layout.rank = capacity, rank
+    for adapter in bankable:
+        if adapter not in layout.slots:
+            free = layout.free_slot()
+            assert free is not None  # capacity covers every bankable adapter
+            layout.slots[adapter] = free
+    wanted: dict[str, tuple[torch.Tensor, ...]] = {}
+    for sites in bankable.values():
+        for site, (a, b, _) in sites.items():
+            wanted.setdefault(keys[site], (a, b))
+    changed = set(wanted) != {k for k, _ in banks.sites()}
+    for key in [k for k, _ in banks.sites() if k not in wanted]:
+        del banks._modules[key]
+    for key, (a, b) in wanted.items():
+        if key not in banks:
+            banks.add_module(key, SiteBank(capacity, rank, a.shape[1], b.shape[0], layout.width, a.dtype, a.device))
+        elif (banks.site(key).capacity, banks.site(key).rank) != (capacity, rank):
+            banks.add_module(key, banks.site(key).resized(capacity, rank, layout.width))
+    bind(banks, layout, bankable, keys)
+    return changed
+
+
+@torch.no_grad()
+def bind(banks: BankSet, layout: BankLayout, bankable: Mapping[str, Mapping[str, Any]],
+         keys: Mapping[str, str]) -> None:
+    """Make every bankable adapter's A and B views of its slot (copying them in when they are not)."""
+    for adapter, sites in bankable.items():
+        slot = layout.slots[adapter]
+        for site, (a, b, scaling) in sites.items():
+            bank = banks.site(keys[site])
+            if bank.lora_A.dtype != a.dtype or bank.lora_A.device != a.device:
+                # a move or cast gave the parameters new storage: follow them
+                banks.add_module(keys[site], bank := _recast(bank, a))
+            va, vb = bank.slot_views(slot, a.shape[0])
+            for param, view in ((a, va), (b, vb)):
+                if param.data_ptr() != view.data_ptr() or param.stride() != view.stride():
+                    if param.data_ptr() == 0 and param.numel():
+                        continue  # meta or storage-less: nothing to bind yet
+                    if a.shape[0] < bank.rank:
+                        bank.lora_A[slot].zero_() if param is a else bank.lora_B[slot].zero_()
+                    view.copy_(param.detach())
+                    param.data = view
+            bank.set_scale(slot, float(scaling))
+
+
+def clear_free(banks: BankSet, layout: BankLayout) -> None:
+    """Zero every slot no adapter holds, the zero slot included (after a failed call wrote one, or
+    ``to_empty`` left garbage: the banks are as before)."""
+    used = set(layout.slots.values())
+    for _, bank in banks.sites():
+        for slot in range(bank.capacity + 1):
+            if slot not in used:
+                bank.clear(slot)
+
+
+def _recast(bank: SiteBank, like: torch.Tensor) -> SiteBank:
+    moved = SiteBank(bank.capacity, bank.rank, bank.d_in, bank.d_out, bank.gate.shape[0], like.dtype, like.device)
+    moved._scales = {}
+    with torch.no_grad():
+        moved.scale.copy_(bank.scale.to(like.device))
+    return moved
+
+
+def write_state(banks: BankSet, layout: BankLayout, active: Mapping[str, float],
+                scalings: Mapping[str, Mapping[str, float]]) -> None:
+    """Write ``active`` (slots) and every site's ``gate`` for the effective weights ``active``
+    (adapter -> weight, bankable adapters only; ``scalings``: adapter -> site key -> scaling)."""
+    names = [a for a, w in active.items() if w != 0.0 and a in layout.slots]
+    if len(names) > layout.width:  # grows once per new maximum (configure_banks(max_active=) reserves it)
+        layout.reserve_width(banks, len(names))
+    zero = layout.capacity
+    slots = tuple([layout.slots[a] for a in names] + [zero] * (layout.width - len(names)))
+    banks.set_active(slots)
+    for key, bank in banks.sites():
+        gates = tuple([scalings[a].get(key, 0.0) * active[a] for a in names] + [0.0] * (layout.width - len(names)))
+        bank.set_gates(gates)

@@ -1,0 +1,214 @@
+"""Adapter banks (issue 13): serving reads stacked slots, so loaded-but-inactive adapters cost nothing,
+adding into a free slot writes tensors only, and eval switching never recompiles.
+
+Reference: the switch form (each adapter's own branch), itself checked against PEFT elsewhere, and
+per-row runs for mixed batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import graphlora
+from graphlora import LoraConfig
+from graphlora.calls import BANK, SWITCH
+from graphlora.errors import ConfigError
+
+from models import main_output, randomize_b, tiny_llama, token_ids
+from snapshot import assert_unchanged, snapshot
+
+TARGETS = ["q_proj", "v_proj", "o_proj"]
+
+
+def _gm(adapters: int = 1, ranks=(4,), **kw):
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=ranks[0], lora_alpha=8, target_modules=TARGETS, **kw))
+    gm.configure_banks(max_loras=max(adapters, 2), max_lora_rank=max(ranks))
+    randomize_b(gm, "default", seed=0)
+    for i in range(1, adapters):
+        name = f"a{i}"
+        gm.add_adapter(name, LoraConfig(r=ranks[i % len(ranks)], lora_alpha=8, target_modules=TARGETS))
+        randomize_b(gm, name, seed=i)
+    gm.set_adapter("default")
+    return gm.eval()
+
+
+def _serve(gm, ids):
+    with torch.no_grad():
+        return main_output(gm(ids))
+
+
+def _switch(gm, ids):
+    with torch.enable_grad():  # grad enabled: the switch form, each adapter's own branch
+        return main_output(gm(ids)).detach()
+
+
+def _bank_program(gm):
+    return next(p for p in gm.programs if p.mode == BANK)
+
+
+def _adapter_reads(module) -> set[str]:
+    """The adapter parameters a program's graph reads (``graphlora.<site>.<adapter>....``)."""
+    return {n.target for n in module.graph.nodes
+            if n.op == "get_attr" and n.target.startswith("graphlora.") and ".lora_" in n.target
+            and "._banks." not in n.target}
+
+
+def test_serving_equals_switch_form_for_every_adapter_and_combination():
+    gm = _gm(adapters=3, ranks=(4, 8, 2))
+    ids = token_ids()
+    for active in (["default"], ["a1"], ["a2"], ["default", "a2"], ["a1", "a2", "default"]):
+        gm.set_adapter(active)
+        torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    gm.set_adapter_weights({"a1": 0.5, "default": -1.25})
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    gm.disable_adapters()
+    with gm.disable_adapter():
+        pass
+    base = _serve(gm, ids)
+    with torch.no_grad():
+        plain = main_output(gm.get_base_model()(ids, use_cache=False))
+    assert torch.equal(base, plain)  # disabled: exactly the base model
+
+
+def test_sixteen_loaded_adapters_cost_what_one_costs():
+    one, many = _gm(adapters=1), _gm(adapters=16, ranks=(4, 8))
+    ids = token_ids()
+    _serve(one, ids), _serve(many, ids)
+    small, large = _bank_program(one).module, _bank_program(many).module
+    assert len(small.graph.nodes) == len(large.graph.nodes)
+    assert not _adapter_reads(small) and not _adapter_reads(large)  # only the banks are read
+    # the switch form, by contrast, has one branch per loaded adapter
+    switch = next(p for p in many.programs if p.mode == SWITCH).module
+    assert len(_adapter_reads(switch)) == 16 * 2 * len(TARGETS) * 2
+
+
+class CountingBackend:
+    """A torch.compile backend that counts compilations and runs the graph eagerly."""
+
+    def __init__(self) -> None:
+        self.compiles = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.compiles += 1
+        return graph_module.forward
+
+
+def test_eval_switching_and_hot_add_under_fullgraph_compile_never_recompile():
+    gm = _gm(adapters=2)
+    gm.configure_banks(max_loras=4, max_lora_rank=8, max_active=2)
+    ids = token_ids()
+    backend = CountingBackend()
+    compiled = torch.compile(gm, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        first = main_output(compiled(ids))
+        assert backend.compiles == 1
+        torch.testing.assert_close(first, _serve(gm, ids))
+        for step in (lambda: gm.set_adapter("a1"), lambda: gm.set_adapter_weights({"default": 0.5, "a1": 2.0}),
+                     gm.disable_adapters, gm.enable_adapters, lambda: gm.set_adapter(["a1", "default"])):
+            step()
+            out = main_output(compiled(ids))
+            torch.testing.assert_close(out, _serve(gm, ids))
+        gm.add_adapter("hot", LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS))
+        randomize_b(gm, "hot", seed=7)
+        gm.eval()
+        out = main_output(compiled(ids))
+        torch.testing.assert_close(out, _serve(gm, ids))
+        torch.testing.assert_close(out, _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    assert backend.compiles == 1, f"recompiled {backend.compiles - 1} times"
+
+
+def test_mixed_batch_of_sixteen_adapters_with_mixed_ranks_equals_per_row_runs():
+    gm = _gm(adapters=16, ranks=(2, 4, 8, 6))
+    names = ["default"] + [f"a{i}" for i in range(1, 16)]
+    ids = token_ids(batch=16, seq=5, seed=3)
+    with torch.no_grad():
+        mixed = main_output(gm(ids, adapter_names=names))
+        for row, name in enumerate(names):
+            gm.set_adapter(name)
+            torch.testing.assert_close(mixed[row], main_output(gm(ids[row:row + 1]))[0], atol=1e-6, rtol=1e-5)
+        gm.set_adapter("default")
+        base_rows = main_output(gm(ids[:2], adapter_names=["__base__", "a3"]))
+        gm.disable_adapters()
+        assert torch.equal(base_rows[0], main_output(gm(ids[:2]))[0])  # the base row: exactly the base model
+
+
+def _fill(gm) -> int:
+    """Add adapters until every slot is taken; returns the capacity."""
+    capacity = gm.adapter_state.banks.capacity
+    for i in range(len(gm.adapters), capacity):
+        gm.add_adapter(f"a{i}", LoraConfig(r=4, target_modules=TARGETS))
+    return capacity
+
+
+def test_a_full_bank_grows_with_a_warning():
+    gm = _gm(adapters=1)
+    capacity = _fill(gm)
+    with pytest.warns(UserWarning, match=f"banks grow from {capacity} slots"):
+        gm.add_adapter("extra", LoraConfig(r=4, target_modules=TARGETS))
+    assert gm.adapter_state.banks.capacity == 2 * capacity
+    randomize_b(gm, "extra", seed=5)
+    ids = token_ids()
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
+
+
+def test_a_full_bank_without_growth_is_an_error_that_names_the_setting_and_changes_nothing():
+    gm = _gm(adapters=2)
+    capacity = _fill(gm)
+    gm.configure_banks(grow=False)
+    ids = token_ids()
+    out = _serve(gm, ids)
+    before = snapshot(gm)
+    with pytest.raises(ConfigError, match=rf"configure_banks\(max_loras={capacity + 1}"):
+        gm.add_adapter("extra", LoraConfig(r=4, target_modules=TARGETS))
+    assert_unchanged(before, snapshot(gm))
+    assert "extra" not in gm.adapters
+    assert torch.equal(_serve(gm, ids), out)
+    with pytest.raises(ConfigError, match="max_loras=0"):
+        gm.configure_banks(max_loras=0)
+
+
+def test_adapter_parameters_are_views_of_their_slots_so_training_updates_serving():
+    gm = _gm(adapters=2, ranks=(4, 2))
+    bank = gm.adapter_state.store.banks
+    site = next(key for key, _ in bank.sites())
+    for adapter, r in (("default", 4), ("a1", 2)):
+        branch = gm.adapter_state.store.branch(site, adapter)
+        slot = gm.adapter_slots()[adapter]
+        assert branch.lora_A.weight.data_ptr() == bank.site(site).lora_A[slot].data_ptr()
+        assert branch.lora_A.weight.shape == (r, bank.site(site).d_in)
+    gm.train()
+    gm.set_adapter("a1")
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.5)
+    ids = token_ids()
+    main_output(gm(ids)).pow(2).mean().backward()
+    opt.step()
+    gm.eval()
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    # a gradient goes to the adapter's own [r, d] parameters, never to a bank
+    assert all(b.grad is None for b in bank.buffers())
+
+
+def test_dtype_cast_deepcopy_and_delete_keep_the_banks_bound():
+    gm = _gm(adapters=3, ranks=(4, 8, 2))
+    ids = token_ids()
+    twin = copy.deepcopy(gm)
+    torch.testing.assert_close(_serve(twin, ids), _serve(gm, ids))
+    with torch.no_grad():  # the copy is independent: its banks follow its own parameters
+        for p in twin.adapter_state.store.parameters():
+            p.mul_(2)
+    assert not torch.equal(_serve(twin, ids), _serve(gm, ids))
+    torch.testing.assert_close(_serve(twin, ids), _switch(twin, ids), atol=1e-6, rtol=1e-5)
+    gm.double()
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids))
+    gm.delete_adapter("a1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # re-adding into the freed slot grows nothing
+        gm.add_adapter("again", LoraConfig(r=2, target_modules=TARGETS))
+    assert gm.adapter_slots()["again"] == 1
+    randomize_b(gm, "again", seed=11)
+    gm.set_adapter(["again", "a2"])
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids))
