@@ -24,6 +24,7 @@ from .errors import (
 )
 from .freeze import specialize
 from .merge import lora_delta
+from .quantize import QuantizationError, allow_requantize, quantize_base
 from .module import AdaptedGraphModule, SiteInfo
 from .peft_io import read_adapter_config, read_adapter_dir
 from .viz import before_after, export_graph, to_networkx
@@ -57,6 +58,9 @@ __all__ = [
     "before_after",
     "specialize",
     "lora_delta",
+    "quantize_base",
+    "allow_requantize",
+    "QuantizationError",
     "read_adapter_dir",
     "read_adapter_config",
 ]

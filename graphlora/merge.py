@@ -46,6 +46,7 @@ from torch import nn
 from .errors import MergeError
 from .passes import Site
 from .passes.sites import getattr_path
+from .quantize import check_merge_target, is_quantized
 from .state import AdapterState, MergeState
 
 __all__ = ["lora_delta", "compute_merge", "write_merge", "rewritten", "unmerge", "check_scaling_merge"]
@@ -98,6 +99,7 @@ def compute_merge(state: AdapterState, records: Mapping[str, Site], root: nn.Mod
                         "unmerged (graphlora.specialize) or exclude the site (exclude_modules)."
                     )
                 weight = getattr_path(root, path)
+                check_merge_target(path, adapter, weight)  # quantized base: only with allow_requantize()
                 if not weight.is_floating_point():
                     raise MergeError(
                         f"cannot merge adapter {adapter!r} into {path!r}: its dtype {weight.dtype} is not "
@@ -110,6 +112,8 @@ def compute_merge(state: AdapterState, records: Mapping[str, Site], root: nn.Mod
             continue  # untouched by this call: its merged value stays as it is
         weight = getattr_path(root, path)
         original = merge.originals.get(path, weight.detach())
+        if is_quantized(original):  # merge into the dequantized weight; writing it back requantizes
+            original = original.dequantize()
         bias_path = _bias_path(path)
         bias = _maybe_attr(root, bias_path)
         bias0 = None if bias is None else merge.originals.get(bias_path, bias.detach()).float()
