@@ -28,7 +28,6 @@ A block whose span contains another block's nodes is left as it is (it is not on
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .outline import outline, replace_span
 from .replicate import block_of
 from .result import GraphPass
 
@@ -129,54 +129,13 @@ class CheckpointBlocks(GraphPass):
         return changed
 
     def _wrap(self, gm: fx.GraphModule, block: int, span: list[fx.Node]) -> None:
-        members = set(span)
-        inputs: dict[fx.Node, None] = {}
-        for node in span:
-            for arg in node.all_input_nodes:
-                if arg not in members:
-                    inputs.setdefault(arg)
-        called = [n for n in span if n.op == "call_module"]
-        # a parameter or buffer is read inside the body from its owner module (an argument), so the
-        # region owns no tensor and checkpoint() does not keep it as an input
-        owned = [a for a in inputs if a.op == "get_attr" and "." in a.target]
-        inputs = {a: None for a in inputs if a not in owned}
-        outputs = [n for n in span if any(u not in members for u in n.users)]
-
-        body = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        for arg in inputs:
-            env[arg] = body.placeholder(arg.name)
-            env[arg].meta = dict(arg.meta)
-        modules = {}
-        owners = [a.target.rpartition(".")[0] for a in owned]
-        for target in [*(n.target for n in called), *owners]:
-            if target not in modules:
-                modules[target] = body.placeholder(f"module_{len(modules)}")
-        for attr, owner in zip(owned, owners):
-            env[attr] = body.create_node("call_function", getattr, (modules[owner], attr.target.rpartition(".")[2]),
-                                         name=attr.name)
-            env[attr].meta = dict(attr.meta)
-        for node in span:
-            if node.op == "call_module":
-                new = body.create_node(
-                    "call_method", "__call__", (modules[node.target], *fx.map_arg(node.args, env.__getitem__)),
-                    fx.map_arg(node.kwargs, env.__getitem__), name=node.name)
-                new.meta = dict(node.meta)
-            else:
-                new = body.node_copy(node, env.__getitem__)
-            env[node] = new
-        body.output(tuple(env[n] for n in outputs))
-        body.lint()
-
+        part = outline(span)
         name = f"{REGION_PREFIX}{block}"
-        gm.add_module(name, CheckpointRegion(fx.GraphModule(nn.Module(), body, class_name=name), self.options))
+        gm.add_module(name, CheckpointRegion(fx.GraphModule(nn.Module(), part.body, class_name=name), self.options))
         graph = gm.graph
-        with graph.inserting_before(span[-1].next):  # every input is defined by then (get_attrs inside the span too)
-            handles = [graph.get_attr(target) for target in modules]
-            call = graph.call_module(name, (*inputs, *handles))
-            for index, node in enumerate(outputs):
-                item = graph.call_function(operator.getitem, (call, index))
-                item.meta = dict(node.meta)
-                node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
-        for node in reversed(span):
-            graph.erase_node(node)
+
+        def call() -> fx.Node:
+            handles = [graph.get_attr(target) for target in part.modules]
+            return graph.call_module(name, (*part.inputs, *handles))
+
+        replace_span(graph, span, part.outputs, call)
