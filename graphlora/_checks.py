@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from graphlora.passes import is_targeted
@@ -107,7 +108,8 @@ def check_target_types(model: nn.Module, config: Any, targets: Any, site_names: 
 def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Module, site_names: Iterable[str],
                     action: str, *, loading: bool = False) -> None:
     """Refuse to add or load an adapter when the adapters already on a site have another dtype or
-    device than its base weight (the base was moved or cast behind the module's back, e.g.
+    device than its base weight (float32 adapters over an fp16 / bf16 base are PEFT's
+    ``autocast_adapter_dtype`` and fine) (the base was moved or cast behind the module's back, e.g.
     ``model.to(...)`` on the original model after inject: the graph would fail on the next call),
     or, when ``loading``, when a base weight is on ``meta`` (the loaded tensors would be dropped).
 
@@ -134,7 +136,8 @@ def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Modul
         branches = store._modules.get(site_key(site))
         for adapter, branch in (branches.named_children() if branches is not None else ()):
             for name, param in branch.named_parameters():
-                if param.device != weight.device or param.dtype != weight.dtype:
+                upcast = param.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+                if param.device != weight.device or (param.dtype != weight.dtype and not upcast):
                     raise PlacementError(
                         f"cannot {action}: at site {site!r} the base weight is {weight.dtype} on {weight.device} "
                         f"but adapter {adapter!r} has {name} in {param.dtype} on {param.device}. Move or cast "

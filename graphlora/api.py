@@ -23,6 +23,7 @@ def inject(
     adapter_name: str = "default",
     example_inputs: Any = None,
     is_trainable: bool = False,
+    autocast_adapter_dtype: bool = True,
 ) -> AdaptedGraphModule:
     """Trace ``model`` and splice a LoRA adapter into the linear ops ``config`` selects.
 
@@ -56,6 +57,7 @@ def inject(
 
         read_adapter_config(config, adapter_name)  # fail before the (slow) trace on a bad path or config
         gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
+        gm.adapter_state.autocast_adapter_dtype = bool(autocast_adapter_dtype)
         gm.load_adapter(config, adapter_name, is_trainable=is_trainable)
         return gm
     config = LoraConfig() if config is None else config
@@ -63,6 +65,7 @@ def inject(
         names = ", ".join(f"a {t.__module__.split('.')[0]}.{t.__name__}" for t in config_types())
         raise ConfigError(f"config must be {names} or a PEFT adapter directory, got {type(config).__name__}.")
     gm = AdaptedGraphModule.from_capture(model, capture(model, example_inputs))
+    gm.adapter_state.autocast_adapter_dtype = bool(autocast_adapter_dtype)
     gm.add_adapter(adapter_name, config)
     return gm
 

@@ -55,6 +55,8 @@ class CallSpec:
     none_defaults: frozenset[str] = frozenset()
     var_keyword: bool = False
     keyword_names: frozenset[str] = frozenset()
+    #: ``arg_names`` and ``keyword_names`` together (what :meth:`graph_inputs` keeps; made once)
+    named: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, model: nn.Module, frontend: str) -> "CallSpec":
@@ -63,14 +65,15 @@ class CallSpec:
         none = frozenset(p.name for p in params.values() if p.default is None and p.name not in defaults)
         var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
         keyword = frozenset(p.name for p in params.values() if p.kind == p.KEYWORD_ONLY)
-        return cls(frontend, type(model).__name__, names, dict(defaults), none, var_kw, keyword)
+        return cls(frontend, type(model).__name__, names, dict(defaults), none, var_kw, keyword,
+                   frozenset(names) | keyword)
 
     def graph_inputs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """A bound call's arguments the traced graph takes: those ``forward`` reaches only through
         ``**kwargs`` (``output_hidden_states=True``, ...) are constants of the program, not inputs."""
         if not self.var_keyword:
             return dict(kwargs)
-        named = set(self.arg_names) | self.keyword_names
+        named = self.named
         return {k: v for k, v in kwargs.items() if k in named}
 
     def normalize(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -206,6 +206,9 @@ class LoraConfig(_PeftConfigIO):
         modules_to_save: module names (a path *ending with* an entry, PEFT's rule) of which the
             adapter keeps its own trainable copy, used while it is active (a classification head);
             ``task_type="SEQ_CLS"`` adds ``classifier`` and ``score`` as PEFT does.
+        lora_bias: ``B`` gets a trainable bias ``b_B`` (``lora_B.bias``, zeros at init), so the
+            update is ``s (B A x + b_B)``; merging folds ``s b_B`` into the base bias (a site
+            without a bias cannot merge). Not with ``use_dora`` (PEFT's rule).
 
     Raises:
         ConfigError: a field has an unusable value (the message names it and the fix).
@@ -226,6 +229,7 @@ class LoraConfig(_PeftConfigIO):
     use_dora: bool = False
     bias: str = "none"
     modules_to_save: Union[Sequence[str], None] = None
+    lora_bias: bool = False
     task_type: Union[str, None] = None
     base_model_name_or_path: Union[str, None] = None
     inference_mode: bool = False
@@ -254,6 +258,10 @@ class LoraConfig(_PeftConfigIO):
                 "(the adapted sites' biases train), PEFT's choices."
             )
         _check_modules_to_save(self)
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False.")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias=True cannot be combined with use_dora=True (PEFT does not support it either).")
         layers = self.layers_to_transform
         if layers is not None:
             if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):

@@ -85,6 +85,13 @@ def _finite(w: Any) -> bool:
     return not isinstance(w, bool) and isinstance(w, (int, float)) and w == w and abs(w) != float("inf")
 
 
+def _upcast(branch: nn.Module) -> None:
+    """PEFT's ``autocast_adapter_dtype``: fp16 / bf16 parameters of a new branch become float32."""
+    for param in branch.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+
+
 def _names(value: Union[str, Iterable[str]]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
@@ -333,9 +340,15 @@ class AdaptedGraphModule(fx.GraphModule):
                 yield param
 
     # ------------------------------------------------------------------ adding and deleting
-    def add_adapter(self, adapter_name: str, config: Union[AnyConfig, None] = None) -> None:
+    def add_adapter(self, adapter_name: str, config: Union[AnyConfig, None] = None, *,
+                    autocast_adapter_dtype: Union[bool, None] = None) -> None:
         """Add an adapter (a :class:`LoraConfig`, DoRA included, or an :class:`IA3Config`) and
         make it the active one. Adapters of different methods can be loaded side by side.
+
+        Args:
+            autocast_adapter_dtype: PEFT's switch: over an fp16 / bf16 base, keep the adapter's
+                parameters in float32 (LoRA and IA3; DoRA, LoHa and LoKr take the base dtype).
+                ``None``: the module's setting (``inject``'s, default True, as PEFT's).
 
         Raises:
             AdapterExistsError: the name is taken.
@@ -350,11 +363,16 @@ class AdaptedGraphModule(fx.GraphModule):
         plan = self._plan(config)
         check_placement(self, self._records, state.store, plan, f"add adapter {adapter_name!r}")
         extras = saved_modules.plan_extras(config, self._facts, plan, state, self._programs.primary.base.graph)
+        if autocast_adapter_dtype is None:
+            autocast_adapter_dtype = state.autocast_adapter_dtype
+        upcast = bool(autocast_adapter_dtype) and rule.autocast(config)
         branches = {}
         for name, site_plan in plan.items():
             site = self._records[name]
             branch = rule.make_branch(config, site, site_plan, getattr_path(self, site.weight))
             branch.train(self.training)
+            if upcast:
+                _upcast(branch)
             branches[name] = branch
         with self._transaction():
             state.add(adapter_name, config, plan, branches)
@@ -661,7 +679,7 @@ class AdaptedGraphModule(fx.GraphModule):
         return peft_io.save_adapters(state, self._facts, self._records, save_directory, names)
 
     def load_adapter(self, path: PathLike, adapter_name: str = "default", *, is_trainable: bool = False,
-                     activate: Union[bool, None] = None) -> None:
+                     activate: Union[bool, None] = None, autocast_adapter_dtype: Union[bool, None] = None) -> None:
         """Load a PEFT adapter directory (LoRA, DoRA, IA3) under ``adapter_name``.
 
         Args:
@@ -672,6 +690,7 @@ class AdaptedGraphModule(fx.GraphModule):
                 same keys and shapes, the weights are copied in place (hotswap: no graph
                 rebuild; the config's alpha / scaling / dropout are updated too).
             is_trainable: as in PEFT, ``False`` loads the adapter frozen (``inference_mode``).
+            autocast_adapter_dtype: as in :meth:`add_adapter` (for a new adapter).
             activate: make it the active adapter. ``None``: only if no adapter was active
                 (PEFT's ``load_adapter`` does not switch adapters).
 
@@ -705,7 +724,7 @@ class AdaptedGraphModule(fx.GraphModule):
             return
         previous = dict(state.weights)
         with self._transaction(saved_modules.base_tensors(extras, self._facts.source)):  # bias=: base biases
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             with torch.no_grad():
                 for key, param in peft_io.adapter_state_dict(state, adapter_name).items():
                     param.copy_(tensors[key])

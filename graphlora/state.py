@@ -119,6 +119,9 @@ class AdapterState:
     trainable: bool = True
     merge: MergeState = field(default_factory=MergeState)
     banks: BankLayout = field(default_factory=BankLayout)
+    #: PEFT's ``autocast_adapter_dtype``: new LoRA / IA3 adapters over an fp16 / bf16 base keep float32
+    #: parameters (the default of ``inject``)
+    autocast_adapter_dtype: bool = True
 
     # ------------------------------------------------------------------ reading
     @property
@@ -154,11 +157,15 @@ class AdapterState:
     def bankable(self) -> dict[str, dict[str, tuple]]:
         """adapter -> site name -> ``(A, B, scaling)`` for every adapter whose method banks it."""
         out: dict[str, dict[str, tuple]] = {}
+        dtypes: dict[str, torch.dtype] = {}  # a site's bank has one dtype: the first banked adapter's
         for adapter, plan in self.plans.items():
             rule = self.rule(adapter)
             factors = {site: rule.bank_factors(self.branch(site, adapter)) for site in plan}
-            if factors and all(f is not None for f in factors.values()):
-                out[adapter] = cast(dict[str, tuple], factors)
+            if not factors or any(f is None for f in factors.values()):
+                continue
+            if any(dtypes.setdefault(site, f[0].dtype) != f[0].dtype for site, f in factors.items()):
+                continue  # another dtype than the adapters banked there (autocast_adapter_dtype=False): own branch
+            out[adapter] = cast(dict[str, tuple], factors)
         return out
 
     def place_banks(self, warn: bool = True) -> bool:

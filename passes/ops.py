@@ -41,8 +41,29 @@ def _use_op(t: Tensor, *grads: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------- lora_switch
+def _uniform(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> bool:
+    """Whether every adapter term has the base output's dtype (float32 adapters over a bf16 base,
+    PEFT's ``autocast_adapter_dtype``, do not)."""
+    return all(t.dtype == base.dtype for t in (*hs, *bs))
+
+
+def _promoted(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
+    """``(base + sum h_i B_i^T)`` computed in the widest dtype of the terms, cast back once to the
+    base dtype: PEFT's numbers for float32 adapters over an fp16 / bf16 base (``result + delta``
+    promotes, then ``result.to(previous_dtype)``)."""
+    dtype = base.dtype
+    for t in (*hs, *bs):
+        dtype = torch.promote_types(dtype, t.dtype)
+    out = _rows(base).to(dtype)
+    for h, b in zip(hs, bs):
+        out = torch.addmm(out, _rows(h).to(dtype), b.to(dtype).t())
+    return out.to(base.dtype).view(base.shape)
+
+
 def _switch_math(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Tensor:
     """``base + sum h_i B_i^T`` without autograd bookkeeping: the GPU kernel or ``addmm``."""
+    if not _uniform(base, hs, bs):
+        return _promoted(base, hs, bs)
     out = _rows(base)
     if kernels.available(out):
         return kernels.lora_add(out, [_rows(h) for h in hs], bs).view(base.shape)
@@ -109,6 +130,8 @@ def lora_switch(base: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor]) -> Ten
     """
     if not hs:
         return base
+    if not _uniform(base, hs, bs):  # float32 adapters over an fp16 / bf16 base: plain ops, autograd as usual
+        return _promoted(base, hs, bs)
     if _use_op(base, base, *hs, *bs):
         return _switch_op(base, list(hs), list(bs))
     return _switch_math(base, hs, bs)
@@ -176,6 +199,8 @@ def lora_linear(x: Tensor, w: Tensor, bias: Tensor | None, hs: Sequence[Tensor],
     """
     if not hs:
         return F.linear(x, w, bias)
+    if not all(t.dtype == x.dtype for t in (*hs, *bs)):  # float32 adapters over an fp16 / bf16 base
+        return _promoted(F.linear(x, w, bias), hs, bs)
     if _use_op(x, x, w, bias, *hs, *bs):
         return _linear_op(x, w, bias, list(hs), list(bs))
     if torch.compiler.is_compiling() or _needs_grad(x, w, bias, *hs, *bs):
@@ -200,7 +225,7 @@ def lora_down(x: Tensor, a: Tensor, gate: Tensor) -> Tensor:
     custom op: eager 4 adapters loaded 28.3 vs 20.4 ms, compiled 1.146 vs 1.083 x base, since its
     Python launch costs more CPU time than it saves GPU time (``bench/results-h200-run3.json``).
     """
-    return F.linear(x, a) * gate
+    return F.linear(x.to(a.dtype), a) * gate
 
 
 # ---------------------------------------------------------------------------- adapter banks
@@ -234,8 +259,9 @@ def lora_bank(base: Tensor, x: Tensor, active: Tensor, a_bank: Tensor, b_bank: T
         h = h * gate.to(h.dtype)
     else:
         h = (h.unflatten(-1, (k, r)) * gate.to(h.dtype).unsqueeze(-1)).flatten(-2)
-    if h.dtype != base.dtype:  # adapters kept in another dtype than the base
-        return base + F.linear(h, b).to(base.dtype)
+    if h.dtype != base.dtype:  # float32 adapters over an fp16 / bf16 base: add in float32, round once
+        return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h.reshape(-1, k * r), b.t()).to(base.dtype).view(
+            base.shape)
     return torch.addmm(base.reshape(-1, d_out), h.reshape(-1, k * r), b.t()).view(base.shape)
 
 

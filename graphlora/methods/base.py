@@ -91,6 +91,12 @@ class MethodRule:
         and it can live in an adapter bank (:mod:`graphlora.banks`); ``None`` keeps its own branch."""
         return None
 
+    def autocast(self, config: Any) -> bool:
+        """Whether ``autocast_adapter_dtype`` keeps this adapter's fp16/bf16 parameters in float32
+        (PEFT's default for every method; here for the methods whose ops compute in the adapter
+        dtype and cast back: LoRA and IA3). Default: no, the adapter takes the base dtype."""
+        return False
+
     def mixable(self, config: Any) -> bool:
         """Whether mixed-adapter batches (``adapter_names=``) support this adapter."""
         return False

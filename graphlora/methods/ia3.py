@@ -124,6 +124,9 @@ class IA3Rule(MethodRule):
         branch.reset_parameters(config.init_ia3_weights)
         return branch
 
+    def autocast(self, config: IA3Config) -> bool:
+        return True  # scale_switch casts the factor to the activation's dtype
+
     def branch_spec(self, adapter, prefix, branch, site):
         return BranchSpec(adapter, prefix, emit=emit_ia3, stage="input" if branch.feedforward else "output")
 

@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from graphlora.config import DEFAULT_TARGET_MODULES, LoraConfig
+from graphlora.errors import MergeError
 from graphlora.passes import BranchSpec, Site
 from graphlora.passes.ops import lora_bank, lora_bank_rows, lora_down
 from graphlora.passes.specialize import FreezeStep, GateReader
@@ -48,6 +49,7 @@ __all__ = [
     "dora_factor",
     "dora_residual",
     "row_scale",
+    "gated_bias",
     "freeze_dora_residual",
     "bank_spec",
     "emit_bank",
@@ -97,6 +99,11 @@ def dora_residual(base: Tensor, wx: Union[Tensor, None], bias: Union[Tensor, Non
     return wx * ((factor - 1) * on).to(wx.dtype)
 
 
+def gated_bias(bias: Tensor, gate: Gate, like: Tensor) -> Tensor:
+    """``lora_bias``'s term ``gate * b_B`` (``gate = s w``), in the dtype of the site's output ``like``."""
+    return (bias * gate).to(like.dtype)
+
+
 def row_scale(matrix: Tensor, factor: Tensor) -> Tensor:
     """``matrix * factor[:, None]``: scale each row (output feature) of ``B`` by DoRA's ``f``."""
     return matrix * factor.to(matrix.dtype).unsqueeze(-1)
@@ -118,6 +125,7 @@ class LoraBranch(nn.Module):
         dropout: probability of the input dropout (0 means none).
         use_dora: add DoRA's magnitude vector (``lora_magnitude_vector``, ``[d_out]``) and
             its buffers; see :func:`dora_factor` for the math.
+        lora_bias: ``B`` has a bias (``lora_B.bias``, ``[d_out]``): ``delta = gate * (B A x + b_B)``.
         dtype, device: of the parameters (the base weight's by default).
     """
 
@@ -131,13 +139,14 @@ class LoraBranch(nn.Module):
         dropout: float = 0.0,
         *,
         use_dora: bool = False,
+        lora_bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.r, self.lora_alpha, self.scaling = r, alpha, scaling
         self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype, device=device)
-        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(r, out_features, bias=lora_bias, dtype=dtype, device=device)
         if dropout > 0:
             self.lora_dropout = nn.Dropout(dropout)
         self.register_buffer("gate", torch.zeros((), device=device), persistent=False)
@@ -184,6 +193,8 @@ class LoraBranch(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
 
     @torch.no_grad()
     def set_scaling(self, value: float) -> None:
@@ -238,6 +249,9 @@ def emit_low_rank(builder: SiteBuilder, spec: BranchSpec) -> fx.Node:
     h = builder.call(lora_down, (xin, a, gate), f"{tag}_lora_A", spec.adapter)
     b = builder.get_attr(f"{spec.prefix}.lora_B.weight", f"{tag}_lora_B_weight", spec.adapter)
     builder.add_low_rank(h, b)
+    if spec.option("lora_bias"):  # s * b_B, gated like the low-rank term
+        bias = builder.get_attr(f"{spec.prefix}.lora_B.bias", f"{tag}_lora_B_bias", spec.adapter)
+        builder.add_residual(builder.call(gated_bias, (bias, gate, builder.base), f"{tag}_lora_bias", spec.adapter))
     return h
 
 
@@ -327,18 +341,22 @@ class LoraRule(MethodRule):
         return LoraSitePlan(r, alpha, config.scaling(r, alpha))
 
     def variant(self, config: LoraConfig) -> str:
-        return "dora" if config.use_dora else "lora"
+        return "dora" if config.use_dora else ("lora+bias" if config.lora_bias else "lora")
 
     def rank(self, plan: LoraSitePlan) -> int:
         return plan.r
 
     def mixable(self, config: LoraConfig) -> bool:
-        return not config.use_dora
+        return not config.use_dora and not config.lora_bias  # mixed batches read the banks
+
+    def autocast(self, config: LoraConfig) -> bool:
+        return not config.use_dora  # DoRA's factor and residual compute in the base dtype
 
     # ------------------------------------------------------------------ state and graph
     def make_branch(self, config: LoraConfig, site: Site, plan: LoraSitePlan, weight: torch.Tensor) -> nn.Module:
         branch = LoraBranch(site.in_features, site.out_features, plan.r, plan.alpha, plan.scaling,
-                            config.lora_dropout, use_dora=config.use_dora, dtype=weight.dtype, device=weight.device)
+                            config.lora_dropout, use_dora=config.use_dora, lora_bias=config.lora_bias,
+                            dtype=weight.dtype, device=weight.device)
         branch.reset_parameters(config.init_lora_weights)
         if config.use_dora:
             branch.init_magnitude(weight, site.fan_in_fan_out)
@@ -348,7 +366,8 @@ class LoraRule(MethodRule):
         if getattr(branch, "use_dora", False):
             return BranchSpec(adapter, prefix, emit_dora, dropout=branch.has_dropout,
                               options=(("fan_in_fan_out", site.fan_in_fan_out),))
-        return BranchSpec(adapter, prefix, emit_low_rank, dropout=branch.has_dropout)
+        options = (("lora_bias", True),) if branch.lora_B.bias is not None else ()
+        return BranchSpec(adapter, prefix, emit_low_rank, dropout=branch.has_dropout, options=options)
 
     def freeze_steps(self) -> dict[Any, FreezeStep]:
         return {dora_residual: freeze_dora_residual}
@@ -356,7 +375,7 @@ class LoraRule(MethodRule):
     def bank_factors(self, branch: nn.Module) -> Union[tuple[Tensor, Tensor, float], None]:
         """Plain LoRA banks (:mod:`graphlora.banks`); DoRA keeps its own branch, and so do parameters
         that are not plain tensors (FSDP2's sharded DTensors: a bank slot cannot be a view of a shard)."""
-        if getattr(branch, "use_dora", False):
+        if getattr(branch, "use_dora", False) or branch.lora_B.bias is not None:
             return None
         if any(type(p.data) is not torch.Tensor for p in (branch.lora_A.weight, branch.lora_B.weight)):
             return None
@@ -365,12 +384,16 @@ class LoraRule(MethodRule):
     # ------------------------------------------------------------------ files
     def tensors(self, branch: nn.Module) -> dict[str, torch.Tensor]:
         out = {"lora_A.weight": branch.lora_A.weight.detach(), "lora_B.weight": branch.lora_B.weight.detach()}
+        if branch.lora_B.bias is not None:
+            out["lora_B.bias"] = branch.lora_B.bias.detach()
         if getattr(branch, "use_dora", False):
             out["lora_magnitude_vector"] = branch.lora_magnitude_vector.detach()
         return out
 
     def shapes(self, site: Site, plan: LoraSitePlan, config: LoraConfig) -> dict[str, tuple[int, ...]]:
         out = {"lora_A.weight": (plan.r, site.in_features), "lora_B.weight": (site.out_features, plan.r)}
+        if config.lora_bias:
+            out["lora_B.bias"] = (site.out_features,)
         if config.use_dora:
             out["lora_magnitude_vector"] = (site.out_features,)
         return out
@@ -393,6 +416,11 @@ class LoraRule(MethodRule):
             f = (branch.lora_magnitude_vector.detach().float() / norm).unsqueeze(1)
             delta = (f - 1) * w0 + f * delta
         delta = delta * w
+        if branch.lora_B.bias is not None:  # lora_bias: b += w s b_B
+            if bias is None:
+                raise MergeError("cannot merge an adapter with lora_bias=True into a site without a bias (as in PEFT); "
+                                 "serve it unmerged (graphlora.specialize).")
+            bias = bias + branch.lora_B.bias.detach().float() * (branch.scaling * w)
         return weight + (delta.t() if fan_in_fan_out else delta), bias
 
     # ------------------------------------------------------------------ weighted combination
