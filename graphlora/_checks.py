@@ -22,7 +22,8 @@ from graphlora.passes.targeting import layer_index
 
 from .errors import ConfigError, PlacementError, SignatureError, TargetTypeError
 
-__all__ = ["check_layers_in_range", "check_target_types", "check_placement", "check_fx_call"]
+__all__ = ["check_layers_in_range", "check_target_types", "check_embedding_targets", "check_placement",
+           "check_fx_call"]
 
 
 def _layer_count(model: nn.Module) -> Any:
@@ -103,6 +104,25 @@ def check_target_types(model: nn.Module, config: Any, targets: Any, site_names: 
             f"target_modules={config.target_modules!r} selects {path!r}, which is {_what(module)}, "
             f"not a linear op; {hint}, or add {path!r} to exclude_modules."
         )
+
+
+def check_embedding_targets(rule: Any, config: Any, plan: Iterable[str], records: Mapping[str, Any]) -> None:
+    """Refuse embedding sites (``Site.kind == "embedding"``) for methods that cannot adapt them:
+    only rules with ``embeddings = True`` (LoRA: PEFT's ``lora_embedding_A/B``) can.
+
+    Raises:
+        TargetTypeError: naming the site, the method and the fix.
+    """
+    if getattr(rule, "embeddings", False):
+        return
+    for site in plan:
+        record = records.get(site)
+        if record is not None and record.kind == "embedding":
+            raise TargetTypeError(
+                f"target_modules={config.target_modules!r} selects the embedding {site!r}, but {rule.name} "
+                f"adapts linear ops only (graphlora adapts embeddings with LoRA); add {site!r} to "
+                "exclude_modules or use a LoraConfig."
+            )
 
 
 def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Module, site_names: Iterable[str],

@@ -30,9 +30,18 @@ is writing the bank. Whatever gives a parameter new storage (``.to()``, ``.half(
 parameter into its slot and makes it a view again; the emitted module calls it after every
 structural change and move.
 
-**Growth.** Capacity ``S``, rank ``R`` and width ``K`` grow when needed (a warning says a
-compiled graph recompiles once, since the bank shapes change); with ``grow=False``
+**Growth.** Capacity ``S`` and rank ``R`` grow when needed (a warning says a compiled graph
+recompiles once, since the bank shapes change); with ``grow=False``
 (:meth:`graphlora.AdaptedGraphModule.configure_banks`) a full bank is an error naming the setting.
+The width ``K`` (:data:`DEFAULT_WIDTH`, 2) grows silently the first time more adapters are active at
+once (one recompile of a compiled serving graph; ``configure_banks(max_active=)`` reserves it).
+
+**One copy, kept honest.** Whatever gives a parameter new storage behind the module's back is
+undone by the next bind: the emitted module binds after every structural change, move, restore
+and ``load_state_dict`` (a post-hook; ``assign=True`` included). An adapter leaving the banks
+(deleted, or no longer bankable) first gets storage of its own, so a rolled-back delete gets its
+values back and a caller still holding its parameters never reads the next adapter's slot. The
+store's ``state_dict()`` gives each banked tensor as a contiguous copy of its own values.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def shard(gm: Any, *, reshard_after_forward: Union[bool, int] = True, **fsdp_kwa
                           "(torchrun sets the environment it reads).")
     if is_sharded(gm):
         raise ConfigError("gm is sharded already; shard a module once.")
-    if len(gm.programs) != 1:
+    if len({program.key[0] for program in gm.programs}) != 1:
         raise ConfigError(
             f"gm has traced {len(gm.programs)} call signatures ({gm.programs.describe()}); a sharded module runs "
             "its inject-time program only. Shard a freshly injected module and compute the loss from its logits."
@@ -161,6 +161,7 @@ def shard(gm: Any, *, reshard_after_forward: Union[bool, int] = True, **fsdp_kwa
         register_fsdp_forward_method(region, RUN)
     fully_shard(gm, **fsdp_kwargs)
     _share_shards(gm, {id(before[n]): p for n, p in gm.named_parameters() if n in before and before[n] is not p})
+    gm.adapter_state.place_banks()  # sharded adapters leave the banks: serving runs the (sharded) switch form
     _WIRED[gm] = gm.graph
     gm.register_forward_pre_hook(_check_wired)
     return gm

@@ -253,7 +253,7 @@ def run_encoder(gm: Any, kwargs: Mapping[str, Any], names: Union[Sequence[str], 
     from .mixed import write_row_index
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    key = (call_key({**kwargs, HALF: "encoder"}), names is not None)
+    key = (call_key({**kwargs, HALF: "encoder"}), gm._mode(names))
     if names is not None:
         write_row_index(gm.adapter_state, names, (), kwargs, gm.training)
     return gm.programs.get_or_build(key, {**kwargs, HALF: "encoder"}).module(**kwargs)

@@ -51,6 +51,14 @@ def write_row_index(state: AdapterState, names: Any, args: tuple, kwargs: Mappin
             f"adapter_names has unknown adapter {unknown[0]!r}; loaded adapters: "
             f"{list(state.configs)} (or '__base__' for the base model)."
         )
+    unbanked = [n for n in dict.fromkeys(names) if n != "__base__" and n not in slots
+                and state.rule(n).mixable(state.configs[n])]
+    if unbanked:
+        raise ConfigError(
+            f"adapter_names has {unbanked[0]!r}, which is not in the adapter banks that mixed batches read: it "
+            "adapts an embedding, or its parameters have another dtype than the adapters banked at its sites "
+            "(autocast_adapter_dtype=False next to float32 adapters). Run it with set_adapter instead."
+        )
     unmixable = [n for n in dict.fromkeys(names) if n != "__base__" and not state.rule(n).mixable(state.configs[n])]
     if unmixable:
         name = unmixable[0]

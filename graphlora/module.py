@@ -85,6 +85,10 @@ def _finite(w: Any) -> bool:
     return not isinstance(w, bool) and isinstance(w, (int, float)) and w == w and abs(w) != float("inf")
 
 
+def _rebind_banks(module: "AdaptedGraphModule", incompatible: Any) -> None:
+    module.adapter_state.restore_banks()
+
+
 def _upcast(branch: nn.Module) -> None:
     """PEFT's ``autocast_adapter_dtype``: fp16 / bf16 parameters of a new branch become float32."""
     for param in branch.parameters():
@@ -121,6 +125,8 @@ class AdaptedGraphModule(fx.GraphModule):
         self._facts = ModelFacts(model, tuple(first_records(sites)), _output_head(model), model_type, aliases)
         self._programs = ProgramSet(self, model, calls, self._adapters, first, aliases)
         self._transaction_depth = 0
+        # load_state_dict(assign=True) gives parameters new storage: make them bank views again
+        self.register_load_state_dict_post_hook(_rebind_banks)
         show_source_signature(type(self), model)
         self.train(model.training)
 

@@ -141,7 +141,36 @@ def read_adapter_dir(directory: PathLike) -> tuple[AnyConfig, dict[str, torch.Te
         ) from exc
     if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise AdapterFileError(f"the adapter weights in {directory!r} are not a mapping of names to tensors.")
-    return config, dict(tensors)
+    return config, _drop_embedding_tables(directory, dict(tensors))
+
+
+#: PEFT's ``save_embedding_layers="auto"`` writes the whole base table of an adapted embedding
+#: next to its ``lora_embedding_A/B``, under this suffix of the site path.
+EMBEDDING_TABLE = ".base_layer.weight"
+
+
+def _drop_embedding_tables(directory: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without PEFT's copies of the base embedding tables (``<site>.base_layer.weight`` beside a
+    ``<site>.lora_embedding_A``): graphlora keeps the model's own table. A copy whose shape is not
+    ``[num, dim]`` of the file's ``A [r, num]`` / ``B [dim, r]`` is refused.
+
+    Raises:
+        AdapterFileError: naming the key and both shapes.
+    """
+    out = {}
+    for key, t in tensors.items():
+        site = key[: -len(EMBEDDING_TABLE)] if key.endswith(EMBEDDING_TABLE) else None
+        a, b = (tensors.get(f"{site}.lora_embedding_{p}") for p in "AB") if site else (None, None)
+        if a is None:
+            out[key] = t
+            continue
+        want = (a.shape[1], b.shape[0]) if b is not None and a.dim() == b.dim() == 2 else None
+        if want is not None and tuple(t.shape) != want:
+            raise AdapterFileError(
+                f"{directory!r}: the embedding table {key!r} has shape {tuple(t.shape)} but the file's "
+                f"lora_embedding_A/B give {want}; the file is inconsistent, save it again."
+            )
+    return out
 
 
 def resolve_dir(path: PathLike, adapter_name: str) -> str:
@@ -236,8 +265,8 @@ def check_tensors(directory: str, tensors: Mapping[str, torch.Tensor], expected:
         parsed = parse_key(key)
         if parsed is None:
             why = ("it is not a tensor this adapter's config has (LoRA A/B, DoRA magnitudes with "
-                   "use_dora, IA3 vectors, modules_to_save copies, biases with bias='all'/'lora_only'); "
-                   "embeddings are not supported")
+                   "use_dora, IA3 vectors, modules_to_save copies, biases with bias='all'/'lora_only', "
+                   "lora_embedding_A/B on a selected embedding)")
         else:
             selected = sorted({p[0] for p in (parse_key(k) for k in expected) if p is not None})
             why = (f"the adapter config does not select site {parsed[0]!r} on this model "

@@ -16,7 +16,7 @@ from torch import nn
 
 from graphlora.passes import Site, is_targeted
 
-from ._checks import check_layers_in_range, check_target_types
+from ._checks import check_embedding_targets, check_layers_in_range, check_target_types
 from .config import ALL_LINEAR
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, NoTargetError, closest
 from .methods import rule_for
@@ -62,9 +62,16 @@ def resolve_targets(config: Any, facts: ModelFacts) -> Any:
                 "or 'all-linear'."
             )
         return default
-    if targets == ALL_LINEAR:
-        return tuple(n for n in facts.site_names if n != facts.head)
+    if targets == ALL_LINEAR:  # linear ops only: embedding lookups are sites too, but not linear
+        return tuple(n for n in facts.site_names if n != facts.head and not _is_embedding(facts.source, n))
     return targets
+
+
+def _is_embedding(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), nn.Embedding)
+    except AttributeError:
+        return False
 
 
 def plan_adapter(config: Any, facts: ModelFacts, records: Mapping[str, Site]) -> dict[str, Any]:
@@ -87,6 +94,7 @@ def plan_adapter(config: Any, facts: ModelFacts, records: Mapping[str, Site]) ->
         ):
             plan[name] = rule.site_plan(resolved, name)
     check_target_types(facts.source, config, config.target_modules, records)
+    check_embedding_targets(rule, config, plan, records)
     check_layers_in_range(config, records, facts.source)
     if not plan:
         wanted = targets if isinstance(targets, str) else ", ".join(targets)

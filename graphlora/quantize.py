@@ -198,6 +198,8 @@ def quantize_base(gm: Any, format: str = "nf4", *, block_size: int = 64, scaler_
     for name, site in programs.records.items():
         if site.kind == "addmm":
             skipped.append((name, "addmm (Conv1D) site"))
+        elif site.kind == "embedding":
+            skipped.append((name, "embedding (a lookup, not a matmul)"))
         elif head is not None and name == head:
             skipped.append((name, "output head"))
         elif aliases.get(site.weight):

@@ -62,6 +62,7 @@ class AdapterStore(nn.Module):
         # mixed-adapter batches: one slot per row, written in place before each call
         self.register_buffer("row_index", torch.zeros(0, dtype=torch.long), persistent=False)
         self.add_module(BANKS, BankSet())
+        self.register_state_dict_post_hook(_own_storage)
 
     @property
     def banks(self) -> BankSet:
@@ -92,6 +93,17 @@ class AdapterStore(nn.Module):
             for name, branch in self._site(key).items():
                 if adapter is None or name == adapter:
                     yield key, name, branch
+
+
+def _own_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """``state_dict()`` of the store: an adapter tensor that is a view of a bank slot is given as a
+    contiguous copy of its own, so saving it (``torch.save``, safetensors) writes the adapter's
+    ``r x d`` values, not the whole bank, and never a non-contiguous view."""
+    for key, tensor in state_dict.items():
+        if key.startswith(prefix) and isinstance(tensor, torch.Tensor) and (
+                not tensor.is_contiguous()
+                or tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()):
+            state_dict[key] = tensor.contiguous().clone() if tensor.is_contiguous() else tensor.contiguous()
 
 
 @dataclass
@@ -171,7 +183,10 @@ class AdapterState:
     def place_banks(self, warn: bool = True) -> bool:
         """Slots for every bankable adapter and bound views (see :func:`graphlora.banks.place`);
         True when the set of banked sites changed."""
-        changed = banking.place(self.store.banks, self.banks, self.bankable(),
+        bankable = self.bankable()
+        for name in [n for n in self.banks.slots if n not in bankable and n in self.plans]:
+            self._detach(name)  # leaves the banks (a cast, a shard): its slot is cleared next
+        changed = banking.place(self.store.banks, self.banks, bankable,
                                 {site: site_key(site) for plan in self.plans.values() for site in plan}, warn)
         self.sync()
         return changed
@@ -206,8 +221,19 @@ class AdapterState:
         self.configs[name] = config
         self.plans[name] = dict(plan)
 
+    def _detach(self, name: str) -> None:
+        """Give ``name``'s parameters storage of their own before its bank slot is cleared or reused
+        (a rolled-back delete rebinds them from these copies; a caller still holding them keeps
+        their values instead of reading the next adapter's slot)."""
+        for _, _, branch in self.store.branches(name):
+            for param in branch.parameters():
+                if type(param.data) is torch.Tensor:  # a shard (DTensor) is no bank view
+                    param.data = param.data.clone()
+
     def remove(self, name: str) -> None:
         """Forget an adapter: its branches, config, plan and place in the active set."""
+        if name in self.banks.slots:
+            self._detach(name)
         for key, adapter, _ in list(self.store.branches(name)):
             self.store.remove(key, adapter)
         drop_extras(self.store, name)

@@ -138,9 +138,14 @@ def _adapter_blob(gm: Any) -> dict[str, Any]:
         )
     tensors = {n: {k: t.detach().clone() for k, t in peft_io.adapter_state_dict(state, n).items()}
                for n in state.configs}
+    upcast = {n: any(p.dtype == torch.float32 for _, _, b in state.store.branches(n) for p in b.parameters())
+              for n in state.configs}
+    layout = state.banks
     return {
         "configs": dict(state.configs),
         "tensors": tensors,
+        "autocast": (state.autocast_adapter_dtype, upcast),
+        "banks": (layout.reserved, layout.width, layout.grow),
         "weights": dict(state.weights),
         "enabled": state.enabled,
         "trainable": state.trainable,
@@ -168,11 +173,16 @@ def rebuild(source: nn.Module, blob: dict[str, Any]) -> Any:
 
     gm = AdaptedGraphModule.from_capture(source, capture(source, blob["example"]))
     state = gm.adapter_state
+    default, upcast = blob["autocast"]
+    state.autocast_adapter_dtype = default
+    (capacity, rank), width, grow = blob["banks"]
+    gm.configure_banks(max_loras=capacity or None, max_lora_rank=rank or None, max_active=width)
     for name, config in blob["configs"].items():
-        gm.add_adapter(name, config)
+        gm.add_adapter(name, config, autocast_adapter_dtype=upcast[name])
         with torch.no_grad():
             for key, param in peft_io.adapter_state_dict(state, name).items():
                 param.copy_(blob["tensors"][name][key])
+    state.banks.grow = grow
     state.trainable = blob["trainable"]
     state.set_active(blob["weights"])
     state.set_enabled(blob["enabled"])

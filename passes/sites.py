@@ -1,4 +1,4 @@
-"""Locate: find every linear op in a graph and describe it as a :class:`Site`.
+"""Locate: find every linear op (and embedding lookup) in a graph and describe it as a :class:`Site`.
 
 A site is named by the path of its weight parameter without a trailing ``.weight``:
 ``model.layers.0.self_attn.q_proj`` for an ``nn.Linear`` (PEFT's name for it), ``proj`` for
@@ -12,6 +12,8 @@ op                            kind       input  weight  weight layout
 ``call_module`` nn.Linear     linear     0      module  (out, in)
 ``F.linear`` / aten.linear    linear*    0      1       (out, in)
 ``torch.addmm`` / aten.addmm  addmm      1      2       (in, out)
+``aten.embedding``            embedding  1      0       (num, dim)
+``call_module`` nn.Embedding  embedding  0      module  (num, dim)
 ============================  =========  =====  ======  =============
 
 (*) ``functional_linear`` when the op was not called by the module that owns the weight.
@@ -28,7 +30,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["Site", "OpRule", "LINEAR_OPS", "locate_sites", "module_path"]
+__all__ = ["Site", "OpRule", "LINEAR_OPS", "EMBEDDING", "locate_sites", "module_path"]
+
+#: ``Site.kind`` of an embedding lookup (``aten.embedding(weight, ids)`` or a call of an
+#: ``nn.Embedding``): ``in_features`` is ``num_embeddings``, ``out_features`` ``embedding_dim`` and
+#: ``input_index`` points at the ids. Only LoRA adapts these (PEFT's ``lora_embedding_A/B``).
+EMBEDDING = "embedding"
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class Site:
 
     Attributes:
         name: weight path without ``.weight`` (PEFT's module name for ``nn.Linear``).
-        kind: ``"linear"``, ``"functional_linear"`` or ``"addmm"`` (GPT-2 ``Conv1D``).
+        kind: ``"linear"``, ``"functional_linear"``, ``"addmm"`` (GPT-2 ``Conv1D``) or
+            ``"embedding"`` (a lookup: ``in_features`` = rows, ``out_features`` = embedding dim).
         node: name of the base op's node in the graph it was found in.
         weight: attribute path of the weight on the traced module.
         in_features / out_features: sizes of the op's input and output feature dims.
@@ -116,6 +124,10 @@ def locate_sites(
     rules = {**LINEAR_OPS, **(extra_ops or {})}
     sites: list[Site] = []
     for node in gm.graph.nodes:
+        embedding = _embedding_site(gm, node, aliases)
+        if embedding is not None:
+            sites.append(embedding)
+            continue
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if not isinstance(module, torch.nn.Linear):
@@ -146,6 +158,29 @@ def locate_sites(
         in_f, out_f = (d0, d1) if rule.fan_in_fan_out else (d1, d0)
         sites.append(Site(name, kind, node.name, weight_node.target, in_f, out_f, rule.fan_in_fan_out, rule.input_index))
     return sites
+
+
+def _embedding_site(gm: fx.GraphModule, node: fx.Node, aliases: Mapping[str, Sequence[str]]) -> Union[Site, None]:
+    """An embedding lookup as a :data:`EMBEDDING` site: ``aten.embedding(W, ids, ...)`` with ``W``
+    a ``get_attr`` (``[num_embeddings, embedding_dim]``), or a call of an ``nn.Embedding`` without
+    ``max_norm`` (which renormalises rows in place)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if not isinstance(module, torch.nn.Embedding) or module.max_norm is not None:
+            return None
+        weight = f"{node.target}.weight"
+        return Site(_site_name(weight, str(node.target), aliases), EMBEDDING, node.name, weight,
+                    module.num_embeddings, module.embedding_dim, False, -1)
+    if node.op != "call_function" or node.target is not aten.embedding.default or len(node.args) < 2:
+        return None
+    weight_node = node.args[0]
+    if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
+        return None
+    weight = getattr_path(gm, str(weight_node.target))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    name = _site_name(str(weight_node.target), module_path(node), aliases)
+    return Site(name, EMBEDDING, node.name, str(weight_node.target), weight.shape[0], weight.shape[1], False, 1)
 
 
 def getattr_path(root: torch.nn.Module, target: str) -> Any:

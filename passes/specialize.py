@@ -74,11 +74,25 @@ def _gate_of(h: fx.Node) -> fx.Node | None:
     return gate if isinstance(gate, fx.Node) and gate.op == "get_attr" else None
 
 
+def _attr_dtype(graph: fx.Graph, node: Any) -> Union[torch.dtype, None]:
+    """The dtype of the tensor a ``get_attr`` node reads (``None``: not a readable ``get_attr``)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or graph.owning_module is None:
+        return None
+    try:
+        value = getattr_path(graph.owning_module, str(node.target))
+    except AttributeError:
+        return None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
 def _constant_gate(graph: fx.Graph, h: fx.Node, value: float) -> fx.Node:
     """``h`` with its gate read replaced by the constant ``value`` (``1``: no multiply at all)."""
     if h.target is lora_down:
         x, a, _ = h.args
         with graph.inserting_before(h):
+            dtype = _attr_dtype(graph, a)
+            if dtype is not None:  # as lora_down: x in the adapter's dtype (float32 adapters over bf16)
+                x = graph.call_method("to", (x, dtype))
             proj = graph.call_function(torch.ops.aten.linear.default, (x, a))
             proj.meta.update({k: v for k, v in h.meta.items() if k != "val"})
             if value == 1.0:

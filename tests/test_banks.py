@@ -212,3 +212,57 @@ def test_dtype_cast_deepcopy_and_delete_keep_the_banks_bound():
     randomize_b(gm, "again", seed=11)
     gm.set_adapter(["again", "a2"])
     torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids))
+
+
+# ---------------------------------------------------------------------------- review regressions
+def test_a_rolled_back_delete_keeps_the_weights_and_a_deleted_adapter_aliases_nothing(monkeypatch):
+    gm = _gm(adapters=3)
+    ids = token_ids()
+    gm.set_adapter("a1")
+    out, b = _serve(gm, ids), gm.adapter_state.branch("model.layers.0.self_attn.q_proj", "a1").lora_B.weight
+    kept = b.detach().clone()
+
+    def fail(self):
+        raise RuntimeError("injected failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(gm.programs), "invalidate", fail)
+        with pytest.raises(RuntimeError, match="injected"):
+            gm.delete_adapter("a1")
+    assert torch.equal(b, kept) and torch.equal(_serve(gm, ids), out)
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    gm.delete_adapter("a1")
+    gm.add_adapter("c", LoraConfig(r=4, target_modules=TARGETS))
+    randomize_b(gm, "c", seed=9)
+    assert torch.equal(b, kept)  # the old parameter kept its values: not a view of c's slot
+
+
+def test_load_state_dict_with_assign_and_saving_state_dicts():
+    from safetensors.torch import save_file
+
+    gm = _gm(adapters=2, ranks=(4, 2))  # a1 has rank 2 < the banks' 4: its B is a strided view of its slot
+    ids = token_ids()
+    gm.set_adapter("a1")
+    state = {k: v.clone() * (1.5 if "lora_B" in k else 1.0) for k, v in gm.state_dict().items()}
+    gm.load_state_dict(state, assign=True)
+    gm.eval()
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    adapter = {k: v for k, v in gm.state_dict().items() if ".lora_" in k}
+    assert all(v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+               for v in adapter.values())  # each its own r x d values, not the bank
+    save_file(adapter, "/dev/null")
+
+
+def test_pickling_keeps_the_bank_settings_and_each_adapters_dtype():
+    import pickle
+
+    base = tiny_llama().to(torch.bfloat16)
+    gm = graphlora.inject(base, LoraConfig(r=2, target_modules=TARGETS), autocast_adapter_dtype=False)
+    gm.configure_banks(max_loras=8, max_lora_rank=4, grow=False)
+    gm.add_adapter("up", LoraConfig(r=2, target_modules=TARGETS), autocast_adapter_dtype=True)
+    back = pickle.loads(pickle.dumps(gm))
+    layout = back.adapter_state.banks
+    assert (layout.capacity, layout.rank, layout.grow) == (8, 4, False)
+    dtypes = {n: {p.dtype for _, _, b in back.graphlora.branches(n) for p in b.parameters()} for n in back.adapters}
+    assert dtypes == {"default": {torch.bfloat16}, "up": {torch.float32}}
+    assert back.adapter_state.autocast_adapter_dtype is False

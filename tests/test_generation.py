@@ -199,3 +199,24 @@ def test_t5_encoder_and_decoder_run_through_programs(tmp_path):
     on = torch.stack(_gen(gm, ids, mask, **kw).scores)
     assert (on - torch.stack(off.scores))[..., 2:].abs().max() > 1e-3, "the encoder's adapter should change the scores"
     assert any("__graphlora_half__" in dict(key[0]) for key in gm.programs.keys())
+
+
+def test_t5_encoder_gives_each_row_its_adapter():
+    from graphlora.calls import MODES
+    from graphlora.generation import run_encoder
+
+    gm = graphlora.inject(tiny_t5(), LoraConfig(r=4, target_modules=ENCODER_ONLY, init_lora_weights=False))
+    gm.add_adapter("b", LoraConfig(r=4, target_modules=ENCODER_ONLY, init_lora_weights=False))
+    gm.eval()
+    ids = torch.randint(2, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        rows = run_encoder(gm, kwargs, ["default", "b"]).last_hidden_state
+        gm.set_adapter("b")
+        only_b = run_encoder(gm, kwargs).last_hidden_state
+        gm.set_adapter("default")
+        only_default = run_encoder(gm, kwargs).last_hidden_state
+    torch.testing.assert_close(rows[1], only_b[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rows[0], only_default[0], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(only_b[1], only_default[1])
+    assert all(key[1] in MODES for key in gm.programs.keys())

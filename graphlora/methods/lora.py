@@ -30,8 +30,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from graphlora.config import DEFAULT_TARGET_MODULES, LoraConfig
-from graphlora.errors import MergeError
+from graphlora.errors import ConfigError, MergeError, TargetTypeError
 from graphlora.passes import BranchSpec, Site
+from graphlora.passes.sites import EMBEDDING
 from graphlora.passes.ops import lora_bank, lora_bank_rows, lora_down
 from graphlora.passes.specialize import FreezeStep, GateReader
 from graphlora.passes.splice import SiteBuilder
@@ -53,6 +54,9 @@ __all__ = [
     "freeze_dora_residual",
     "bank_spec",
     "emit_bank",
+    "LoraEmbeddingBranch",
+    "emit_embedding",
+    "lora_embedding_delta",
 ]
 
 aten = torch.ops.aten
@@ -225,6 +229,76 @@ class LoraBranch(nn.Module):
             self.dora_on.fill_(weight)
 
 
+class LoraEmbeddingBranch(nn.Module):
+    r"""LoRA on an embedding lookup (PEFT's ``lora.Embedding``): for ids ``i`` and base table ``E``
+    (``[num, dim]``)::
+
+        y = E[i] + gate * A^T[i] B^T          A: lora_embedding_A [r, num], B: lora_embedding_B [dim, r]
+
+    with ``gate = scaling * weight`` (0 when inactive, so the lookup is exactly ``E[i]``). Merged,
+    ``E += s (B A)^T``. PEFT's init: ``A`` zeros, ``B`` normal (the identity at init). PEFT applies
+    no dropout to embeddings; neither does this branch. Never banked (banks hold linear LoRA).
+    """
+
+    use_dora = False
+    has_dropout = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int, alpha: float, scaling: float, *,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.r, self.lora_alpha, self.scaling = r, alpha, scaling
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, num_embeddings, dtype=dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.zeros(embedding_dim, r, dtype=dtype, device=device))
+        self.register_buffer("gate", torch.zeros((), device=device), persistent=False)
+        self.register_buffer("scale", torch.full((), float(scaling), device=device), persistent=False)
+
+    def num_parameters(self) -> int:
+        """``r * (num + dim)``."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def reset_parameters(self, init: bool | str = True, generator: torch.Generator | None = None) -> None:
+        """PEFT's init (``A`` zeros, ``B`` N(0, 1)); ``init=False``: both N(0, 1) (not the identity)."""
+        for p, zero in ((self.lora_embedding_A, init is not False), (self.lora_embedding_B, False)):
+            w = torch.zeros(p.shape) if zero else torch.empty(p.shape).normal_(generator=generator)
+            p.copy_(w)
+
+    @torch.no_grad()
+    def set_scaling(self, value: float) -> None:
+        self.scaling = value
+        self.scale.fill_(value)
+
+    @torch.no_grad()
+    def set_gate(self, value: float) -> None:
+        self.gate.fill_(value)
+
+    @torch.no_grad()
+    def apply_state(self, weight: float, merged: bool = False) -> None:
+        """``gate = scaling * weight`` (``weight`` is 0 when inactive, disabled or merged)."""
+        self.gate.fill_(self.scaling * weight)
+        self.scale.fill_(0.0 if merged else self.scaling)
+
+
+def lora_embedding_delta(ids: Tensor, lora_A: Tensor, lora_B: Tensor, gate: Gate, like: Tensor) -> Tensor:
+    r"""``gate * A^T[ids] B^T`` (``[..., dim]``), in the dtype of the base lookup ``like``.
+
+    ``A`` is ``[r, num]`` and ``B`` ``[dim, r]`` (PEFT's ``lora_embedding_A/B``); with ``gate == 0``
+    the term is exactly 0.
+    """
+    after_a = torch.nn.functional.embedding(ids, lora_A.t())
+    return ((after_a @ lora_B.t()) * gate).to(like.dtype)
+
+
+def emit_embedding(builder: SiteBuilder, spec: BranchSpec) -> None:
+    """The embedding branch: the residual ``lora_embedding_delta(ids, A, B, gate, base)``."""
+    tag = f"{builder.key}_{spec.adapter}"
+    a = builder.get_attr(f"{spec.prefix}.lora_embedding_A", f"{tag}_lora_embedding_A", spec.adapter)
+    b = builder.get_attr(f"{spec.prefix}.lora_embedding_B", f"{tag}_lora_embedding_B", spec.adapter)
+    gate = builder.get_attr(f"{spec.prefix}.gate", f"{tag}_gate", spec.adapter)
+    builder.add_residual(builder.call(lora_embedding_delta, (builder.x, a, b, gate, builder.base),
+                                      f"{tag}_lora_embedding", spec.adapter))
+
+
 class LoraSitePlan(NamedTuple):
     """Per-site LoRA constants (unpacks as ``r, alpha, scaling``)."""
 
@@ -302,6 +376,20 @@ def bank_spec(prefix: str, index: str, mixed: bool) -> BranchSpec:
     return BranchSpec(BANK, prefix, emit_bank, options=(("index", index), ("mixed", mixed)))
 
 
+def check_embedding_config(config: LoraConfig, site: str) -> None:
+    """Refuse LoRA options graphlora does not reproduce on an embedding site.
+
+    Raises:
+        TargetTypeError: ``use_dora`` or ``lora_bias`` with an embedding target.
+    """
+    for field in ("use_dora", "lora_bias"):
+        if getattr(config, field, False):
+            raise TargetTypeError(
+                f"{field}=True is not supported on the embedding site {site!r} (graphlora adapts embeddings "
+                f"with plain LoRA: lora_embedding_A/B); set {field}=False or add {site!r} to exclude_modules."
+            )
+
+
 # ---------------------------------------------------------------------------- specialize
 def freeze_dora_residual(gm: fx.GraphModule, node: fx.Node, read: GateReader) -> list[fx.Node]:
     """DoRA's specialize step for ``dora_residual(base, wx, bias, f, on)`` (see
@@ -325,12 +413,31 @@ def freeze_dora_residual(gm: fx.GraphModule, node: fx.Node, read: GateReader) ->
     return dead
 
 
+def freeze_embedding_delta(gm: fx.GraphModule, node: fx.Node, read: GateReader) -> list[fx.Node]:
+    """The embedding branch's specialize step for ``lora_embedding_delta(ids, A, B, gate, base)``:
+    ``gate == 0`` removes the term and the ``add`` consuming it; any other gate becomes a constant."""
+    ids, a, b, gate, like = node.args
+    value = read(gate)
+    dead: list[fx.Node] = [gate] if isinstance(gate, fx.Node) else []
+    if value == 0.0:
+        for add in list(node.users):  # y + term -> y
+            other = add.args[0] if add.args[1] is node else add.args[1]
+            add.replace_all_uses_with(other)
+            dead.append(add)
+        dead += [node, a, b]
+    elif dead:
+        node.args = (ids, a, b, value, like)
+    return dead
+
+
 class LoraRule(MethodRule):
     """LoRA (and DoRA with ``use_dora=True``)."""
 
     name = "lora"
     config_class = LoraConfig
     peft_type = "LORA"
+    #: adapts embedding sites too (:class:`LoraEmbeddingBranch`; see ``check_embedding_targets``)
+    embeddings = True
 
     def default_targets(self, model_type):
         return DEFAULT_TARGET_MODULES.get(model_type or "")
@@ -354,6 +461,12 @@ class LoraRule(MethodRule):
 
     # ------------------------------------------------------------------ state and graph
     def make_branch(self, config: LoraConfig, site: Site, plan: LoraSitePlan, weight: torch.Tensor) -> nn.Module:
+        if site.kind == EMBEDDING:
+            check_embedding_config(config, site.name)
+            emb = LoraEmbeddingBranch(site.in_features, site.out_features, plan.r, plan.alpha, plan.scaling,
+                                      dtype=weight.dtype, device=weight.device)
+            emb.reset_parameters(config.init_lora_weights)
+            return emb
         branch = LoraBranch(site.in_features, site.out_features, plan.r, plan.alpha, plan.scaling,
                             config.lora_dropout, use_dora=config.use_dora, lora_bias=config.lora_bias,
                             dtype=weight.dtype, device=weight.device)
@@ -363,6 +476,8 @@ class LoraRule(MethodRule):
         return branch
 
     def branch_spec(self, adapter: str, prefix: str, branch: nn.Module, site: Site) -> BranchSpec:
+        if isinstance(branch, LoraEmbeddingBranch):
+            return BranchSpec(adapter, prefix, emit_embedding)
         if getattr(branch, "use_dora", False):
             return BranchSpec(adapter, prefix, emit_dora, dropout=branch.has_dropout,
                               options=(("fan_in_fan_out", site.fan_in_fan_out),))
@@ -370,11 +485,14 @@ class LoraRule(MethodRule):
         return BranchSpec(adapter, prefix, emit_low_rank, dropout=branch.has_dropout, options=options)
 
     def freeze_steps(self) -> dict[Any, FreezeStep]:
-        return {dora_residual: freeze_dora_residual}
+        return {dora_residual: freeze_dora_residual, lora_embedding_delta: freeze_embedding_delta}
 
     def bank_factors(self, branch: nn.Module) -> Union[tuple[Tensor, Tensor, float], None]:
         """Plain LoRA banks (:mod:`graphlora.banks`); DoRA keeps its own branch, and so do parameters
-        that are not plain tensors (FSDP2's sharded DTensors: a bank slot cannot be a view of a shard)."""
+        that are not plain tensors (FSDP2's sharded DTensors: a bank slot cannot be a view of a shard),
+        and embedding branches (banks hold linear LoRA only)."""
+        if isinstance(branch, LoraEmbeddingBranch):
+            return None
         if getattr(branch, "use_dora", False) or branch.lora_B.bias is not None:
             return None
         if any(type(p.data) is not torch.Tensor for p in (branch.lora_A.weight, branch.lora_B.weight)):
@@ -383,6 +501,9 @@ class LoraRule(MethodRule):
 
     # ------------------------------------------------------------------ files
     def tensors(self, branch: nn.Module) -> dict[str, torch.Tensor]:
+        if isinstance(branch, LoraEmbeddingBranch):  # PEFT's keys: no ".weight" (nn.Parameter entries)
+            return {"lora_embedding_A": branch.lora_embedding_A.detach(),
+                    "lora_embedding_B": branch.lora_embedding_B.detach()}
         out = {"lora_A.weight": branch.lora_A.weight.detach(), "lora_B.weight": branch.lora_B.weight.detach()}
         if branch.lora_B.bias is not None:
             out["lora_B.bias"] = branch.lora_B.bias.detach()
@@ -391,6 +512,9 @@ class LoraRule(MethodRule):
         return out
 
     def shapes(self, site: Site, plan: LoraSitePlan, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+        if site.kind == EMBEDDING:
+            check_embedding_config(config, site.name)
+            return {"lora_embedding_A": (plan.r, site.in_features), "lora_embedding_B": (site.out_features, plan.r)}
         out = {"lora_A.weight": (plan.r, site.in_features), "lora_B.weight": (site.out_features, plan.r)}
         if config.lora_bias:
             out["lora_B.bias"] = (site.out_features,)
@@ -406,7 +530,11 @@ class LoraRule(MethodRule):
 
     # ------------------------------------------------------------------ merge
     def merge(self, weight, bias, branch, w, fan_in_fan_out, original=None):
-        """``W += w s B A``; DoRA: ``W += w [(f - 1) W0 + f s B A]`` with ``f`` from the unmerged ``W0``."""
+        """``W += w s B A``; DoRA: ``W += w [(f - 1) W0 + f s B A]`` with ``f`` from the unmerged ``W0``;
+        an embedding table: ``E += w s (B A)^T`` (PEFT's ``lora.Embedding`` merge)."""
+        if isinstance(branch, LoraEmbeddingBranch):
+            A, B = branch.lora_embedding_A.detach().float(), branch.lora_embedding_B.detach().float()
+            return weight + (B @ A).t() * (branch.scaling * w), bias
         A, B = branch.lora_A.weight.detach().float(), branch.lora_B.weight.detach().float()
         delta = (B @ A) * branch.scaling  # [out, in]
         if getattr(branch, "use_dora", False):
@@ -428,6 +556,13 @@ class LoraRule(MethodRule):
                 svd_full_matrices=True, svd_driver=None, **options):
         from .weighted import combine_lora
 
+        embedded = [(a, s) for a in adapters for s in state.plans.get(a, ())
+                    if isinstance(state.branch(s, a), LoraEmbeddingBranch)]
+        if embedded:
+            raise ConfigError(
+                f"add_weighted_adapter does not combine embedding LoRA yet: adapter {embedded[0][0]!r} adapts the "
+                f"embedding {embedded[0][1]!r}; exclude it (exclude_modules) or combine other adapters."
+            )
         return combine_lora(state, facts, records, adapters, weights, combination_type, svd_rank=svd_rank,
                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
 
@@ -436,6 +571,8 @@ class LoraRule(MethodRule):
         """Take the new file's alpha, scaling and dropout; True when a dropout module came or went."""
         branch.lora_alpha = plan.alpha
         branch.set_scaling(plan.scaling)
+        if isinstance(branch, LoraEmbeddingBranch):
+            return False  # no dropout on embeddings (PEFT's too)
         dropout = branch._modules.get("lora_dropout")
         if config.lora_dropout > 0 and dropout is not None:
             dropout.p = config.lora_dropout
