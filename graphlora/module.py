@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import warnings
 from collections import defaultdict
@@ -83,6 +84,30 @@ def _output_head(model: nn.Module) -> Union[str, None]:
 
 def _finite(w: Any) -> bool:
     return not isinstance(w, bool) and isinstance(w, (int, float)) and w == w and abs(w) != float("inf")
+
+
+@torch.compiler.disable
+def _refresh_primary(module: "AdaptedGraphModule") -> None:
+    module.programs.refresh(module.programs.primary)
+
+
+def _fresh_forward(cls: type) -> None:
+    """Wrap the ``forward`` that ``GraphModule`` just generated on ``cls`` so that a direct call
+    (``gm.forward(...)``, ``torch.compile(gm.forward)``) first re-splices a graph an add or delete
+    left out of date (re-splicing is lazy, see :mod:`graphlora.programs`): one integer compare when
+    it is current."""
+    generated = cls.forward
+
+    def forward(self: "AdaptedGraphModule", *args: Any, **kwargs: Any) -> Any:
+        programs = self.__dict__.get("_programs")
+        if programs is not None and programs.primary.version != programs.version:
+            _refresh_primary(self)
+            if type(self).forward is not forward:  # the refresh generated new code
+                return type(self).forward(self, *args, **kwargs)
+        return generated(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, generated)
+    cls.forward = forward
 
 
 def _rebind_banks(module: "AdaptedGraphModule", incompatible: Any) -> None:
@@ -201,6 +226,7 @@ class AdaptedGraphModule(fx.GraphModule):
         # GraphModule installs its own __call__ wrapper on each recompile; route first instead,
         # so that torch.compile traces the program graphs, never the routing Python.
         type(self).__call__ = AdaptedGraphModule.__call__
+        _fresh_forward(type(self))
         facts = self.__dict__.get("_facts")  # Trainer reads the source model's signature (labels, attention_mask)
         show_source_signature(type(self), facts.source if facts is not None else None)
         return code

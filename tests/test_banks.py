@@ -266,3 +266,13 @@ def test_pickling_keeps_the_bank_settings_and_each_adapters_dtype():
     dtypes = {n: {p.dtype for _, _, b in back.graphlora.branches(n) for p in b.parameters()} for n in back.adapters}
     assert dtypes == {"default": {torch.bfloat16}, "up": {torch.float32}}
     assert back.adapter_state.autocast_adapter_dtype is False
+
+
+def test_a_direct_forward_call_after_a_lazy_add_runs_the_new_graph():
+    gm = _gm(adapters=1).train()
+    ids = token_ids()
+    gm.add_adapter("late", LoraConfig(r=4, target_modules=TARGETS))
+    randomize_b(gm, "late", seed=4)
+    direct = main_output(gm.forward(input_ids=ids, use_cache=False)).detach()
+    torch.testing.assert_close(direct, main_output(gm(input_ids=ids)).detach(), rtol=0, atol=0)
+    assert "late" in gm.code
