@@ -28,6 +28,7 @@ import time
 
 import torch
 from bench_gpu import build  # the Llama-7B-shaped model (or the tiny one), same in every benchmark
+from bench_gpu import copy_into_peft
 from bench_gpu import timer as gpu_timer
 
 import graphlora
@@ -47,16 +48,6 @@ def randomize(gm, adapter: str, seed: int) -> None:
         for _, _, branch in gm.graphlora.branches(adapter):
             w = branch.lora_B.weight
             w.copy_((torch.randn(w.shape, generator=gen) * 0.01).to(w))
-
-
-def copy_into_peft(gm, pm, adapter: str) -> None:
-    with torch.no_grad():
-        for name, module in pm.named_modules():
-            if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {}):
-                key = name.removeprefix("base_model.model.").replace(".", "_")
-                branch = gm.graphlora.branch(key, adapter)
-                module.lora_A[adapter].weight.copy_(branch.lora_A.weight)
-                module.lora_B[adapter].weight.copy_(branch.lora_B.weight)
 
 
 class Counter:

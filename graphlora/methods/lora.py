@@ -116,7 +116,34 @@ def row_scale(matrix: Tensor, factor: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- the branch module
 
 
-class LoraBranch(nn.Module):
+class _GatedBranch(nn.Module):
+    """What every LoRA-style branch shares: ``scaling``, its ``gate`` (``scaling * weight`` while
+    active, 0 otherwise) and the mixed-batch ``scale``, both buffers written in place."""
+
+    def num_parameters(self) -> int:
+        """The branch's parameter count (``r * (d_in + d_out)`` for plain LoRA)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def set_scaling(self, value: float) -> None:
+        """Set the scaling (a hotswap's new ``alpha / r``) and the ``scale`` buffer mixed batches read."""
+        self.scaling = value
+        self.scale.fill_(value)
+
+    @torch.no_grad()
+    def set_gate(self, value: float) -> None:
+        """Write the gate in place (keeps CUDA-graph captures valid)."""
+        self.gate.fill_(value)
+
+    @torch.no_grad()
+    def apply_state(self, weight: float, merged: bool = False) -> None:
+        """``gate = scaling * weight`` (``weight`` is 0 when inactive, disabled or merged); the
+        mixed-batch ``scale`` is 0 while merged."""
+        self.gate.fill_(self.scaling * weight)
+        self.scale.fill_(0.0 if merged else self.scaling)
+
+
+class LoraBranch(_GatedBranch):
     """One LoRA adapter at one site: ``delta = gate * B A dropout(x)``.
 
     ``gate`` holds ``scaling * weight`` while the adapter is active and 0 otherwise, with
@@ -166,10 +193,6 @@ class LoraBranch(nn.Module):
     def has_dropout(self) -> bool:
         return "lora_dropout" in self._modules
 
-    def num_parameters(self) -> int:
-        """``r * (d_in + d_out)`` (``+ d_out`` with DoRA)."""
-        return sum(p.numel() for p in self.parameters())
-
     @torch.no_grad()
     def init_magnitude(self, weight: torch.Tensor, fan_in_fan_out: bool) -> None:
         """DoRA: ``m = ||W + s B A||_row`` (PEFT's init), so the adapter starts as plain LoRA."""
@@ -201,17 +224,6 @@ class LoraBranch(nn.Module):
             nn.init.zeros_(self.lora_B.bias)
 
     @torch.no_grad()
-    def set_scaling(self, value: float) -> None:
-        """Set the scaling (a hotswap's new ``alpha / r``) and the ``scale`` buffer mixed batches read."""
-        self.scaling = value
-        self.scale.fill_(value)
-
-    @torch.no_grad()
-    def set_gate(self, value: float) -> None:
-        """Write the gate in place (keeps CUDA-graph captures valid)."""
-        self.gate.fill_(value)
-
-    @torch.no_grad()
     def apply_state(self, weight: float, merged: bool = False) -> None:
         """Write the switch buffers in place: ``gate = scaling * weight`` (``weight`` is 0 when the
         adapter is inactive, disabled or merged); the mixed-batch ``scale`` is 0 while merged."""
@@ -220,8 +232,7 @@ class LoraBranch(nn.Module):
         written = (self.scaling, weight, merged, id(self.gate), self.gate._version, id(self.scale), self.scale._version)
         if getattr(self, "_written", None) == written and not self.use_dora:
             return
-        self.gate.fill_(self.scaling * weight)
-        self.scale.fill_(0.0 if merged else self.scaling)
+        super().apply_state(weight, merged)
         self._written = (self.scaling, weight, merged, id(self.gate), self.gate._version, id(self.scale),
                          self.scale._version)
         if self.use_dora:
@@ -229,7 +240,7 @@ class LoraBranch(nn.Module):
             self.dora_on.fill_(weight)
 
 
-class LoraEmbeddingBranch(nn.Module):
+class LoraEmbeddingBranch(_GatedBranch):
     r"""LoRA on an embedding lookup (PEFT's ``lora.Embedding``): for ids ``i`` and base table ``E``
     (``[num, dim]``)::
 
@@ -252,10 +263,6 @@ class LoraEmbeddingBranch(nn.Module):
         self.register_buffer("gate", torch.zeros((), device=device), persistent=False)
         self.register_buffer("scale", torch.full((), float(scaling), device=device), persistent=False)
 
-    def num_parameters(self) -> int:
-        """``r * (num + dim)``."""
-        return sum(p.numel() for p in self.parameters())
-
     @torch.no_grad()
     def reset_parameters(self, init: bool | str = True, generator: torch.Generator | None = None) -> None:
         """PEFT's init (``A`` zeros, ``B`` N(0, 1)); ``init=False``: both N(0, 1) (not the identity)."""
@@ -263,20 +270,6 @@ class LoraEmbeddingBranch(nn.Module):
             w = torch.zeros(p.shape) if zero else torch.empty(p.shape).normal_(generator=generator)
             p.copy_(w)
 
-    @torch.no_grad()
-    def set_scaling(self, value: float) -> None:
-        self.scaling = value
-        self.scale.fill_(value)
-
-    @torch.no_grad()
-    def set_gate(self, value: float) -> None:
-        self.gate.fill_(value)
-
-    @torch.no_grad()
-    def apply_state(self, weight: float, merged: bool = False) -> None:
-        """``gate = scaling * weight`` (``weight`` is 0 when inactive, disabled or merged)."""
-        self.gate.fill_(self.scaling * weight)
-        self.scale.fill_(0.0 if merged else self.scaling)
 
 
 def lora_embedding_delta(ids: Tensor, lora_A: Tensor, lora_B: Tensor, gate: Gate, like: Tensor) -> Tensor:
