@@ -143,7 +143,7 @@ def test_failed_load_restores_base_biases(clean, tmp_path, monkeypatch):
     real = peft_io.adapter_state_dict
 
     class Boom:
-        def copy_(self, value):
+        def copy_(self, value, non_blocking=False):
             raise RuntimeError("simulated failure after the biases were written")
 
     def failing(state, name):

@@ -254,6 +254,20 @@ def test_peft_loads_adapters_on_the_same_quantized_base(quant, tmp_path):
 
 
 # ---------------------------------------------------------------------------- bitsandbytes models
+def _bnb_llama():
+    """A one-layer Llama whose linear widths are multiples of bitsandbytes' 4-bit block size (64):
+    bitsandbytes 0.50's CPU inference path repacks weights per block row and fails on narrower ones
+    on some CPUs (``shape '[32, 0]' is invalid``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models import VOCAB
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def _bnb_configs():
     from transformers import BitsAndBytesConfig
 
@@ -274,7 +288,7 @@ def test_bitsandbytes_model_injects_trains_and_round_trips_with_peft(bits, tmp_p
 
     from graphlora.quantize import inject_bnb
 
-    tiny_llama(layers=1).save_pretrained(tmp_path / "base")
+    _bnb_llama().save_pretrained(tmp_path / "base")
 
     def load():
         with warnings.catch_warnings():
