@@ -135,6 +135,63 @@ def _check_modules_to_save(config: Any) -> None:
     object.__setattr__(config, "modules_to_save", tuple(dict.fromkeys(value)) or None)
 
 
+def _check_token_indices(config: Any) -> None:
+    """In place on a frozen config: ``trainable_token_indices`` as a tuple of token ids (the input
+    embedding's rows) or a dict ``{embedding module name: tuple of ids}``; ``None`` when empty.
+    See :mod:`graphlora.trainable_tokens`."""
+    value = config.trainable_token_indices
+
+    def ids(entry: Any, where: str) -> tuple[int, ...]:
+        if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence):
+            raise ConfigError(f"{where}={entry!r} must be a list of token ids (non-negative ints), e.g. [0, 5].")
+        bad = [i for i in entry if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+        if bad:
+            raise ConfigError(f"{where} entries must be non-negative int token ids; got {bad[0]!r}.")
+        out = tuple(int(i) for i in entry)
+        if len(set(out)) != len(out):
+            raise ConfigError(f"{where}={list(out)!r} repeats a token id; list each id once.")
+        return out
+
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        bad_keys = [k for k in value if not isinstance(k, str) or not k]
+        if bad_keys:
+            raise ConfigError(f"trainable_token_indices keys must be embedding module names; got {bad_keys[0]!r}.")
+        rows = {k: ids(v, f"trainable_token_indices[{k!r}]") for k, v in value.items()}
+        object.__setattr__(config, "trainable_token_indices", {k: v for k, v in rows.items() if v} or None)
+        return
+    object.__setattr__(config, "trainable_token_indices", ids(value, "trainable_token_indices") or None)
+
+
+def _check_target_parameters(config: Any) -> None:
+    """In place on a frozen LoraConfig: ``target_parameters`` as a tuple of names (``None`` when
+    empty), refusing what PEFT's ``ParamWrapper`` refuses."""
+    value = config.target_parameters
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise ConfigError(
+            f"target_parameters={value!r} must be a list of parameter names "
+            "(e.g. ['experts.gate_up_proj', 'experts.down_proj']), or None."
+        )
+    bad = [v for v in value if not isinstance(v, str) or not v or v.startswith(".") or v.endswith(".")]
+    if bad:
+        raise ConfigError(f"target_parameters entries must be parameter names like 'experts.down_proj'; got {bad!r}.")
+    names = tuple(sorted(dict.fromkeys(value))) if isinstance(value, (set, frozenset)) else tuple(dict.fromkeys(value))
+    object.__setattr__(config, "target_parameters", names or None)
+    if not names:
+        return
+    for field_name, on in (("lora_dropout", config.lora_dropout > 0), ("use_dora", config.use_dora),
+                           ("lora_bias", config.lora_bias), ("fan_in_fan_out", bool(config.fan_in_fan_out))):
+        if on:
+            raise ConfigError(
+                f"target_parameters={list(names)!r} cannot be combined with {field_name}="
+                f"{getattr(config, field_name)!r} (PEFT's ParamWrapper refuses it too); set {field_name} to its "
+                "default or adapt the experts in a separate adapter."
+            )
+
+
 class _PeftConfigIO:
     """``to_dict`` / ``from_dict`` in PEFT's ``adapter_config.json`` shape, for any frozen config
     dataclass with a ``peft_type`` class attribute."""
@@ -209,6 +266,19 @@ class LoraConfig(_PeftConfigIO):
         lora_bias: ``B`` gets a trainable bias ``b_B`` (``lora_B.bias``, zeros at init), so the
             update is ``s (B A x + b_B)``; merging folds ``s b_B`` into the base bias (a site
             without a bias cannot merge). Not with ``use_dora`` (PEFT's rule).
+        target_parameters: parameter paths (PEFT's rule: a path equal to an entry or ending in
+            ``"." + entry``) of 3-D expert weights ``[E, out, in]`` (or ``[E, in, out]``) to adapt
+            with one LoRA per expert, e.g. ``["experts.gate_up_proj", "experts.down_proj"]``:
+            PEFT's ``lora_A`` ``[E r, in]`` and ``lora_B`` ``[out, r E]`` (see
+            :mod:`graphlora.methods.experts`). Not with ``lora_dropout``, ``use_dora``,
+            ``lora_bias`` or ``fan_in_fan_out`` (PEFT's rules). ``target_modules`` never selects
+            expert weights; with ``target_parameters`` set and no default for the model type,
+            ``target_modules=None`` selects no module.
+        trainable_token_indices: token ids whose rows of the input embedding the adapter trains
+            (PEFT's field): a list (the model's input embedding) or ``{"embed_tokens": [ids]}``
+            (a module path ending with the key). While the adapter is active the embedding reads
+            ``W.index_copy(0, ids, delta)``; see :mod:`graphlora.trainable_tokens` (not for tied
+            embeddings, nor for ``nn.Linear`` targets).
 
     Raises:
         ConfigError: a field has an unusable value (the message names it and the fix).
@@ -230,6 +300,8 @@ class LoraConfig(_PeftConfigIO):
     bias: str = "none"
     modules_to_save: Union[Sequence[str], None] = None
     lora_bias: bool = False
+    target_parameters: Union[Sequence[str], None] = None
+    trainable_token_indices: Union[Sequence[int], Mapping[str, Sequence[int]], None] = None
     task_type: Union[str, None] = None
     base_model_name_or_path: Union[str, None] = None
     inference_mode: bool = False
@@ -258,6 +330,7 @@ class LoraConfig(_PeftConfigIO):
                 "(the adapted sites' biases train), PEFT's choices."
             )
         _check_modules_to_save(self)
+        _check_token_indices(self)
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"lora_bias={self.lora_bias!r} must be True or False.")
         if self.lora_bias and self.use_dora:
@@ -299,6 +372,7 @@ class LoraConfig(_PeftConfigIO):
             raise ConfigError(f"use_rslora={self.use_rslora!r} must be True or False.")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora={self.use_dora!r} must be True or False.")
+        _check_target_parameters(self)
 
     # ------------------------------------------------------------------ helpers
     def scaling(self, r: int, alpha: float) -> float:

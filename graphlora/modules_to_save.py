@@ -47,6 +47,7 @@ from torch import nn
 from graphlora.passes.param_switch import SwitchedParam, SwitchParameters
 from graphlora.passes.sites import getattr_path
 
+from . import trainable_tokens as tokens_
 from .errors import ConfigError
 from .peft_format import KEY_PREFIX
 
@@ -97,13 +98,16 @@ class Extras:
     Attributes:
         modules: the paths of the modules it saves a copy of.
         biases: ``(PEFT key without the prefix, source parameter name)`` of each base bias it trains.
+        tokens: ``(embedding path, token ids)`` of its trainable rows (``trainable_token_indices``,
+            :mod:`graphlora.trainable_tokens`).
     """
 
     modules: tuple[str, ...] = ()
     biases: tuple[tuple[str, str], ...] = ()
+    tokens: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.modules or self.biases)
+        return bool(self.modules or self.biases or self.tokens)
 
 
 def _container(store: nn.Module) -> Union[SavedModules, None]:
@@ -192,7 +196,8 @@ def plan_extras(config: Any, facts: Any, plan: Mapping[str, Any], state: Any, gr
                 f"site {site!r} is inside {holder!r}, which another adapter saves whole (modules_to_save); "
                 "exclude it (exclude_modules) or delete that adapter first."
             )
-    return Extras(tuple(modules), _bias_keys(getattr(config, "bias", "none"), source, plan, modules))
+    tokens = tokens_.plan_tokens(config, facts, plan, state, modules, graph)  # trainable_token_indices
+    return Extras(tuple(modules), _bias_keys(getattr(config, "bias", "none"), source, plan, modules), tokens)
 
 
 def _has_parameters(source: nn.Module, path: str) -> bool:
@@ -234,7 +239,8 @@ def _bias_keys(bias: str, source: nn.Module, plan: Mapping[str, Any], modules: S
 
 def install_extras(state: Any, name: str, extras: Extras, source: nn.Module) -> None:
     """Make ``name``'s copies and record its biases (inside the caller's transaction)."""
-    if not extras:
+    tokens_.install_tokens(state, name, extras.tokens, source)
+    if not (extras.modules or extras.biases):
         return
     store = state.store
     saved = _container(store)
@@ -254,6 +260,7 @@ def install_extras(state: Any, name: str, extras: Extras, source: nn.Module) -> 
 
 def drop_extras(store: nn.Module, name: str) -> None:
     """Forget ``name``'s copies and biases (the biases themselves stay as they are, as in PEFT)."""
+    tokens_.drop_tokens(store, name)
     saved = _container(store)
     if saved is None:
         return
@@ -275,7 +282,8 @@ def _chosen(holder: SavedCopies, adapters: Any) -> Union[str, None]:
 
 def sync_extras(state: Any) -> None:
     """Write each saved module's slot (the active adapter's copy, or the original) and the
-    ``requires_grad`` of copies and managed biases from the state."""
+    ``requires_grad`` of copies and managed biases from the state (and the trainable rows')."""
+    tokens_.sync_tokens(state)
     saved = _container(state.store)
     if saved is None:
         return
@@ -304,7 +312,7 @@ def sync_extras(state: Any) -> None:
 def extra_tensors(store: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """``name``'s copies and biases under PEFT's file keys (detached, sharing storage)."""
     saved = _container(store)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = tokens_.token_tensors(store, name)
     if saved is None:
         return out
     for holder in saved.saved():
@@ -318,7 +326,7 @@ def extra_tensors(store: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 def extra_shapes(extras: Extras, source: nn.Module) -> dict[str, tuple[int, ...]]:
     """The file keys and shapes :func:`extra_tensors` will have for ``extras``."""
-    out = {}
+    out = tokens_.token_shapes(extras.tokens, source)
     for path in extras.modules:
         for key, tensor in source.get_submodule(path).state_dict().items():
             out[f"{KEY_PREFIX}{path}.{key}"] = tuple(tensor.shape)
@@ -372,15 +380,17 @@ def switch_steps(state: Any, mixed: bool) -> list:
 
     saved = _container(state.store)
     holders = saved.saved() if saved is not None else []
-    if not holders:
+    rows = tokens_.token_switches(state.store, STORE)
+    if not holders and not rows:
         return []
     if mixed:
         raise ConfigError(
-            f"mixed-adapter batches (adapter_names=...) do not support modules_to_save (saved: "
-            f"{[h.path for h in holders]}); run one adapter per call, or use adapters without modules_to_save."
+            f"mixed-adapter batches (adapter_names=...) do not support modules_to_save or trainable_token_indices "
+            f"(saved: {[h.path for h in holders]}, rows of: {[r.module for r in rows]}); run one adapter per call, "
+            "or use adapters without them."
         )
-    params = []
-    for key, holder in saved.named_children():
+    params = list(rows)
+    for key, holder in saved.named_children() if saved is not None else ():
         holder = cast(SavedCopies, holder)
         adapters = tuple(holder.copies)
         first = holder.copies[adapters[0]]
@@ -395,7 +405,8 @@ def switch_steps(state: Any, mixed: bool) -> list:
 def saved_recipe(state: Any) -> tuple:
     """What the parameter switch of a program depends on: each saved module and its adapters."""
     saved = _container(state.store)
-    return tuple((h.path, tuple(h.copies)) for h in saved.saved()) if saved is not None else ()
+    copies = tuple((h.path, tuple(h.copies)) for h in saved.saved()) if saved is not None else ()
+    return copies + tokens_.token_recipe(state.store)
 
 
 def check_active(state: Any, names: Sequence[str]) -> None:
@@ -404,6 +415,7 @@ def check_active(state: Any, names: Sequence[str]) -> None:
     Raises:
         ConfigError: naming the module and both adapters.
     """
+    tokens_.check_active_tokens(state.store, names)
     saved = _container(state.store)
     for holder in saved.saved() if saved is not None else ():
         both = [n for n in names if n in holder.copies]
@@ -417,7 +429,9 @@ def check_active(state: Any, names: Sequence[str]) -> None:
 def fold_active_copies(gm: Any) -> None:
     """``merge_and_unload``: write each active copy into its original module (PEFT replaces the
     module by the copy). The originals are recorded in the merge bookkeeping, so
-    ``unmerge_adapter`` restores them exactly."""
+    ``unmerge_adapter`` restores them exactly. Trainable rows are written into their embedding
+    (:func:`graphlora.trainable_tokens.fold_tokens`)."""
+    tokens_.fold_tokens(gm)
     state = gm.adapter_state
     saved = _container(state.store)
     live = state.weights if state.enabled else {}

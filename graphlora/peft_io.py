@@ -38,6 +38,7 @@ from .peft_format import (
     parse_key,
 )
 from .passes import Site
+from .passes.sites import EXPERT
 from .planning import ModelFacts, resolve_targets
 from .state import AdapterState
 
@@ -64,9 +65,11 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 AnyConfig = Union[LoraConfig, IA3Config]
 
 
-def _module_key(site: str, suffix: str) -> str:
-    """``base_model.model.<site>.<suffix>`` (``suffix``: ``lora_A.weight``, ``ia3_l``, ...)."""
-    return f"{KEY_PREFIX}{site}.{suffix}"
+def _module_key(site: str, suffix: str, site_plan: Any = None) -> str:
+    """``base_model.model.<site>.<suffix>`` (``suffix``: ``lora_A.weight``, ``ia3_l``, ...); an expert
+    site (``target_parameters``) is keyed by its plan's ``peft_module``, the path of PEFT's
+    ``ParamWrapper`` (``<experts module>[.base_layer]*k``, see :mod:`graphlora.methods.experts`)."""
+    return f"{KEY_PREFIX}{getattr(site_plan, 'peft_module', site)}.{suffix}"
 
 
 def _config_from_dict(data: Any, source: str) -> AnyConfig:
@@ -195,9 +198,9 @@ def adapter_state_dict(state: AdapterState, adapter_name: str) -> dict[str, torc
     check_writable(state.configs[adapter_name], adapter_name)
     rule = state.rule(adapter_name)
     out: dict[str, torch.Tensor] = {}
-    for site in state.plans[adapter_name]:
+    for site, site_plan in state.plans[adapter_name].items():
         for suffix, tensor in rule.tensors(state.branch(site, adapter_name)).items():
-            out[_module_key(site, suffix)] = tensor
+            out[_module_key(site, suffix, site_plan)] = tensor
     out.update(extra_tensors(state.store, adapter_name))  # modules_to_save copies, bias="all"/"lora_only"
     return out
 
@@ -216,7 +219,7 @@ def peft_config_dict(state: AdapterState, adapter_name: str, facts: ModelFacts,
         rule.resolve_config(config, facts.model_type),
         plan,
         resolve_targets(config, facts),
-        any(records[s].fan_in_fan_out for s in plan),
+        any(records[s].fan_in_fan_out for s in plan if records[s].kind != EXPERT),  # experts: never fan_in_fan_out
         base_model_name_or_path=name_or_path or None,
         auto_mapping={"base_model_class": type(source).__name__, "parent_library": type(source).__module__},
     )
@@ -249,7 +252,7 @@ def expected_shapes(plan: Mapping[str, Any], config: AnyConfig, records: Mapping
     out = {}
     for site, site_plan in plan.items():
         for suffix, shape in rule.shapes(records[site], site_plan, config).items():
-            out[_module_key(site, suffix)] = shape
+            out[_module_key(site, suffix, site_plan)] = shape
     return out
 
 
@@ -300,13 +303,19 @@ def check_hotswap(state: AdapterState, directory: str, adapter_name: str, config
     """Refuse loading ``tensors`` into the existing ``adapter_name`` unless keys and shapes match.
 
     Raises:
-        AdapterFileError: another method, other sites or other shapes.
+        AdapterFileError: another method, other sites or other shapes, other trainable token ids.
     """
     old = state.configs[adapter_name]
     if type(old) is not type(config):
         raise AdapterFileError(
             f"{directory!r} holds a {type(config).__name__} adapter but {adapter_name!r} is a {type(old).__name__} "
             f"adapter; delete_adapter({adapter_name!r}) first or load it under another name."
+        )
+    rows = (getattr(old, "trainable_token_indices", None), getattr(config, "trainable_token_indices", None))
+    if rows[0] != rows[1]:  # the rows' ids are fixed when the adapter is added
+        raise AdapterFileError(
+            f"{directory!r} trains embedding rows trainable_token_indices={rows[1]!r} but {adapter_name!r} trains "
+            f"{rows[0]!r}; delete_adapter({adapter_name!r}) first or load it under another name."
         )
     current = adapter_state_dict(state, adapter_name)
     for key, shape in expected_shapes(plan, config, records).items():

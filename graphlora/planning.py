@@ -12,9 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+import torch
 from torch import nn
 
 from graphlora.passes import Site, is_targeted
+from graphlora.passes.sites import EXPERT
 
 from ._checks import check_embedding_targets, check_layers_in_range, check_target_types
 from .config import ALL_LINEAR
@@ -55,6 +57,8 @@ def resolve_targets(config: Any, facts: ModelFacts) -> Any:
     targets = config.target_modules
     if targets is None:
         default = rule_for(config).default_targets(facts.model_type)
+        if default is None and getattr(config, "target_parameters", None):
+            return ()  # PEFT: target_parameters alone selects no module
         if default is None:
             raise ConfigError(
                 f"target_modules is not set and there is no default for model type "
@@ -63,8 +67,32 @@ def resolve_targets(config: Any, facts: ModelFacts) -> Any:
             )
         return default
     if targets == ALL_LINEAR:  # linear ops only: embedding lookups are sites too, but not linear
-        return tuple(n for n in facts.site_names if n != facts.head and not _is_embedding(facts.source, n))
+        return tuple(n for n in facts.site_names if n != facts.head and not _is_embedding(facts.source, n)
+                     and _is_linear_module(facts.source, n))
     return targets
+
+
+def _is_linear_module(model: nn.Module, name: str) -> bool:
+    """Whether ``"all-linear"`` takes site ``name`` (PEFT's rule: ``nn.Linear`` and ``Conv1D``
+    modules). A site that names another kind of module (a MoE router calling ``F.linear`` on its
+    own weight: ``MixtralTopKRouter``) or a 3-D expert parameter is left out; a site that names no
+    module (``F.linear`` on a bare parameter of a plain model) stays in."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        owner, _, param = name.rpartition(".")
+        try:
+            value = getattr(model.get_submodule(owner), param, None) if owner else getattr(model, param, None)
+        except AttributeError:
+            return True
+        return not (isinstance(value, torch.Tensor) and value.dim() == 3)
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is optional
+        return False
+    return isinstance(module, Conv1D)
 
 
 def _is_embedding(model: nn.Module, name: str) -> bool:
@@ -86,7 +114,18 @@ def plan_adapter(config: Any, facts: ModelFacts, records: Mapping[str, Site]) ->
     targets = resolve_targets(config, facts)
     resolved = rule.resolve_config(config, facts.model_type)
     plan = {}
+    experts = set(_select_parameters(config, facts, records))
     for name in facts.site_names:
+        record = records.get(name)
+        if record is not None and record.kind == EXPERT:  # only target_parameters adapts expert weights
+            if name in experts:
+                from .methods.experts import ExpertSitePlan, peft_module_path
+
+                r, alpha, scaling = rule.site_plan(resolved, name)[:3]
+                weight = facts.source.get_parameter(name) if _has_parameter(facts.source, name) else None
+                count = weight.shape[0] if weight is not None else 1
+                plan[name] = ExpertSitePlan(r, alpha, scaling, peft_module_path(facts.source, name, experts), count)
+            continue
         if is_targeted(
             name, targets, exclude_modules=config.exclude_modules,
             layers_to_transform=getattr(config, "layers_to_transform", None),
@@ -107,6 +146,22 @@ def plan_adapter(config: Any, facts: ModelFacts, records: Mapping[str, Site]) ->
             f"Use names from gm.sites or graphlora.list_sites(model)."
         )
     return plan
+
+
+def _select_parameters(config: Any, facts: ModelFacts, records: Mapping[str, Site]) -> list[str]:
+    if not getattr(config, "target_parameters", None):
+        return []
+    from .methods.experts import select_parameters
+
+    return select_parameters(config, facts.site_names, records, facts.source)
+
+
+def _has_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def check_new_name(name: Any, existing: Iterable[str]) -> None:

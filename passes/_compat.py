@@ -13,7 +13,7 @@ Also here: :func:`size_hint`, whose torch function moved between releases.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
 import torch
 import torch.fx as fx
@@ -72,3 +72,19 @@ def nested_graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
                     out.append(sub)
                     stack.append(sub)
     return out
+
+
+def grouped_mm_ops() -> tuple[Any, ...]:
+    """The grouped-matmul ops an expert site can be (:mod:`.sites`): ``aten._grouped_mm`` (private,
+    absent from some torch builds) and, when registered, the fallback custom op transformers traces
+    on devices / dtypes without it (``transformers::grouped_mm_fallback``, same ``(x, W, offs)``
+    arguments)."""
+    ops: list[Any] = []
+    grouped = getattr(torch.ops.aten, "_grouped_mm", None)
+    if grouped is not None:
+        ops.append(grouped.default)
+    namespace = getattr(torch.ops, "transformers", None)
+    fallback = getattr(namespace, "grouped_mm_fallback", None) if namespace is not None else None
+    if fallback is not None:
+        ops.append(fallback.default)
+    return tuple(ops)

@@ -14,6 +14,9 @@ only the selected tensor, and switching is a write into ``k`` (no re-trace, no r
 CUDA-graph safe). The switch node is named ``<parameter path>_switch`` (``classifier_weight_switch``)
 and carries ``meta["graphlora"] = {"role": "param_switch", "module": ..., "adapters": ...}``.
 
+PEFT's ``trainable_token_indices`` uses the same switch with row deltas (:func:`rows_select`,
+``SwitchedParam.rows``): copy ``i`` is ``p.index_copy(0, t_i, delta_i)``, built in the graph.
+
 A module that the graph *calls* (a ``call_module`` node: ``nn.Linear`` in a ``symbolic_trace``
 graph) has no ``get_attr`` to rewire; the pass refuses it (``ValueError`` naming the module).
 """
@@ -28,7 +31,7 @@ import torch.fx as fx
 
 from .result import GraphPass
 
-__all__ = ["SwitchedParam", "SwitchParameters", "param_select"]
+__all__ = ["SwitchedParam", "SwitchParameters", "param_select", "rows_select"]
 
 
 def param_select(index: torch.Tensor, base: torch.Tensor, copies: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -36,6 +39,17 @@ def param_select(index: torch.Tensor, base: torch.Tensor, copies: Sequence[torch
     out = base
     for i, copy in enumerate(copies, start=1):
         out = torch.where(index == i, copy, out)
+    return out
+
+
+def rows_select(index: torch.Tensor, base: torch.Tensor, rows: Sequence[torch.Tensor],
+                deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Trainable rows (PEFT's ``trainable_token_indices``): ``base`` when ``index == 0``, else
+    ``base.index_copy(0, rows[i - 1], deltas[i - 1])`` (the rows replaced) when ``index == i``.
+    Exact, like :func:`param_select`; a delta's gradient is the selected rows' gradient, 0 unless selected."""
+    out = base
+    for i, (row, delta) in enumerate(zip(rows, deltas), start=1):
+        out = torch.where(index == i, base.index_copy(0, row, delta.to(base.dtype)), out)
     return out
 
 
@@ -49,6 +63,8 @@ class SwitchedParam:
         copies: the ``get_attr`` targets of its copies, in slot order (slot ``i`` is ``copies[i - 1]``).
         index: the ``get_attr`` target of the 0-dim integer slot buffer.
         adapters: the adapter owning each copy (metadata only).
+        rows: when set, the copies are row deltas: the ``get_attr`` targets of each copy's row
+            indices (a 1-D long buffer), and the switch is :func:`rows_select`.
     """
 
     module: str
@@ -56,6 +72,7 @@ class SwitchedParam:
     copies: tuple[str, ...]
     index: str
     adapters: tuple[str, ...] = ()
+    rows: tuple[str, ...] = ()
 
 
 class SwitchParameters(GraphPass):
@@ -98,10 +115,19 @@ class SwitchParameters(GraphPass):
                     with graph.inserting_after(last):
                         last = graph.get_attr(target)
                     copies.append(last)
+            rows = []
+            for target in spec.rows:
+                with graph.inserting_after(last):
+                    last = graph.get_attr(target)
+                rows.append(last)
             with graph.inserting_after(last):
-                switch = graph.create_node("call_function", param_select, (index, node, tuple(copies)),
-                                           name=f"{node.target.replace('.', '_')}_switch")
-            for inserted in (index, *copies, switch):
+                if spec.rows:
+                    switch = graph.create_node("call_function", rows_select, (index, node, tuple(rows), tuple(copies)),
+                                               name=f"{node.target.replace('.', '_')}_switch")
+                else:
+                    switch = graph.create_node("call_function", param_select, (index, node, tuple(copies)),
+                                               name=f"{node.target.replace('.', '_')}_switch")
+            for inserted in (index, *copies, *rows, switch):
                 inserted.meta["graphlora"] = {"role": "param_switch", "module": spec.module,
                                               "adapters": spec.adapters}
             if "val" in node.meta:

@@ -14,6 +14,8 @@ op                            kind       input  weight  weight layout
 ``torch.addmm`` / aten.addmm  addmm      1      2       (in, out)
 ``aten.embedding``            embedding  1      0       (num, dim)
 ``call_module`` nn.Embedding  embedding  0      module  (num, dim)
+grouped mm of a 3-D weight    expert     0      1       [E, out, in] (``W.transpose(-2, -1)``)
+                                                        or [E, in, out]
 ============================  =========  =====  ======  =============
 
 (*) ``functional_linear`` when the op was not called by the module that owns the weight.
@@ -30,12 +32,23 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-__all__ = ["Site", "OpRule", "LINEAR_OPS", "EMBEDDING", "locate_sites", "module_path"]
+from ._compat import grouped_mm_ops
+
+__all__ = ["Site", "OpRule", "LINEAR_OPS", "EMBEDDING", "EXPERT", "grouped_mm_ops", "locate_sites", "module_path"]
 
 #: ``Site.kind`` of an embedding lookup (``aten.embedding(weight, ids)`` or a call of an
 #: ``nn.Embedding``): ``in_features`` is ``num_embeddings``, ``out_features`` ``embedding_dim`` and
 #: ``input_index`` points at the ids. Only LoRA adapts these (PEFT's ``lora_embedding_A/B``).
 EMBEDDING = "embedding"
+
+#: ``Site.kind`` of a grouped matmul over a 3-D expert weight ``[E, ...]`` (a mixture of experts:
+#: ``grouped_mm(x_sorted, W_e^T, offs)``, rows ``offs[e-1]:offs[e]`` use expert ``e``). The site is
+#: named by the parameter's path (``model.layers.0.mlp.experts.gate_up_proj``, PEFT's
+#: ``target_parameters`` key); ``in_features`` / ``out_features`` are one expert's, and
+#: ``fan_in_fan_out`` says the weight is stored ``[E, in, out]`` (else ``[E, out, in]``, read through
+#: ``transpose(-2, -1)``). Only LoRA's ``target_parameters`` adapts these; ``target_modules`` never
+#: selects them.
+EXPERT = "expert"
 
 
 @dataclass(frozen=True)
@@ -64,8 +77,9 @@ class Site:
 
     Attributes:
         name: weight path without ``.weight`` (PEFT's module name for ``nn.Linear``).
-        kind: ``"linear"``, ``"functional_linear"``, ``"addmm"`` (GPT-2 ``Conv1D``) or
-            ``"embedding"`` (a lookup: ``in_features`` = rows, ``out_features`` = embedding dim).
+        kind: ``"linear"``, ``"functional_linear"``, ``"addmm"`` (GPT-2 ``Conv1D``),
+            ``"embedding"`` (a lookup: ``in_features`` = rows, ``out_features`` = embedding dim) or
+            ``"expert"`` (a grouped matmul over a 3-D expert weight, see :data:`EXPERT`).
         node: name of the base op's node in the graph it was found in.
         weight: attribute path of the weight on the traced module.
         in_features / out_features: sizes of the op's input and output feature dims.
@@ -123,10 +137,15 @@ def locate_sites(
     aliases = aliases or {}
     rules = {**LINEAR_OPS, **(extra_ops or {})}
     sites: list[Site] = []
+    grouped = grouped_mm_ops()
     for node in gm.graph.nodes:
         embedding = _embedding_site(gm, node, aliases)
         if embedding is not None:
             sites.append(embedding)
+            continue
+        expert = _expert_site(gm, node, aliases, grouped)
+        if expert is not None:
+            sites.append(expert)
             continue
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
@@ -181,6 +200,32 @@ def _embedding_site(gm: fx.GraphModule, node: fx.Node, aliases: Mapping[str, Seq
         return None
     name = _site_name(str(weight_node.target), module_path(node), aliases)
     return Site(name, EMBEDDING, node.name, str(weight_node.target), weight.shape[0], weight.shape[1], False, 1)
+
+
+def _expert_site(gm: fx.GraphModule, node: fx.Node, aliases: Mapping[str, Sequence[str]],
+                 grouped: tuple[Any, ...]) -> Union[Site, None]:
+    """A grouped matmul ``op(x, W', offs)`` as an :data:`EXPERT` site, where ``W'`` is a 3-D
+    ``get_attr`` (stored ``[E, in, out]``) or its ``transpose(-2, -1)`` (stored ``[E, out, in]``)."""
+    if node.op != "call_function" or node.target not in grouped or len(node.args) < 3 or node.kwargs:
+        return None
+    weight_arg = node.args[1]
+    if not isinstance(weight_arg, fx.Node):
+        return None
+    stored_in_out = weight_arg.op == "get_attr"
+    if not stored_in_out:
+        if weight_arg.target is not aten.transpose.int or len(weight_arg.args) != 3:
+            return None
+        dims = {d % 3 for d in weight_arg.args[1:] if isinstance(d, int)}
+        if dims != {1, 2} or not isinstance(weight_arg.args[0], fx.Node) or weight_arg.args[0].op != "get_attr":
+            return None
+        weight_arg = weight_arg.args[0]
+    weight = getattr_path(gm, str(weight_arg.target))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+        return None
+    _, d1, d2 = weight.shape
+    in_f, out_f = (d1, d2) if stored_in_out else (d2, d1)
+    name = _site_name(str(weight_arg.target), module_path(node), aliases)
+    return Site(name, EXPERT, node.name, str(weight_arg.target), in_f, out_f, stored_in_out, 0)
 
 
 def getattr_path(root: torch.nn.Module, target: str) -> Any:

@@ -83,3 +83,26 @@ def randomize_b(gm, adapter=None, seed: int = 0, std: float = 0.1) -> None:
     with torch.no_grad():
         for _, _, branch in gm.graphlora.branches(adapter):
             branch.lora_B.weight.copy_(torch.randn(branch.lora_B.weight.shape, generator=gen) * std)
+
+
+def tiny_mixtral(seed: int = 0, layers: int = 2, experts: int = 4):
+    """A tiny Mixtral (top-2 routing, 3-D expert weights ``gate_up_proj`` / ``down_proj``)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        num_local_experts=experts, num_experts_per_tok=2)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def tiny_qwen2_moe(seed: int = 0, layers: int = 2, experts: int = 4):
+    """A tiny Qwen2-MoE (routed experts with 3-D weights, plus a shared expert and its gate)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                         shared_expert_intermediate_size=40, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, num_experts=experts,
+                         num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+    return Qwen2MoeForCausalLM(cfg).eval()

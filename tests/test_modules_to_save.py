@@ -355,3 +355,34 @@ def test_mixed_batch_refused(bert):
     with pytest.raises(ConfigError, match="mixed-adapter batches"):
         bert(input_ids=IDS, adapter_names=["default", "head"])
     torch.testing.assert_close(logits(bert), logits(bert), **TOL)  # the module still runs
+
+
+@pytest.mark.parametrize("direction", ["peft_to_graphlora", "graphlora_to_peft"])
+def test_ia3_file_with_modules_to_save_both_ways(tmp_path, direction):
+    """An IA3 adapter with a trainable ``classifier`` copy (PEFT's ``modules_to_save``) loads both ways."""
+    kwargs = dict(target_modules=["query", "value", "output.dense"], feedforward_modules=["output.dense"],
+                  modules_to_save=["classifier"], init_ia3_weights=False)
+    gen = torch.Generator().manual_seed(5)
+    if direction == "peft_to_graphlora":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = peft.get_peft_model(bert_cls(), peft.IA3Config(**kwargs)).eval()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        ref.save_pretrained(tmp_path)
+        gm = graphlora.inject(bert_cls(), str(tmp_path))
+        torch.testing.assert_close(logits(gm), logits(ref), **TOL)
+    else:
+        gm = graphlora.inject(bert_cls(), graphlora.IA3Config(**kwargs))
+        with torch.no_grad():
+            for name, p in gm.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        gm.save_pretrained(tmp_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = peft.PeftModel.from_pretrained(bert_cls(), str(tmp_path)).eval()
+        torch.testing.assert_close(logits(gm), logits(ref), **TOL)
+    assert (logits(gm) - logits(bert_cls())).abs().max() > 1e-3  # the saved head is not the base head

@@ -146,9 +146,7 @@ class IA3Rule(MethodRule):
                     f"'IA3'); it may change the adapter's outputs, so it is refused. Check peft_type, or use an "
                     f"adapter saved without {name}."
                 )
-        if not _is_empty(data.get("modules_to_save")):
-            raise AdapterFileError(f"{source}: modules_to_save={data['modules_to_save']!r} is not supported.")
-        kwargs = {k: v for k, v in data.items() if k in known and k != "modules_to_save"}
+        kwargs = {k: v for k, v in data.items() if k in known}
         try:
             return IA3Config(**kwargs)
         except (TypeError, ValueError) as exc:
