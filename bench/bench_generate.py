@@ -3,8 +3,10 @@
 Model: Llama-7B-shaped (hidden 4096, intermediate 11008, 32 heads, vocab 32000), 4 layers, bf16, sdpa;
 LoRA r=16, alpha=32 on q,k,v,o,gate,up,down (random B, same weights for PEFT and graphlora). Prompts
 of 32 and 1024 tokens, 64 new tokens (``min_new_tokens`` = ``max_new_tokens``: no early stop),
-greedy, batch 1, 8, 32; dynamic cache, and static cache (``cache_implementation="static"``) where it
-works (an error is recorded, not raised). Plus ``adapter_names`` mixing 8 adapters at batch 8 (one
+greedy, batch 1, 8, 32; dynamic cache, and static cache (``cache_implementation="static"``: on CUDA
+transformers' generate compiles the decode forward itself, ``get_compiled_call`` with its default
+``CompileConfig``, for the base model, PEFT and, through the shadowed forward, graphlora's programs;
+prefill runs eagerly). A cell that fails records its error, not raised. Plus ``adapter_names`` mixing 8 adapters at batch 8 (one
 row each) against the base model at batch 8. Each cell: median of 3 timed runs after 2 identical
 warm-ups (graphlora traces its programs in the first). Ratios are against the base model in the same
 mode from this process.
@@ -77,6 +79,14 @@ def prompt(batch: int, length: int, vocab: int, device):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+def _error_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of ``exc``, its middle cut when long: graphlora's errors end with the cause
+    (``... tracing it failed: ConfigError: <why>``), so the end is kept, not only the start."""
+    text = str(exc).strip()
+    line = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return line if len(line) <= limit else f"{line[:80]} ... {line[-(limit - 85):]}"
+
+
 def cell(model, inputs, device, new_tokens: int, **kwargs) -> dict:
     batch = inputs["input_ids"].shape[0]
 
@@ -89,8 +99,8 @@ def cell(model, inputs, device, new_tokens: int, **kwargs) -> dict:
 
     try:
         sec = seconds(run, device)
-    except Exception as exc:  # a mode that does not work here (static cache through graphlora, ...)
-        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"}
+    except Exception as exc:  # a mode that does not work here: recorded, not raised
+        return {"error": _error_line(exc)}
     return {"seconds": sec, "tokens_per_s": batch * new_tokens / sec}
 
 

@@ -97,11 +97,45 @@ def register_cache_pytree() -> None:
     from transformers.integrations.executorch import register_dynamic_cache_export_support
 
     register_dynamic_cache_export_support()
+    _unflatten_dynamic_cache_from_a_list()
     _register_encoder_decoder_cache()
+    _register_static_cache()
     _CACHES_REGISTERED = True
 
 
 _CACHES_REGISTERED = False
+
+
+def _unflatten_dynamic_cache_from_a_list() -> None:
+    """Re-register transformers' ``DynamicCache`` node with an unflatten that gives the constructor a
+    list of ``(keys, values[, window])`` rows, where transformers gives it a ``zip_longest`` iterator.
+
+    A program's output cache is unflattened inside the compiled frame under ``torch.compile(gm)``;
+    with the iterator, dynamo (torch 2.13) fails while saving the frame's side effects
+    (``'LocalGeneratorObjectVariable' object has no attribute 'remaining_items'``). Same flatten, same
+    cache built; a no-op when torch has no ``_deregister_pytree_node`` or the node is not transformers'.
+    """
+    from itertools import zip_longest
+
+    from torch.utils import _pytree as pytree
+    from transformers.cache_utils import DynamicCache
+    from transformers.integrations import executorch
+
+    entry = pytree.SUPPORTED_NODES.get(DynamicCache)
+    deregister = getattr(pytree, "_deregister_pytree_node", None)
+    if entry is None or deregister is None or entry.unflatten_fn is not getattr(executorch, "_unflatten_dynamic_cache", None):
+        return
+
+    def unflatten(values: Any, context: Any) -> Any:
+        keys, layout = context
+        leaves = pytree._dict_unflatten(values, keys)
+        windows = [torch.tensor([w]) if w is not None else None for w in layout]
+        return DynamicCache(list(zip_longest(leaves["key_cache"], leaves["value_cache"], windows)))
+
+    deregister(DynamicCache)
+    pytree.register_pytree_node(DynamicCache, entry.flatten_fn, unflatten,
+                                serialized_type_name=f"{DynamicCache.__module__}.{DynamicCache.__name__}",
+                                flatten_with_keys_fn=entry.flatten_with_keys_fn)
 
 
 def _register_encoder_decoder_cache() -> None:
@@ -127,27 +161,105 @@ def _register_encoder_decoder_cache() -> None:
         EncoderDecoderCache, lambda c, spec: [c.self_attention_cache, c.cross_attention_cache])
 
 
+def _register_static_cache() -> None:
+    """``StaticCache`` (plain ``StaticLayer`` layers) as a pytree node, whose leaves are the tensors it
+    updates in place: ``[k_0, v_0, n_0, k_1, v_1, n_1, ...]`` (keys and values ``[B, H, L, D]``, ``n``
+    the 0-d ``cumulative_length``); a layer not yet initialized has none.
+
+    transformers ships no registration (its export recipes hold the cache as buffers of a wrapper).
+    Unflattening builds the cache without its constructor (which wants the model config), as
+    ``StaticLayer.lazy_initialization`` would have left it, with ``max_cache_len`` read from the keys'
+    dim 2, so a trace keeps it symbolic. torch.export records ``index_copy_`` / ``add_`` on these
+    inputs as in-place ops of the graph: a program writes the caller's cache tensors, no copy.
+    """
+    from torch.utils import _pytree as pytree
+    from transformers.cache_utils import StaticCache
+
+    if StaticCache in pytree.SUPPORTED_NODES:
+        return
+    pytree.register_pytree_node(
+        StaticCache, _flatten_static, _unflatten_static,
+        serialized_type_name=f"{StaticCache.__module__}.{StaticCache.__name__}",
+        flatten_with_keys_fn=lambda c: ([(pytree.SequenceKey(i), t) for i, t in enumerate(_flatten_static(c)[0])],
+                                        _flatten_static(c)[1]),
+    )
+    torch.fx._pytree.register_pytree_flatten_spec(StaticCache, lambda c, spec: _flatten_static(c)[0])
+
+
+def static_layers_supported(cache: Any) -> bool:
+    """Every layer of ``cache`` is a plain ``StaticLayer`` (not sliding, not indexed) and it does not
+    offload: what the pytree node takes. A sliding layer keeps its fill level as a Python int, which a
+    trace would bake in; offloading moves layers between devices on a side stream."""
+    from transformers.cache_utils import StaticLayer
+
+    return not getattr(cache, "offloading", False) and all(type(layer) is StaticLayer for layer in cache.layers)
+
+
+def _flatten_static(cache: Any) -> tuple[list, tuple]:
+    if not static_layers_supported(cache):
+        raise TypeError(f"only StaticCache with plain StaticLayer layers is a pytree node, got {cache.layers}")
+    leaves: list = []
+    lengths = []
+    for layer in cache.layers:
+        if layer.is_initialized:
+            leaves += [layer.keys, layer.values, layer.cumulative_length]
+            lengths.append(None)
+        else:
+            lengths.append(layer.max_cache_len)
+    return leaves, tuple(lengths)
+
+
+def _unflatten_static(leaves: Any, context: tuple) -> Any:
+    from transformers.cache_utils import Cache, StaticCache, StaticLayer
+
+    layers, leaves = [], list(leaves)
+    for length in context:
+        layer = StaticLayer.__new__(StaticLayer)
+        layer.keys, layer.values, layer.is_initialized = None, None, False
+        if length is None:
+            keys, values, count = leaves[:3]
+            del leaves[:3]
+            layer.keys, layer.values, layer.cumulative_length, layer.is_initialized = keys, values, count, True
+            layer.max_cache_len = keys.shape[2]
+            layer.dtype, layer.device = keys.dtype, keys.device
+            layer.batch_size, layer.num_heads = keys.shape[0], keys.shape[1]
+            layer.k_head_dim, layer.v_head_dim = keys.shape[3], values.shape[3]
+        else:
+            layer.max_cache_len = length
+            layer.cumulative_length = torch.tensor(0, dtype=torch.long)
+        layers.append(layer)
+    cache = StaticCache.__new__(StaticCache)
+    Cache.__init__(cache, layers=layers)
+    return cache
+
+
 def cache_dynamic_shapes(cache: Any) -> Any:
-    """``dynamic_shapes`` for a registered cache input: ``Dim.AUTO`` on batch (0) and length (2) of each leaf.
+    """``dynamic_shapes`` for a registered cache input: ``Dim.AUTO`` on batch (0) and length (2) of each
+    4-d leaf (keys, values; a ``StaticCache``'s length is its ``max_cache_len``), none on others (its
+    0-d ``cumulative_length``).
 
     export wants the spec in the shape of the node's children (here ``[[keys...], [values...]]``).
     """
     from torch.export import Dim
 
-    return pytree_shapes(cache, {0: Dim.AUTO, 2: Dim.AUTO})
+    return pytree_shapes(cache, lambda leaf: {0: Dim.AUTO, 2: Dim.AUTO} if leaf.dim() == 4 else None)
 
 
 def pytree_shapes(value: Any, dims: Any) -> Any:
-    """``dynamic_shapes`` for a pytree input: ``dims`` for each leaf, in the structure export wants.
+    """``dynamic_shapes`` for a pytree input: ``dims`` for each leaf (or ``dims(leaf)`` when it is
+    callable), in the structure export wants.
 
     Containers (list, tuple, dict) keep their type; any other registered node (a cache, a
     ``ModelOutput``) is the list of its children.
     """
     from torch.utils import _pytree as pytree
 
+    leaves, spec = pytree.tree_flatten(value)
+    per_leaf = iter([dims(leaf) for leaf in leaves] if callable(dims) else [dims] * len(leaves))
+
     def shapes(spec: Any) -> Any:
         if spec.is_leaf():
-            return dims
+            return next(per_leaf)
         children = spec.children() if hasattr(spec, "children") else spec.children_specs  # torch 2.13 / 2.11
         inner = [shapes(child) for child in children]
         if spec.type in (list, tuple):
@@ -156,7 +268,7 @@ def pytree_shapes(value: Any, dims: Any) -> Any:
             return dict(zip(spec.context, inner))
         return inner
 
-    return shapes(pytree.tree_flatten(value)[1])
+    return shapes(spec)
 
 
 def export_with_shapes(model: torch.nn.Module, kwargs: Mapping[str, Any], shapes: Mapping[str, Any]) -> fx.GraphModule:

@@ -19,7 +19,7 @@ from torch import nn
 from .capture import call_key, forward_params
 from .errors import SignatureError
 
-__all__ = ["CallSpec", "ProgramKey", "describe_key", "SWITCH", "BANK", "MIXED", "MODES"]
+__all__ = ["CallSpec", "ProgramKey", "describe_key", "SWITCH", "BANK", "MIXED", "MODES", "CACHE_NAMES"]
 
 #: How a program applies the adapters (the second half of its key):
 #: ``SWITCH``: every loaded adapter's own branch behind the site's switch (training, and every
@@ -32,6 +32,9 @@ MODES = (SWITCH, BANK, MIXED)
 
 #: ``(signature, mode)``: the call signature (``None`` with the fx frontend) and one of :data:`MODES`.
 ProgramKey = tuple[Union[tuple, None], str]
+
+#: The KV-cache argument's two names: transformers 5.24 calls it ``cache``, 5.17 ``past_key_values``.
+CACHE_NAMES = ("cache", "past_key_values")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class CallSpec:
         none_defaults: parameters whose default is ``None``: passing ``None`` is leaving them out.
         var_keyword: ``forward`` takes ``**kwargs`` (constants there are traced into the program).
         keyword_names: ``forward``'s keyword-only parameters.
+        aliases: another name a call may use for a parameter -> ``forward``'s own name (the KV
+            cache's, :data:`CACHE_NAMES`: code written for either transformers release calls the
+            model as the other release names it).
     """
 
     frontend: str
@@ -57,6 +63,7 @@ class CallSpec:
     keyword_names: frozenset[str] = frozenset()
     #: ``arg_names`` and ``keyword_names`` together (what :meth:`graph_inputs` keeps; made once)
     named: frozenset[str] = frozenset()
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module, frontend: str) -> "CallSpec":
@@ -65,8 +72,10 @@ class CallSpec:
         none = frozenset(p.name for p in params.values() if p.default is None and p.name not in defaults)
         var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
         keyword = frozenset(p.name for p in params.values() if p.kind == p.KEYWORD_ONLY)
+        own = [n for n in CACHE_NAMES if n in params]
+        aliases = {other: own[0] for other in CACHE_NAMES if other != own[0]} if len(own) == 1 else {}
         return cls(frontend, type(model).__name__, names, dict(defaults), none, var_kw, keyword,
-                   frozenset(names) | keyword)
+                   frozenset(names) | keyword, aliases)
 
     def graph_inputs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """A bound call's arguments the traced graph takes: those ``forward`` reaches only through
@@ -86,8 +95,11 @@ class CallSpec:
     def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Positional and keyword arguments as one normalized keyword dict.
 
+        A parameter given under its alias (:attr:`aliases`: ``past_key_values=`` for a forward that
+        names it ``cache``, and the other way round) is bound to ``forward``'s own name.
+
         Raises:
-            SignatureError: too many positional arguments, or one given twice.
+            SignatureError: too many positional arguments, or one given twice (under either name).
         """
         names = self.arg_names
         if len(args) > len(names):
@@ -100,6 +112,16 @@ class CallSpec:
         if clash:
             raise SignatureError(f"got multiple values for argument(s) {clash}.")
         bound.update(kwargs)
+        for alias, own in self.aliases.items():
+            if alias in bound:
+                if own in bound and bound[own] is not None and bound[alias] is not None:
+                    raise SignatureError(
+                        f"got the KV cache twice, as {own}= and {alias}= ({self.name}.forward calls it {own}); "
+                        "pass one of them."
+                    )
+                value = bound.pop(alias)
+                if value is not None or own not in bound:
+                    bound[own] = value
         return self.normalize(bound)
 
     def key(self, kwargs: Mapping[str, Any], mode: str) -> ProgramKey:
@@ -125,4 +147,4 @@ def _describe_value(d: tuple) -> str:
 
 
 def describe_call(kwargs: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={'<tensor>' if isinstance(v, torch.Tensor) else v!r}" for k, v in kwargs.items())
+    return ", ".join(f"{k}={'<tensor>' if isinstance(v, torch.Tensor) else repr(v)}" for k, v in kwargs.items())

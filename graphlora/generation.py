@@ -34,9 +34,25 @@ named as in the whole model's trace; the key carries ``HALF``). Decoder calls ta
 ``encoder_outputs`` and an ``EncoderDecoderCache`` (registered here as a pytree node) and are always
 traced on synthetic inputs (encoder length 4; the first decoder step has one token).
 
-Not yet: ``StaticCache`` (``cache_implementation="static"``) is refused with a :class:`ConfigError`;
-it would need its in-place updated tensors (keys, values, ``cumulative_length``) registered as
-pytree leaves and traced as input mutations, or held as program buffers.
+**Static cache** (``cache_implementation="static"``). ``StaticCache`` is a pytree node too, its
+leaves the tensors ``StaticLayer.update`` writes in place: per layer the keys and values ``[B, H, L,
+D]`` (``L = max_cache_len``) and the 0-d ``cumulative_length`` ``n``. The update is ``n ← n + N``
+and ``K[:, :, n:n+N] ← k_new`` (``index_copy_``); torch.export keeps both as in-place ops on the
+graph inputs, so a program writes the caller's tensors and copies no cache. Before a call is keyed,
+:func:`ready_static_cache` allocates a cache that has no tensors yet (``early_initialization``, as
+the first update would), so prefill and every decode step share one program, traced on synthetic
+inputs with ``L = P + N + TRACE_ROOM`` and ``Dim.AUTO`` on ``B``, ``N`` and ``L`` (and on dims 0, 2
+and 3 of the 4-d ``[B, 1, N, L]`` mask generate builds for a static cache): new prompt lengths,
+``max_new_tokens`` and batch sizes reuse it. Its one guard is ``L >`` the length of a 2-d mask (as in
+generate). The decode step has static addresses and no host sync (no ``.item()`` in the graph), so
+a CUDA graph can replay it; transformers' generate compiles the forward for a static cache on CUDA
+(``get_compiled_call``) and, through the shadowed forward, compiles the program frames (the routing
+stays eager, :meth:`AdaptedGraphModule.__call__`). Sliding-window or offloading static caches and
+static caches in encoder-decoder models are refused with a :class:`ConfigError`.
+
+**The cache's name.** transformers 5.24 calls ``forward``'s cache argument ``cache``, 5.17
+``past_key_values``; :meth:`graphlora.calls.CallSpec.bind` maps either name to the one the model's
+``forward`` has.
 
 **Mixed batches.** ``adapter_names=[...]`` (one per input row) flows into every forward call of the
 loop; a call whose batch is ``k`` times longer (``num_beams`` or ``num_return_sequences``, expanded
@@ -55,13 +71,17 @@ import torch.fx as fx
 from torch import nn
 
 from ._compat import (cache_dynamic_shapes, dynamic_dims, export_with_shapes, is_cache, pytree_shapes,
-                      register_cache_pytree)
+                      register_cache_pytree, static_layers_supported)
 from .errors import ConfigError
 
-__all__ = ["generate", "describe_cache", "is_cache_call", "trace_call", "example_cache_inputs"]
+__all__ = ["generate", "describe_cache", "is_cache_call", "trace_call", "example_cache_inputs",
+           "ready_static_cache"]
 
 #: Synthetic decode trace: batch, past length, new tokens (none 0 or 1: torch.export keeps them dynamic).
 TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 3, 2
+#: A synthetic ``StaticCache`` holds ``TRACE_PAST + TRACE_NEW + TRACE_ROOM`` positions (its
+#: ``max_cache_len``; longer than the mask, as in generate, and unlike every other dim).
+TRACE_ROOM = 3
 #: Synthetic encoder length of an encoder-decoder trace.
 TRACE_ENCODER = 4
 
@@ -78,8 +98,11 @@ def describe_cache(cache: Any) -> tuple:
     register_cache_pytree()
     layers = getattr(cache, "layers", ())
     windows = tuple(getattr(layer, "sliding_window", None) for layer in layers)
-    # -1: a cache type export cannot take apart (StaticCache, ...): _export_cache_call refuses it
-    leaves = len(pytree.tree_flatten(cache)[0]) if type(cache) in pytree.SUPPORTED_NODES else -1
+    # -1: a cache export cannot take apart (a QuantizedCache, a sliding StaticCache): _export_cache_call refuses it
+    if _is_static(cache):  # every decode step is keyed: count its leaves without flattening it
+        leaves = 3 * sum(layer.is_initialized for layer in layers) if static_layers_supported(cache) else -1
+    else:
+        leaves = len(pytree.tree_flatten(cache)[0]) if type(cache) in pytree.SUPPORTED_NODES else -1
     return ("cache", type(cache).__qualname__, len(layers), leaves, windows)
 
 
@@ -89,6 +112,43 @@ def is_cache_call(kwargs: Mapping[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------- tracing
+def _is_static(cache: Any) -> bool:
+    from transformers.cache_utils import StaticCache
+
+    return isinstance(cache, StaticCache)
+
+
+def ready_static_cache(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
+    """Allocate a ``StaticCache`` argument's tensors now if it has none yet (``early_initialization``).
+
+    transformers allocates them lazily in the first ``update``; doing it before the call gives the
+    prefill call the decode call's signature (one program serves both, any number of new tokens)
+    and puts the tensors in the caller's cache object, where every later call updates them in place
+    (static addresses). Shapes as transformers' own export recipe makes them: ``[batch,
+    num_key_value_heads, max_cache_len, head_dim]``, ``head_dim`` defaulting to ``hidden_size /
+    num_attention_heads``; the model's dtype, the input's device.
+
+    Raises:
+        ConfigError: the model's config does not give the head counts and sizes.
+    """
+    for name, cache in kwargs.items():
+        if not _is_static(cache) or all(layer.is_initialized for layer in cache.layers):
+            continue
+        config = model.config.get_text_config(decoder=True)
+        heads = getattr(config, "num_attention_heads", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+        first = next((v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")
+                      and isinstance(v, torch.Tensor)), None)
+        if not kv_heads or not head_dim or first is None:
+            raise ConfigError(
+                f"{name}= is a StaticCache with no tensors yet, and graphlora cannot size them: the call needs "
+                "input_ids= or inputs_embeds=, and the config num_attention_heads (or num_key_value_heads) and "
+                "hidden_size (or head_dim). Call cache.early_initialization(...) first."
+            )
+        cache.early_initialization(first.shape[0], kv_heads, head_dim, model.dtype, first.device)
+
+
 def _cache_item(kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     return next(((k, v) for k, v in kwargs.items() if is_cache(v)), (None, None))
 
@@ -97,7 +157,7 @@ def _filled(cache: Any) -> bool:
     return cache is not None and describe_cache(cache)[3] > 0
 
 
-def _synthetic_cache(cache: Any, batch: int, past: int, encoder: int) -> Any:
+def _synthetic_cache(cache: Any, batch: int, past: int, encoder: int, new: int = TRACE_NEW) -> Any:
     """A cache of ``cache``'s pytree spec whose leaves are ``[batch, heads, length, head_dim]`` zeros.
 
     ``length`` is ``past`` for self-attention layers and ``encoder`` for cross-attention ones.
@@ -109,6 +169,11 @@ def _synthetic_cache(cache: Any, batch: int, past: int, encoder: int) -> Any:
         return type(cache)(_synthetic_cache(cache.self_attention_cache, batch, past, encoder),
                            _synthetic_cache(cross, batch, encoder, encoder))
     leaves, spec = pytree.tree_flatten(cache)
+    if _is_static(cache):  # [k, v, cumulative_length] per layer: room for the new tokens, `past` filled
+        size = past + new + TRACE_ROOM
+        fresh = [torch.zeros((batch, t.shape[1], size, *t.shape[3:]), dtype=t.dtype, device=t.device)
+                 if t.dim() == 4 else torch.full_like(t, past) for t in leaves]
+        return pytree.tree_unflatten(fresh, spec)
     fresh = [torch.zeros((batch, t.shape[1], past, *t.shape[3:]), dtype=t.dtype, device=t.device) for t in leaves]
     return pytree.tree_unflatten(fresh, spec)
 
@@ -143,7 +208,7 @@ def example_cache_inputs(kwargs: Mapping[str, Any], batch: int = TRACE_BATCH, pa
     enc_inputs = {"input_ids", "inputs_embeds", "attention_mask"} if encoder else set()
     for name, value in kwargs.items():
         if is_cache(value):
-            out[name] = _synthetic_cache(value, batch, past, encoder or past)
+            out[name] = _synthetic_cache(value, batch, past, encoder or past, new)
         elif name == "encoder_outputs" and encoder:
             out[name] = _zeros_like_rows(value, batch, encoder)
         elif not isinstance(value, torch.Tensor):
@@ -155,6 +220,10 @@ def example_cache_inputs(kwargs: Mapping[str, Any], batch: int = TRACE_BATCH, pa
             out[name] = fill(dtype_shape, dtype=value.dtype, device=value.device)
         elif name in masks and value.dim() == 2:
             out[name] = torch.ones((batch, past + new), dtype=value.dtype, device=value.device)
+        elif name in masks and value.dim() == 4:  # [B, 1, new, kv]: generate's own mask for a StaticCache
+            kv = past + new + (TRACE_ROOM if any(_is_static(v) for v in kwargs.values()) else 0)
+            fill = torch.zeros if value.is_floating_point() else torch.ones  # all positions visible
+            out[name] = fill((batch, value.shape[1], new, kv), dtype=value.dtype, device=value.device)
         elif name in ("position_ids", "decoder_position_ids") and value.dim() == 2:
             pos = torch.arange(past, past + new, dtype=value.dtype, device=value.device)
             out[name] = pos.expand(batch, new).contiguous()
@@ -168,6 +237,12 @@ def example_cache_inputs(kwargs: Mapping[str, Any], batch: int = TRACE_BATCH, pa
     return out
 
 
+def _static_inside(cache: Any) -> bool:
+    """An ``EncoderDecoderCache`` holding a ``StaticCache`` (not supported: its cross-attention half is
+    written once, at the first decoder step, which the synthetic decoder trace does not model)."""
+    return any(_is_static(getattr(cache, half, None)) for half in ("self_attention_cache", "cross_attention_cache"))
+
+
 def _encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
@@ -179,10 +254,11 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
 
     register_cache_pytree()
     name, cache = _cache_item(kwargs)
-    if cache is not None and describe_cache(cache)[3] < 0:
+    if cache is not None and (describe_cache(cache)[3] < 0 or _static_inside(cache)):
         raise ConfigError(
-            f"{name}= is a {type(cache).__name__}, which graphlora's graphs cannot take yet (only DynamicCache "
-            "and EncoderDecoderCache); generate without cache_implementation= (the default dynamic cache)."
+            f"{name}= is a {type(cache).__name__} ({cache!r}), which graphlora's graphs cannot take yet (they take "
+            "DynamicCache, EncoderDecoderCache of DynamicCaches, and StaticCache with plain StaticLayer layers "
+            "and no offloading); generate with cache_implementation=\"dynamic\" (the default)."
         )
     filled = _filled(cache)
     if _encoder_decoder(model):  # the decoder's first step has one token: always synthetic
@@ -195,6 +271,8 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     for name, value in example.items():
         if is_cache(value):
             shapes[name] = cache_dynamic_shapes(value)
+        elif isinstance(value, torch.Tensor) and value.dim() == 4 and "attention_mask" in name:
+            shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}  # batch, new tokens, cache length
         elif isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str)):
             shapes[name] = dynamic_dims(value)
         else:  # encoder_outputs and other pytrees of tensors: batch and length of each leaf
@@ -235,9 +313,22 @@ class EncoderHalf(nn.Module):
                        return_dict=True)
 
 
+#: > 0 while :func:`trace_call` runs: generate's shadow forwards then call the model's own forward
+#: (export traces the source model, whose ``forward`` generate has shadowed with a call into ``gm``)
+_TRACING = [0]
+
+
 def trace_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
     """Trace ``model`` for the call ``kwargs``: cache calls as in the module docstring, encoder halves
     with :class:`EncoderHalf`, others by :func:`graphlora.capture.trace_export`."""
+    _TRACING[0] += 1
+    try:
+        return _trace_call(model, kwargs)
+    finally:
+        _TRACING[0] -= 1
+
+
+def _trace_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
     from .capture import trace_export
 
     if HALF in kwargs:
@@ -256,7 +347,12 @@ def run_encoder(gm: Any, kwargs: Mapping[str, Any], names: Union[Sequence[str], 
     key = (call_key({**kwargs, HALF: "encoder"}), gm._mode(names))
     if names is not None:
         write_row_index(gm.adapter_state, names, (), kwargs, gm.training)
-    return gm.programs.get_or_build(key, {**kwargs, HALF: "encoder"}).module(**kwargs)
+    module = gm.programs.get_or_build(key, {**kwargs, HALF: "encoder"}).module
+    from .calls import BANK
+
+    if key[1] == BANK:  # see AdaptedGraphModule._route
+        gm.adapter_state.store.banks.gather()
+    return module(**kwargs)
 
 
 # ---------------------------------------------------------------------- generate
@@ -299,40 +395,50 @@ def generate(gm: Any, *args: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"adapter_names must be a list with one adapter name per input row, got {names!r}.")
     original = source.forward
     encoder = source.get_encoder() if _encoder_decoder(source) and hasattr(source, "get_encoder") else None
-    originals = {id(source): source.__dict__.get("forward", _NONE)}
-    if encoder is not None:
-        originals[id(encoder)] = encoder.__dict__.get("forward", _NONE)
-
-    def unshadowed() -> contextlib.ExitStack:  # a first call traces the source model: its own forwards
-        stack = contextlib.ExitStack()
-        stack.enter_context(_forward_as(source, originals[id(source)]))
-        if encoder is not None:
-            stack.enter_context(_forward_as(encoder, originals[id(encoder)]))
-        return stack
 
     @functools.wraps(original)  # transformers reads forward's signature to check and prepare inputs
     def forward(*call_args: Any, **call_kwargs: Any) -> Any:
+        if _TRACING[0]:  # a first call of this signature traces the source model: its own forward
+            return original(*call_args, **call_kwargs)
         if call_kwargs.get("return_dict") is True:
             call_kwargs.pop("return_dict")  # the programs return the model's output class already
         if names is not None:
             batch = _batch_of(call_kwargs) or _batch_of(dict(enumerate(call_args)))
             call_kwargs["adapter_names"] = _row_names(names, batch)
-        with unshadowed():
-            return gm(*call_args, **call_kwargs)
+        return gm(*call_args, **call_kwargs)
+
+    def get_compiled_call(compile_config: Any = None) -> Any:
+        """transformers' ``get_compiled_call`` (static caches on CUDA: it compiles the decode step):
+        the decode step runs ``gm``'s programs compiled with ``compile_config``'s options, and the
+        routing stays plain Python outside the compiled code (no frame break inside a compiled
+        ``__call__``, and switching adapters never recompiles)."""
+        from transformers import CompileConfig
+
+        options = (compile_config or getattr(source.generation_config, "compile_config", None)
+                   or CompileConfig()).to_dict()
+
+        def call(*call_args: Any, **call_kwargs: Any) -> Any:
+            with gm.programs.compiled(options):
+                return source(*call_args, **call_kwargs)
+
+        return call
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_forward_as(source, forward))
+        stack.enter_context(_attribute_as(source, "forward", forward))
+        stack.enter_context(_attribute_as(source, "get_compiled_call", get_compiled_call))
         if encoder is not None:
-            stack.enter_context(_forward_as(encoder, _encoder_forward(gm, encoder.forward, names, unshadowed)))
+            stack.enter_context(_attribute_as(encoder, "forward", _encoder_forward(gm, encoder.forward, names)))
         return run(*args, **kwargs)
 
 
-def _encoder_forward(gm: Any, original: Any, names: Any, unshadowed: Any) -> Any:
+def _encoder_forward(gm: Any, original: Any, names: Any) -> Any:
     """The shadow of an encoder's ``forward``: the encoder program (generate calls ``get_encoder()(...)``)."""
     flags = ("output_attentions", "output_hidden_states")
 
     @functools.wraps(original)
     def forward(**kwargs: Any) -> Any:
+        if _TRACING[0]:  # tracing the encoder program: the encoder's own forward
+            return original(**kwargs)
         kwargs.pop("return_dict", None)  # the program returns a ModelOutput
         asked = [f for f in flags if kwargs.pop(f, None)]
         if asked:
@@ -341,8 +447,7 @@ def _encoder_forward(gm: Any, original: Any, names: Any, unshadowed: Any) -> Any
                 "last hidden state only; generate without it."
             )
         rows = None if names is None else _row_names(names, _batch_of(kwargs))
-        with unshadowed():
-            return run_encoder(gm, kwargs, rows)
+        return run_encoder(gm, kwargs, rows)
 
     return forward
 
@@ -351,18 +456,14 @@ _NONE = object()
 
 
 @contextlib.contextmanager
-def _forward_as(module: nn.Module, forward: Any) -> Iterator[None]:
-    """``module.forward`` is ``forward`` (an instance attribute; ``_NONE``: the class's) inside the block."""
-    before = module.__dict__.get("forward", _NONE)
-    _set_forward(module, forward)
+def _attribute_as(module: nn.Module, name: str, value: Any) -> Iterator[None]:
+    """``module.<name>`` is ``value`` (an instance attribute, over the class's) inside the block."""
+    before = module.__dict__.get(name, _NONE)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        _set_forward(module, before)
-
-
-def _set_forward(module: nn.Module, forward: Any) -> None:
-    if forward is _NONE:
-        module.__dict__.pop("forward", None)
-    else:
-        module.forward = forward
+        if before is _NONE:
+            module.__dict__.pop(name, None)
+        else:
+            setattr(module, name, before)

@@ -1,0 +1,226 @@
+"""Static KV cache (``cache_implementation="static"``) and the KV-cache call contract.
+
+The reference is PEFT's ``generate`` on the same weights (random LoRA A and B) with the same cache,
+and the base model's. A ``StaticCache`` is a graph input whose tensors the program updates in place
+(``index_copy_``, no copy of the cache), so the caller's tensors keep their addresses from step to
+step; one program serves prefill and every decode step, whatever the prompt and cache lengths.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from models import randomize_b, tiny_llama, token_ids
+
+import graphlora
+from graphlora import LoraConfig
+from graphlora.calls import CallSpec
+from graphlora.errors import SignatureError
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+PAD = 0
+STATIC = {"cache_implementation": "static"}
+
+
+def _cache_name(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _prompt(batch: int = 3, seq: int = 6, seed: int = 3):
+    """A left-padded batch: row 0 has 2 pads, row 1 has 1, the rest none."""
+    ids = token_ids(batch, seq, seed=seed)
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate((2, 1)[:batch]):
+        ids[row, :pads], mask[row, :pads] = PAD, 0
+    return ids, mask
+
+
+def _gen(model, ids, mask, **kwargs):
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": PAD, **kwargs}
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """(gm, PEFT model, base model) on the same weights (one decoder layer)."""
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(tiny_llama(seed=0, layers=1), config).eval()
+        path = tmp_path_factory.mktemp("static")
+        ref.save_pretrained(path)
+        gm = graphlora.inject(tiny_llama(seed=0, layers=1), str(path))
+    return gm.eval(), ref, tiny_llama(seed=0, layers=1)
+
+
+def _static_keys(gm):
+    return [key for key in gm.programs.keys() if any(d[0] == "cache" and d[1] == "StaticCache" for _, d in key[0])]
+
+
+def test_static_generate_equals_peft_and_base(trio):
+    gm, ref, plain = trio
+    ids, mask = _prompt()
+    ours = _gen(gm, ids, mask, **STATIC)
+    assert torch.equal(ours, _gen(ref, ids, mask, **STATIC))
+    assert torch.equal(ours, _gen(gm, ids, mask))  # the dynamic cache gives the same tokens
+    beams = {"num_beams": 2, "num_return_sequences": 2, **STATIC}  # transformers reorders the cache's rows
+    assert torch.equal(_gen(gm, ids, mask, **beams), _gen(ref, ids, mask, **beams))
+    with gm.disable_adapter():
+        off = _gen(gm, ids, mask, **STATIC)
+    assert torch.equal(off, _gen(plain, ids, mask, **STATIC))
+    assert not torch.equal(ours, off), "the adapter should change the tokens (random LoRA B)"
+    # prefill and decode are one program (per mode): the cache is allocated before the first call
+    assert len({key[0] for key in _static_keys(gm)}) == 1
+    assert "forward" not in gm.get_base_model().__dict__
+
+
+def test_static_switching_adapters_and_lengths_never_retraces(trio):
+    gm, _, _ = trio
+    if "other" not in gm.adapters:
+        gm.add_adapter("other", LoraConfig(r=2, lora_alpha=6, target_modules=TARGETS))
+        randomize_b(gm, "other", seed=7, std=0.3)
+    ids, mask = _prompt()
+    gm.set_adapter("default")
+    first = _gen(gm, ids, mask, **STATIC)
+    count = len(gm.programs)
+    gm.set_adapter("other")
+    try:
+        second = _gen(gm, ids, mask, **STATIC)
+        assert not torch.equal(first, second)
+        longer, longer_mask = _prompt(batch=2, seq=9, seed=5)  # other batch, prompt and cache lengths
+        _gen(gm, longer, longer_mask, max_new_tokens=6, **STATIC)
+        assert len(gm.programs) == count
+        assert torch.equal(second, _gen(gm, ids, mask, adapter_names=["other"] * 3, **STATIC))  # mixed programs
+    finally:
+        gm.set_adapter("default")
+
+
+def test_static_cache_is_updated_in_place(trio):
+    """Direct calls: the caller's StaticCache is filled in place (same tensors, no copy in the graph),
+    and the logits equal a full recompute."""
+    from transformers import StaticCache
+
+    gm, _, _ = trio
+    name = _cache_name(gm.get_base_model())
+    ids = token_ids(2, 7, seed=5)
+    cache = StaticCache(config=gm.get_base_model().config, max_cache_len=12)
+    with torch.no_grad():
+        out = gm(input_ids=ids[:, :5], use_cache=True, **{name: cache})
+        layer = cache.layers[0]
+        keys, values = layer.keys, layer.values
+        assert layer.is_initialized and keys.shape[2] == 12 and int(layer.cumulative_length) == 5
+        assert getattr(out, name).layers[0].keys is keys  # the returned cache holds the caller's tensors
+        for pos in (5, 6):
+            step = gm(input_ids=ids[:, pos:pos + 1], position_ids=torch.full((2, 1), pos), use_cache=True,
+                      **{name: cache})
+        full = gm(input_ids=ids).logits
+    assert layer.keys is keys and layer.values is values and int(layer.cumulative_length) == 7
+    torch.testing.assert_close(out.logits, full[:, :5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step.logits, full[:, -1:], atol=1e-5, rtol=1e-5)
+    for key in _static_keys(gm):
+        graph = gm.programs._programs[key].module.graph
+        targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+        assert "aten.index_copy_.default" in targets  # in place into the input tensors
+        assert not targets & {"aten.copy_.default", "aten.index_copy.default", "aten._local_scalar_dense.default"}
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["own-name", "alias"])
+def test_cache_call_contract_under_both_names(trio, alias):
+    """``gm(ids, use_cache=True)`` returns a cache the next call takes as ``cache=`` or ``past_key_values=``."""
+    gm, _, _ = trio
+    own = _cache_name(gm.get_base_model())
+    name = next(n for n in ("cache", "past_key_values") if n != own) if alias else own
+    ids = token_ids(2, 7, seed=6)
+    with torch.no_grad():
+        out = gm(input_ids=ids[:, :-1], use_cache=True)
+        nxt = gm(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), use_cache=True,
+                 **{name: getattr(out, own)})
+        full = gm(input_ids=ids).logits
+    torch.testing.assert_close(nxt.logits, full[:, -1:], atol=1e-5, rtol=1e-5)
+    assert getattr(nxt, own).get_seq_length() == ids.shape[1]
+
+
+class _Old(torch.nn.Module):
+    """A forward that names the cache ``past_key_values`` (transformers 5.17)."""
+
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+        return input_ids
+
+
+class _New(torch.nn.Module):
+    """A forward that names the cache ``cache`` (transformers 5.24)."""
+
+    def forward(self, input_ids=None, cache=None, use_cache=None):
+        return input_ids
+
+
+def test_bind_maps_the_cache_alias_both_ways():
+    old = CallSpec.of(_Old(), "export")
+    marker = object()
+    assert old.bind((), {"input_ids": 1, "cache": marker})["past_key_values"] is marker
+    new = CallSpec.of(_New(), "export")
+    bound = new.bind((), {"input_ids": 1, "past_key_values": marker})
+    assert bound["cache"] is marker and "past_key_values" not in bound
+    assert new.bind((), {"input_ids": 1, "past_key_values": None, "cache": marker})["cache"] is marker
+    with pytest.raises(SignatureError, match="twice"):
+        new.bind((), {"cache": marker, "past_key_values": object()})
+
+
+def test_sliding_static_cache_is_refused_with_the_fix(trio):
+    from transformers import MistralConfig, StaticCache
+
+    gm, _, _ = trio
+    config = MistralConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=4)
+    cache = StaticCache(config=config, max_cache_len=8)
+    count = len(gm.programs)
+    with torch.no_grad(), pytest.raises(SignatureError, match="cache_implementation"):
+        gm(input_ids=token_ids(2, 3), use_cache=True, **{_cache_name(gm.get_base_model()): cache})
+    assert len(gm.programs) == count
+
+
+def test_compiled_gm_takes_and_returns_a_dynamic_cache(trio):
+    """``torch.compile(gm)`` with a DynamicCache: the program's output cache is unflattened inside the
+    compiled frame (torch 2.13's dynamo failed on transformers' ``zip_longest`` there)."""
+    gm, _, _ = trio
+    own = _cache_name(gm.get_base_model())
+    ids = token_ids(2, 7, seed=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend="eager")
+    with torch.no_grad():
+        out = compiled(input_ids=ids[:, :-1], use_cache=True)
+        nxt = compiled(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), use_cache=True,
+                       **{own: getattr(out, own)})
+        full = gm(input_ids=ids).logits
+    torch.testing.assert_close(nxt.logits, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_compiles_the_static_decode_as_on_the_base_model(trio):
+    """transformers' generate compiles the forward with a static cache (on CUDA; here forced with
+    ``_compile_all_devices``): through the shadowed forward it compiles the programs, same tokens."""
+    from transformers import CompileConfig
+
+    gm, ref, _ = trio
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True
+    ids, mask = _prompt()
+    torch._dynamo.reset()
+    source = gm.get_base_model()
+    ours = _gen(gm, ids, mask, compile_config=config, **STATIC)
+    # generate took the compiled path: the decode program ran compiled, the routing outside it
+    compiled = [key for per_options in gm.programs._compiled.values() for key in per_options]
+    assert len(compiled) == 1 and not hasattr(source, "_compiled_call")
+    assert torch.equal(ours, _gen(ref, ids, mask, **STATIC))
+    frames = dict(torch._dynamo.utils.counters["frames"])
+    gm.disable_adapters()  # switching between generate calls: no new compile
+    _gen(gm, ids, mask, compile_config=config, **STATIC)
+    gm.enable_adapters()
+    assert torch.equal(_gen(gm, ids, mask, compile_config=config, **STATIC), ours)
+    assert dict(torch._dynamo.utils.counters["frames"]) == frames
