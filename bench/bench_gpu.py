@@ -3,7 +3,9 @@
 Model: Llama-7B-shaped (hidden 4096, intermediate 11008, 32 heads, vocab 32000), 4 layers, bf16;
 batch 4 x seq 1024; LoRA r=16, alpha=32 on q,k,v,o,gate,up,down (same config and weights for PEFT).
 Times are medians of CUDA-event timings after warm-up. Ratios are against the base model from the
-same run. Run: ``python bench/bench_gpu.py --out results.json`` (``--tiny`` for a CPU smoke run).
+same run. Run: ``python bench/bench_gpu.py --out results.json`` (``--tiny`` for a CPU smoke run;
+``--no-fuse-shrink`` to time the training step with one down-projection GEMM per site, as before
+``passes/fuse_shrink.py``).
 """
 
 from __future__ import annotations
@@ -120,7 +122,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small model on CPU (smoke test)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--no-fuse-shrink", action="store_true",
+                        help="training programs keep one down-projection GEMM per site (passes/fuse_shrink.py off)")
     args = parser.parse_args()
+    from graphlora.passes import fuse_shrink
+
+    fuse_shrink.ENABLED = not args.no_fuse_shrink  # read when each program is built (inject, first fwd+bwd call)
     from torch._dynamo.utils import counters
     import peft
 
@@ -128,7 +135,8 @@ def main() -> None:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     warmup, iters = (2, 5) if args.tiny else (5, 30)
     batch, seq = (4, 16) if args.tiny else (4, 1024)
-    results: dict = {"config": {"batch": batch, "seq": seq, "r": 16, "targets": TARGETS, "dtype": str(dtype)}}
+    results: dict = {"config": {"batch": batch, "seq": seq, "r": 16, "targets": TARGETS, "dtype": str(dtype),
+                                "fuse_shrink": fuse_shrink.ENABLED}}
     env = {"torch": torch.__version__, "python": platform.python_version(), "peft": peft.__version__}
     import transformers
 
