@@ -27,6 +27,7 @@ from .merge import lora_delta
 from .quantize import QuantizationError, allow_requantize, quantize_base
 from .module import AdaptedGraphModule, SiteInfo
 from .peft_io import read_adapter_config, read_adapter_dir
+from .pool import AdapterPool
 from .viz import before_after, export_graph, to_networkx
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "AdaptedGraphModule",
+    "AdapterPool",
     "SiteInfo",
     "GraphLoraError",
     "ConfigError",

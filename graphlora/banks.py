@@ -7,6 +7,8 @@ fixed-capacity stacks (the idea of vLLM's ``max_loras`` / ``max_lora_rank`` and 
     lora_B [S + 1, d_out, R]    slot s: its B, columns r..R-1 zero
     scale  [S + 1]              slot s: its alpha / r at this site (mixed batches read it)
     gate   [K]                  per active position k: scale[slot_k] * w_k (0 for unused positions)
+    a_hat  [K R, d_in]          the active slots' A, stacked          (gathered once per change:
+    b_hat  [d_out, K R]         the active slots' B, gated             :meth:`SiteBank.gather`)
 
 and one :class:`BankSet` (``graphlora._banks``) holds ``active`` ``[K]`` (int64), the slots of the
 active adapters, shared by every site. Slot ``S`` is all zeros (the base model's slot: inactive
@@ -16,8 +18,8 @@ positions and ``"__base__"`` rows point at it). A site's serving output is then
 
     y = W x + b + \\sum_{k<K} g_k \\, B_{a_k} A_{a_k} x
 
-computed as two GEMMs of width ``K R`` whatever the number of loaded adapters
-(:func:`graphlora.passes.ops.lora_bank`): the cost follows the active adapters, not the loaded
+computed as two GEMMs of width ``K R`` on the gathered factors whatever the number of loaded
+adapters (:func:`graphlora.passes.ops.lora_bank`): the cost follows the active adapters, not the loaded
 ones, and switching, adding into a free slot or deleting writes tensors only (no re-splice, no
 recompilation, CUDA graphs stay valid).
 
@@ -53,10 +55,22 @@ from typing import Any, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import ConfigError
 
 __all__ = ["BankLayout", "BankSet", "SiteBank", "BANKS", "DEFAULT_CAPACITY"]
+
+#: optimizer steps taken in this process (a fused optimizer writes parameters without bumping their
+#: version counters: :meth:`BankSet.gather` re-gathers after any step)
+_STEPS = [0]
+
+
+def _count_step(*_: Any) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 #: the bank set's name on the adapter store (``graphlora._banks``)
 BANKS = "_banks"
@@ -76,14 +90,51 @@ class SiteBank(nn.Module):
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
         kw = {"dtype": dtype, "device": device}
-        self.register_buffer("lora_A", torch.zeros(capacity + 1, rank, d_in, **kw), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(capacity + 1, d_out, rank, **kw), persistent=False)
-        self.register_buffer("scale", torch.zeros(capacity + 1, device=device), persistent=False)
-        self.register_buffer("gate", torch.zeros(width, device=device), persistent=False)
+        with torch.inference_mode(False):  # normal tensors (they keep version counters) even when made in it
+            self.register_buffer("lora_A", torch.zeros(capacity + 1, rank, d_in, **kw), persistent=False)
+            self.register_buffer("lora_B", torch.zeros(capacity + 1, d_out, rank, **kw), persistent=False)
+            self.register_buffer("scale", torch.zeros(capacity + 1, device=device), persistent=False)
+            self.register_buffer("gate", torch.zeros(width, device=device), persistent=False)
+        self._gathered_buffers(width)
         #: what was last written into ``scale`` / ``gate``, with the buffer's identity and version
         #: after the write (skip unchanged writes; any other write or a new buffer forces one)
         self._scales: dict[int, tuple] = {}
         self._gates: tuple = ()
+
+    def _gathered_buffers(self, width: int) -> None:
+        """``a_hat [K R, d_in]`` and ``b_hat [d_out, K R]``: the active slots' factors, gated (see :meth:`gather`)."""
+        kw = {"dtype": self.lora_A.dtype, "device": self.lora_A.device}
+        rank = self.lora_A.shape[1]
+        with torch.inference_mode(False):
+            self.register_buffer("a_hat", torch.zeros(width * rank, self.d_in, **kw), persistent=False)
+            self.register_buffer("b_hat", torch.zeros(self.d_out, width * rank, **kw), persistent=False)
+        if not hasattr(self, "watched"):
+            #: the active adapters' parameters at this site (:meth:`BankSet.gather` checks them)
+            self.watched: tuple[torch.Tensor, ...] = ()
+
+    def sources(self) -> tuple[torch.Tensor, ...]:
+        """What ``a_hat`` / ``b_hat`` are made of: the slots, the gates and the active adapters'
+        parameters (a write through a parameter, an optimizer step, bumps the parameter's version
+        counter, not the bank's: ``param.data = view`` shares storage, not the counter)."""
+        return (self.lora_A, self.lora_B, self.gate, *self.watched)
+
+    def gather(self, active: torch.Tensor) -> None:
+        r"""Write the active slots' factors into ``a_hat`` / ``b_hat`` in place (:meth:`BankSet.gather`
+        calls it when anything they are made of changed).
+
+        .. math::
+
+            \hat A = [A_{s_0}; \dots; A_{s_{K-1}}] \in \mathbb{R}^{K R \times d_{in}}, \qquad
+            \hat B = [g_0 B_{s_0}, \dots, g_{K-1} B_{s_{K-1}}] \in \mathbb{R}^{d_{out} \times K R}
+
+        so the serving update is :math:`\hat B \hat A x` (:func:`graphlora.passes.ops.lora_bank`): the
+        slot selection and the gates are paid once per change, not on every call.
+        """
+        k, r = active.shape[0], self.rank
+        with torch.no_grad():
+            self.a_hat.copy_(self.lora_A.index_select(0, active).reshape(k * r, self.d_in))
+            gated = self.lora_B.index_select(0, active) * self.gate.to(self.lora_B.dtype).view(k, 1, 1)
+            self.b_hat.copy_(gated.permute(1, 0, 2).reshape(self.d_out, k * r))
 
     @property
     def capacity(self) -> int:
@@ -131,9 +182,11 @@ class SiteBank(nn.Module):
     @torch.no_grad()
     def set_width(self, width: int) -> None:
         """Room for ``width`` active adapters (a new ``gate`` buffer; the slots are untouched)."""
-        self.register_buffer("gate", torch.zeros(width, dtype=self.gate.dtype, device=self.gate.device),
-                             persistent=False)
+        with torch.inference_mode(False):
+            self.register_buffer("gate", torch.zeros(width, dtype=self.gate.dtype, device=self.gate.device),
+                                 persistent=False)
         self._gates = ()
+        self._gathered_buffers(width)
 
     def forget_written(self) -> None:
         """After a move (new buffers with the same values) or a restore: write everything next time."""
@@ -178,8 +231,13 @@ class BankSet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("active", torch.zeros(1, dtype=torch.long), persistent=False)
+        with torch.inference_mode(False):
+            self.register_buffer("active", torch.zeros(1, dtype=torch.long), persistent=False)
         self._active: tuple = ()
+        #: every tensor the gathered factors are made of (rebuilt by :meth:`forget_gathered`) and
+        #: what :meth:`gather` last saw of them
+        self._sources: list[torch.Tensor] = []
+        self._gathered: tuple = ()
 
     def site(self, key: str) -> SiteBank:
         module = self._modules[key]
@@ -203,11 +261,36 @@ class BankSet(nn.Module):
             if self.active.shape == value.shape and self.active.device == device:
                 self.active.copy_(value, non_blocking=True)
             else:
-                self.register_buffer("active", value.to(device), persistent=False)
+                with torch.inference_mode(False):  # a normal tensor, also when made in inference mode
+                    self.register_buffer("active", torch.tensor(slots, dtype=torch.long, device=device),
+                                         persistent=False)
             self._active = (slots, id(self.active), self.active._version)
+
+    def gather(self) -> None:
+        """Gather every site's active factors (:meth:`SiteBank.gather`) if anything they are made of
+        changed: the serving call's check, one pass over the sources' version counters.
+
+        Writes no version counter sees are caught too: every optimizer step (fused optimizers
+        write parameters without bumping their counters) and every ``train()`` / ``eval()`` of the
+        emitted module force a gather. A write through ``param.data`` is not seen: call
+        ``gm.eval()`` after one.
+        """
+        stamp = (_STEPS[0], *[t._version for t in self._sources])
+        if stamp == self._gathered:
+            return
+        active = self.active
+        for _, bank in self.sites():
+            bank.gather(active)
+        self._gathered = stamp
+
+    def forget_gathered(self) -> None:
+        """The next :meth:`gather` gathers (new buffers, new active set, a mode change)."""
+        self._sources = [self.active, *(t for _, bank in self.sites() for t in bank.sources())]
+        self._gathered = ()
 
     def forget_written(self) -> None:
         self._active = ()
+        self.forget_gathered()
         for _, bank in self.sites():
             bank.forget_written()
 
@@ -324,9 +407,11 @@ def _recast(bank: SiteBank, like: torch.Tensor) -> SiteBank:
 
 
 def write_state(banks: BankSet, layout: BankLayout, active: Mapping[str, float],
-                scalings: Mapping[str, Mapping[str, float]]) -> None:
+                scalings: Mapping[str, Mapping[str, float]],
+                params: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
     """Write ``active`` (slots) and every site's ``gate`` for the effective weights ``active``
-    (adapter -> weight, bankable adapters only; ``scalings``: adapter -> site key -> scaling)."""
+    (adapter -> weight, bankable adapters only; ``scalings``: adapter -> site key -> scaling), then
+    gather the active factors (``params``: site key -> the active adapters' parameters there)."""
     names = [a for a, w in active.items() if w != 0.0 and a in layout.slots]
     if len(names) > layout.width:  # grows once per new maximum (configure_banks(max_active=) reserves it)
         layout.reserve_width(banks, len(names))
@@ -336,3 +421,6 @@ def write_state(banks: BankSet, layout: BankLayout, active: Mapping[str, float],
     for key, bank in banks.sites():
         gates = tuple([scalings[a].get(key, 0.0) * active[a] for a in names] + [0.0] * (layout.width - len(names)))
         bank.set_gates(gates)
+        bank.watched = params.get(key, ())
+    banks.forget_gathered()
+    banks.gather()

@@ -50,6 +50,7 @@ from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
+from .generation import ready_static_cache
 from .methods import rule_for
 from .mixed import write_row_index
 from .planning import ModelFacts, check_known, check_new_name, plan_adapter
@@ -255,10 +256,14 @@ class AdaptedGraphModule(fx.GraphModule):
         names = kwargs.pop("adapter_names", None)
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
-        key = self._calls.key(kwargs, self._mode(names))
+            ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made
+        mode = self._mode(names)
+        key = self._calls.key(kwargs, mode)
         if names is not None:
             write_row_index(self._adapters, names, args, kwargs, self.training)
-        module = self._programs.get_or_build(key, kwargs).module
+        module = self._programs.runnable(self._programs.get_or_build(key, kwargs))
+        if mode == BANK:  # slots written through the adapters' parameters (a step, a hotswap) since the last call
+            self._adapters.store.banks.gather()
         return module, args, (self._calls.graph_inputs(kwargs) if self._calls.frontend == "export" else kwargs)
 
     def _mode(self, names: Any = None) -> str:
@@ -289,6 +294,9 @@ class AdaptedGraphModule(fx.GraphModule):
 
     def train(self, mode: bool = True) -> "AdaptedGraphModule":
         super().train(mode)
+        adapters = self.__dict__.get("_adapters")
+        if adapters is not None:  # an eval loop after training steps serves the weights trained
+            adapters.store.banks.forget_gathered()
         programs = self.__dict__.get("_programs")
         for program in programs if programs is not None else ():
             if program.module is not None and program.module is not self:
@@ -473,7 +481,8 @@ class AdaptedGraphModule(fx.GraphModule):
         Raises:
             AdapterNotFoundError: an unknown adapter. AdapterExistsError: the name is taken.
             ConfigError: mixed methods, DoRA adapters, unequal ranks for ``"linear"``, an unknown
-                ``combination_type``, or weights that are not one finite number per adapter.
+                ``combination_type``, weights that are not one finite number per adapter, or an
+                adapter with ``trainable_token_indices``.
         On any error nothing is added.
         """
         from .methods.weighted import COMBINATIONS
@@ -495,6 +504,10 @@ class AdaptedGraphModule(fx.GraphModule):
         rules = {state.rule(a).name for a in adapters}
         if len(rules) > 1:
             raise ConfigError(f"adapters {adapters} mix methods ({sorted(rules)}); combine adapters of one method.")
+        rows = [a for a in adapters if getattr(state.configs[a], "trainable_token_indices", None)]
+        if rows:  # graphlora.trainable_tokens: a combination would start from the original rows
+            raise ConfigError(f"adapter {rows[0]!r} trains embedding rows (trainable_token_indices), which "
+                              "add_weighted_adapter does not combine; combine adapters without them.")
         config, fill = state.rule(adapters[0]).combine(
             state, self._facts, self._records, adapters, [float(w) for w in weights], combination_type,
             svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver)
@@ -733,35 +746,59 @@ class AdaptedGraphModule(fx.GraphModule):
             AdapterStateError: hotswapping into an adapter that is merged.
         On any error the module and every adapter are exactly as before.
         """
-        state = self._adapters
         directory = peft_io.resolve_dir(path, adapter_name)
         config, tensors = peft_io.read_adapter_dir(directory)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        exists = adapter_name in state.configs
-        if not exists:
-            check_new_name(adapter_name, state.configs)
-        try:
-            plan = self._plan(config)
-            extras = saved_modules.plan_extras(config, self._facts, plan, state,  # modules_to_save, bias
-                                               self._programs.primary.base.graph)
-        except ConfigError as exc:  # no site, a non-linear target, layers out of range
-            raise peft_io.AdapterFileError(f"{directory!r}: {exc}") from exc
-        tensors = saved_modules.canonical_tensors(extras, tensors)
-        peft_io.check_tensors(directory, tensors, {**peft_io.expected_shapes(plan, config, self._records),
-                                                   **saved_modules.extra_shapes(extras, self._facts.source)})
-        check_placement(self, self._records, state.store, plan,
-                        f"load adapter {adapter_name!r} from {directory!r}", loading=True)
-        if exists:
-            self._hotswap(directory, adapter_name, config, plan, tensors)
+        self.load_adapter_tensors(config, tensors, adapter_name, is_trainable=is_trainable, activate=activate,
+                                  autocast_adapter_dtype=autocast_adapter_dtype, source=directory)
+
+    def load_adapter_tensors(self, config: AnyConfig, tensors: Mapping[str, torch.Tensor], adapter_name: str = "default",
+                             *, is_trainable: bool = False, activate: Union[bool, None] = None,
+                             autocast_adapter_dtype: Union[bool, None] = None, source: str = "<tensors>") -> None:
+        """:meth:`load_adapter` from memory: ``config`` and ``tensors`` under PEFT's keys, as
+        :func:`graphlora.peft_io.read_adapter_dir` returns them (``source`` names them in errors).
+        The tensors are copied with ``non_blocking=True``, so pinned CPU tensors overlap the copy
+        to the device. Same arguments, errors and guarantees as :meth:`load_adapter`.
+        """
+        state = self._adapters
+        config, plan, extras, tensors = self._check_load(source, adapter_name, config, tensors, is_trainable)
+        if adapter_name in state.configs:
+            self._hotswap(source, adapter_name, config, plan, tensors)
             return
         previous = dict(state.weights)
         with self._transaction(saved_modules.base_tensors(extras, self._facts.source)):  # bias=: base biases
             self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             with torch.no_grad():
                 for key, param in peft_io.adapter_state_dict(state, adapter_name).items():
-                    param.copy_(tensors[key])
+                    param.copy_(tensors[key], non_blocking=True)
             if previous and (activate is False or activate is None):
                 state.set_active(previous)
+
+    def _check_load(self, source: str, adapter_name: str, config: AnyConfig, tensors: Mapping[str, torch.Tensor],
+                    is_trainable: bool = False) -> tuple[AnyConfig, dict[str, Any], Any, dict[str, torch.Tensor]]:
+        """Everything loading checks before it changes anything: the name (when new), the config's
+        sites and extras (``modules_to_save``, ``bias``), the tensors' keys and shapes, placement.
+
+        Returns:
+            ``(config with inference_mode = not is_trainable, plan, extras, tensors with canonical bias keys)``.
+        Raises:
+            AdapterFileError, PlacementError, ConfigError: as :meth:`load_adapter`.
+        """
+        state = self._adapters
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        if adapter_name not in state.configs:
+            check_new_name(adapter_name, state.configs)
+        try:
+            plan = self._plan(config)
+            extras = saved_modules.plan_extras(config, self._facts, plan, state,  # modules_to_save, bias
+                                               self._programs.primary.base.graph)
+        except ConfigError as exc:  # no site, a non-linear target, layers out of range
+            raise peft_io.AdapterFileError(f"{source!r}: {exc}") from exc
+        tensors = saved_modules.canonical_tensors(extras, tensors)
+        peft_io.check_tensors(source, tensors, {**peft_io.expected_shapes(plan, config, self._records),
+                                                **saved_modules.extra_shapes(extras, self._facts.source)})
+        check_placement(self, self._records, state.store, plan,
+                        f"load adapter {adapter_name!r} from {source!r}", loading=True)
+        return config, plan, extras, tensors
 
     def _hotswap(self, directory: str, adapter_name: str, config: AnyConfig,
                  plan: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:

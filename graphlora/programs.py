@@ -30,6 +30,7 @@ same steps, only spliced in place.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
@@ -41,6 +42,7 @@ from torch import nn
 from graphlora.passes import (CheckpointBlocks, RetargetDevice, Site, SpliceAdapters, locate_sites,
                               release_regions, run_passes)
 from graphlora.passes.checkpoint import REGION_PREFIX
+from graphlora.passes import fuse_shrink
 from graphlora.passes.sites import getattr_path
 
 from ._compat import adopt_graph, current_graph
@@ -191,6 +193,32 @@ class ProgramSet:
         #: gradient checkpointing of the non-mixed programs (``None``: off); enabled on the source model
         #: before inject, it carries over
         self.checkpointing: Union[CheckpointSettings, None] = settings_of_source(source)
+        #: ``torch.compile`` options the routing runs programs with (:meth:`compiled`; ``None``: eager)
+        self._compile: Union[dict[str, Any], None] = None
+        #: options -> program key -> (module, its compiled wrapper)
+        self._compiled: dict[tuple, dict[ProgramKey, tuple[fx.GraphModule, Any]]] = {}
+
+    @contextlib.contextmanager
+    def compiled(self, options: Mapping[str, Any]) -> Iterator[None]:
+        """Inside the block, :meth:`runnable` gives programs compiled with ``torch.compile(**options)``
+        (one compile per program and options, kept; a re-spliced program compiles again). generate
+        uses it for the decode steps transformers asks to compile (:func:`graphlora.generation.generate`)."""
+        before, self._compile = self._compile, dict(options)
+        try:
+            yield
+        finally:
+            self._compile = before
+
+    def runnable(self, program: Program) -> Any:
+        """What runs ``program``: its module, or inside :meth:`compiled` its compiled wrapper."""
+        module = program.module
+        if self._compile is None:
+            return module
+        cache = self._compiled.setdefault(tuple(sorted((k, repr(v)) for k, v in self._compile.items())), {})
+        held = cache.get(program.key)
+        if held is None or held[0] is not module:
+            held = cache[program.key] = (module, torch.compile(module, **self._compile))
+        return held[1]
 
     # ------------------------------------------------------------------ reading
     @property
@@ -277,7 +305,7 @@ class ProgramSet:
             text = str(exc).strip()
             raise SignatureError(
                 f"this call ({describe_call(kwargs)}) needs a new graph and tracing it failed: "
-                f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}. "
+                f"{type(exc).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}. "
                 f"Traced signatures: {self.describe()}. Call the module with arguments the original model accepts."
             ) from exc
         local = self._local_targets(gm)
@@ -318,6 +346,8 @@ class ProgramSet:
             module.train(root.training)
         steps: list = [SpliceAdapters(program.sites, specs)]
         steps += switch_steps(self.state, program.mode == MIXED)  # modules_to_save: parameter switches
+        if program.mode == SWITCH and fuse_shrink.ENABLED:  # sibling down-projections as one GEMM
+            steps.append(fuse_shrink.FuseShrink())
         release_regions(module)  # checkpoint regions of the graph this one replaces (snapshot keeps them)
         ckpt = self.checkpointing
         if ckpt is not None and program.mode == SWITCH:  # serving programs never checkpoint

@@ -47,6 +47,7 @@ from .banks import BANKS, BankLayout, BankSet
 from .methods import MethodRule, rule_for
 from .methods.lora import bank_spec
 from .modules_to_save import SAVED, drop_extras, sync_extras
+from .trainable_tokens import TOKENS
 
 __all__ = ["AdapterStore", "AdapterState", "MergeState", "STORE"]
 
@@ -88,7 +89,7 @@ class AdapterStore(nn.Module):
     def branches(self, adapter: Union[str, None] = None) -> Iterator[tuple[str, str, nn.Module]]:
         """``(site_key, adapter, branch)`` triples, optionally for one adapter."""
         for key in list(self._modules):
-            if key in (BANKS, SAVED):  # SAVED: modules_to_save copies (graphlora.modules_to_save)
+            if key in (BANKS, SAVED, TOKENS):  # SAVED: modules_to_save copies; TOKENS: trainable rows
                 continue
             for name, branch in self._site(key).items():
                 if adapter is None or name == adapter:
@@ -261,16 +262,19 @@ class AdapterState:
         merged = self.merge.merged
         slots = self.banks.slots
         scalings: dict[str, dict[str, float]] = defaultdict(dict)
+        watched: dict[str, tuple[torch.Tensor, ...]] = defaultdict(tuple)
         for key, adapter, branch in self.store.branches():
             weight = active[adapter] if adapter in active and adapter not in merged else 0.0
             branch.apply_state(weight, adapter in merged)
             if adapter in slots:
                 scalings[adapter][key] = 0.0 if adapter in merged else branch.scaling
+                if weight != 0.0:
+                    watched[key] += tuple(branch.parameters())
             trainable = self.trainable and adapter in self.weights and not self.configs[adapter].inference_mode
             for param in branch.parameters():
                 if param.requires_grad != trainable:
                     param.requires_grad_(trainable)
         if slots:
             banking.write_state(self.store.banks, self.banks, {a: w for a, w in active.items() if a in slots},
-                                scalings)
+                                scalings, watched)
         sync_extras(self)  # modules_to_save slots and bias requires_grad

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["lora_switch", "lora_linear", "lora_down", "lora_bank", "lora_bank_rows"]
+__all__ = ["lora_switch", "lora_linear", "lora_down", "lora_shrink", "lora_bank", "lora_bank_rows"]
 
 #: Use the opaque custom ops under torch.compile (benchmarks flip it to compare).
 COMPILE_AS_CUSTOM_OP = True
@@ -228,41 +228,52 @@ def lora_down(x: Tensor, a: Tensor, gate: Tensor) -> Tensor:
     return F.linear(x.to(a.dtype), a) * gate
 
 
+def lora_shrink(x: Tensor, mats: Sequence[Tensor]) -> Tensor:
+    r"""Several low-rank branches' down-projections of one input as one GEMM (ungated).
+
+    .. math::
+
+        p = x\,[A_1; A_2; \dots; A_n]^\top \in \mathbb{R}^{\dots \times (r_1 + \dots + r_n)}
+
+    so ``p[..., o_i : o_i + r_i] = x A_i^\top`` (``o_i = r_1 + ... + r_{i-1}``), which the
+    :class:`~graphlora.passes.fuse_shrink.FuseShrink` pass splits and gates per branch. The
+    concatenation is of the parameters themselves (``r x d_in`` each, cheap), made on every call,
+    so each ``A_i`` receives its own gradient (``torch.cat``'s backward slices it), and the input
+    gradient of all the branches is one GEMM ``dp [A_1; ...; A_n]`` instead of ``n`` GEMMs and
+    ``n - 1`` adds over ``[tokens, d_in]``. ``x`` is cast to the adapters' dtype, as in
+    :func:`lora_down`; every ``A_i`` has one dtype.
+    """
+    a = mats[0] if len(mats) == 1 else torch.cat(list(mats))
+    return F.linear(x.to(a.dtype), a)
+
+
 # ---------------------------------------------------------------------------- adapter banks
-def lora_bank(base: Tensor, x: Tensor, active: Tensor, a_bank: Tensor, b_bank: Tensor, gate: Tensor) -> Tensor:
+def lora_bank(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
     r"""A site's serving output from its adapter bank: the active adapters' sum, in two GEMMs.
 
     .. math::
 
         y = \text{base} + \sum_{k<K} g_k \, x A_{s_k}^\top B_{s_k}^\top
-          = \text{base} + \big[(x \hat A^\top) \odot \hat g\big] \hat B^\top
+          = \text{base} + (x \hat A^\top) \hat B^\top
 
-    with ``s = active`` (``[K]`` slots), ``\hat A = [A_{s_0}; ...; A_{s_{K-1}}]`` (``[K R, d_in]``),
-    ``\hat B = [B_{s_0}, ..., B_{s_{K-1}}]`` (``[d_out, K R]``) and ``\hat g`` each gate repeated
-    ``R`` times. Plain aten ops (two ``index_select``, one ``linear``, one ``mul``, one ``addmm``
-    that adds into the base output): no custom op or Python kernel launch on the hot path, and
-    Inductor sees through all of it. The cost depends on ``K`` (the active adapters), never on
-    how many adapters the bank holds.
+    with ``s`` the ``K`` active slots, ``\hat A = [A_{s_0}; ...; A_{s_{K-1}}]`` (``[K R, d_in]``) and
+    ``\hat B = [g_0 B_{s_0}, ..., g_{K-1} B_{s_{K-1}}]`` (``[d_out, K R]``), gathered in place by
+    :meth:`graphlora.banks.SiteBank.gather` whenever the active set, a gate or a slot changes. A
+    call is one ``linear`` and one ``addmm`` that adds into the base output (plus the casts of
+    float32 adapters over an fp16 / bf16 base): no custom op, no Python kernel launch, no per-call
+    gather, and Inductor sees through all of it. The cost depends on ``K`` (the active adapters),
+    never on how many adapters the bank holds.
 
     Args:
         base: the base op's output ``[..., d_out]``; x: its input ``[..., d_in]``.
-        active: ``[K]`` int64 bank slots (unused positions point at the zero slot, gate 0).
-        a_bank / b_bank: ``[S + 1, R, d_in]`` / ``[S + 1, d_out, R]``.
-        gate: ``[K]``: ``alpha / r`` of ``s_k`` at this site times its weight.
+        a_hat / b_hat: the gathered factors (unused positions hold zeros).
     """
-    k, r, d_in = active.shape[0], a_bank.shape[1], a_bank.shape[2]
-    d_out = b_bank.shape[1]
-    a = a_bank.index_select(0, active).reshape(k * r, d_in)
-    b = b_bank.index_select(0, active).permute(1, 0, 2).reshape(d_out, k * r)
-    h = F.linear(x.to(a.dtype), a)
-    if k == 1:
-        h = h * gate.to(h.dtype)
-    else:
-        h = (h.unflatten(-1, (k, r)) * gate.to(h.dtype).unsqueeze(-1)).flatten(-2)
+    d_out = b_hat.shape[0]
+    h = F.linear(x.to(a_hat.dtype), a_hat)
     if h.dtype != base.dtype:  # float32 adapters over an fp16 / bf16 base: add in float32, round once
-        return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h.reshape(-1, k * r), b.t()).to(base.dtype).view(
-            base.shape)
-    return torch.addmm(base.reshape(-1, d_out), h.reshape(-1, k * r), b.t()).view(base.shape)
+        return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h.reshape(-1, h.shape[-1]), b_hat.t()).to(
+            base.dtype).view(base.shape)
+    return torch.addmm(base.reshape(-1, d_out), h.reshape(-1, h.shape[-1]), b_hat.t()).view(base.shape)
 
 
 def lora_bank_rows(base: Tensor, x: Tensor, rows: Tensor, a_bank: Tensor, b_bank: Tensor, scale: Tensor) -> Tensor:

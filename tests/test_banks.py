@@ -237,7 +237,7 @@ def test_a_rolled_back_delete_keeps_the_weights_and_a_deleted_adapter_aliases_no
     assert torch.equal(b, kept)  # the old parameter kept its values: not a view of c's slot
 
 
-def test_load_state_dict_with_assign_and_saving_state_dicts():
+def test_load_state_dict_with_assign_and_saving_state_dicts(tmp_path):
     from safetensors.torch import save_file
 
     gm = _gm(adapters=2, ranks=(4, 2))  # a1 has rank 2 < the banks' 4: its B is a strided view of its slot
@@ -250,7 +250,7 @@ def test_load_state_dict_with_assign_and_saving_state_dicts():
     adapter = {k: v for k, v in gm.state_dict().items() if ".lora_" in k}
     assert all(v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
                for v in adapter.values())  # each its own r x d values, not the bank
-    save_file(adapter, "/dev/null")
+    save_file(adapter, str(tmp_path / "adapter.safetensors"))  # (safetensors replaces its target file)
 
 
 def test_pickling_keeps_the_bank_settings_and_each_adapters_dtype():
@@ -276,3 +276,46 @@ def test_a_direct_forward_call_after_a_lazy_add_runs_the_new_graph():
     direct = main_output(gm.forward(input_ids=ids, use_cache=False)).detach()
     torch.testing.assert_close(direct, main_output(gm(input_ids=ids)).detach(), rtol=0, atol=0)
     assert "late" in gm.code
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.5),
+                                  lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),
+                                  lambda ps: torch.optim.Adam(ps, lr=0.05, foreach=True)],
+                         ids=["sgd", "adamw-fused", "adam-foreach"])
+@pytest.mark.parametrize("back_to_eval", [True, False], ids=["eval", "still-training"])
+def test_serving_after_an_optimizer_step_reads_the_new_weights(make, back_to_eval):
+    """The bank form multiplies gathered copies of the active factors: an optimizer step (fused
+    ones write without bumping version counters) must reach the next serving call, also when the
+    step comes after ``eval()`` (then only the optimizer-step count can tell)."""
+    gm = _gm(adapters=2)
+    ids = token_ids()
+    before = _serve(gm, ids)
+    torch.testing.assert_close(before, _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    gm.train()
+    opt = make([p for p in gm.parameters() if p.requires_grad])
+    main_output(gm(ids)).square().mean().backward()
+    if back_to_eval:
+        opt.step()
+        gm.eval()
+    else:  # eval and serve first, then the step: only the optimizer-step count can tell
+        gm.eval()
+        torch.testing.assert_close(_serve(gm, ids), before)
+        opt.step()
+    after = _serve(gm, ids)
+    assert (after - before).abs().max() > 1e-4  # the step changed the served output
+    torch.testing.assert_close(after, _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    program = _bank_program(gm).module
+    reads = {n.target for n in program.graph.nodes if n.op == "get_attr"}
+    assert not [t for t in reads if t.endswith(".active") or t.endswith(".gate")]  # no per-call gather
+
+
+def test_width_growth_inside_inference_mode_keeps_the_module_usable():
+    """Buffers made while serving under ``torch.inference_mode()`` (a wider active set) are normal
+    tensors: version counters work, and later calls outside inference mode serve right."""
+    gm = _gm(adapters=3)
+    ids = token_ids()
+    with torch.inference_mode():
+        gm.set_adapter(["default", "a1", "a2"])  # width 2 -> 3: new gate / a_hat / b_hat buffers
+        inside = main_output(gm(ids)).clone()
+    torch.testing.assert_close(inside, _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(_serve(gm, ids), inside)

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from graphlora.config import DEFAULT_TARGET_MODULES, LoraConfig
 from graphlora.errors import ConfigError, MergeError, TargetTypeError
 from graphlora.passes import BranchSpec, Site
-from graphlora.passes.sites import EMBEDDING
-from graphlora.passes.ops import lora_bank, lora_bank_rows, lora_down
+from graphlora.passes.sites import EMBEDDING, EXPERT
+from graphlora.passes.fuse_shrink import freeze_shrink
+from graphlora.passes.ops import lora_bank, lora_bank_rows, lora_down, lora_shrink
 from graphlora.passes.specialize import FreezeStep, GateReader
 from graphlora.passes.splice import SiteBuilder
 from graphlora.passes.targeting import pattern_value
@@ -348,19 +349,24 @@ BANK = "bank"
 
 
 def emit_bank(builder: SiteBuilder, spec: BranchSpec) -> None:
-    """A site's bank (:mod:`graphlora.banks`): ``y = lora_bank(y, x, active, A_bank, B_bank, gate)``,
-    or with ``spec.option("mixed")``, ``y = lora_bank_rows(y, x, row_index, A_bank, B_bank, scale)``.
+    """A site's bank (:mod:`graphlora.banks`): ``y = lora_bank(y, x, a_hat, b_hat)`` (the gathered
+    active factors), or with ``spec.option("mixed")``, ``y = lora_bank_rows(y, x, row_index, A_bank,
+    B_bank, scale)``.
 
-    Reads ``P.lora_A``, ``P.lora_B`` and ``P.gate`` (``P.scale`` when mixed) for ``P = spec.prefix``
-    (a :class:`graphlora.banks.SiteBank`) and the slots at ``spec.option("index")``.
+    Reads ``P.a_hat`` and ``P.b_hat`` (mixed: ``P.lora_A``, ``P.lora_B``, ``P.scale`` and the slots
+    at ``spec.option("index")``) for ``P = spec.prefix`` (a :class:`graphlora.banks.SiteBank`).
     """
     p, tag = spec.prefix, f"{builder.key}_{BANK}"
-    mixed = spec.option("mixed", False)
-    index = builder.get_attr(spec.option("index"), f"{tag}_{'rows' if mixed else 'active'}")
+    if not spec.option("mixed", False):
+        a_hat = builder.get_attr(f"{p}.a_hat", f"{tag}_a_hat")
+        b_hat = builder.get_attr(f"{p}.b_hat", f"{tag}_b_hat")
+        builder.add_update(lora_bank, (builder.x, a_hat, b_hat))
+        return
+    index = builder.get_attr(spec.option("index"), f"{tag}_rows")
     a = builder.get_attr(f"{p}.lora_A", f"{tag}_lora_A")
     b = builder.get_attr(f"{p}.lora_B", f"{tag}_lora_B")
-    gate = builder.get_attr(f"{p}.{'scale' if mixed else 'gate'}", f"{tag}_{'scale' if mixed else 'gate'}")
-    builder.add_update(lora_bank_rows if mixed else lora_bank, (builder.x, index, a, b, gate))
+    scale = builder.get_attr(f"{p}.scale", f"{tag}_scale")
+    builder.add_update(lora_bank_rows, (builder.x, index, a, b, scale))
 
 
 def bank_spec(prefix: str, index: str, mixed: bool) -> BranchSpec:
@@ -441,19 +447,26 @@ class LoraRule(MethodRule):
         return LoraSitePlan(r, alpha, config.scaling(r, alpha))
 
     def variant(self, config: LoraConfig) -> str:
+        if config.target_parameters:
+            return "lora+experts"
         return "dora" if config.use_dora else ("lora+bias" if config.lora_bias else "lora")
 
     def rank(self, plan: LoraSitePlan) -> int:
         return plan.r
 
     def mixable(self, config: LoraConfig) -> bool:
-        return not config.use_dora and not config.lora_bias  # mixed batches read the banks
+        # mixed batches read the banks; expert LoRA (target_parameters) is never banked
+        return not config.use_dora and not config.lora_bias and not config.target_parameters
 
     def autocast(self, config: LoraConfig) -> bool:
         return not config.use_dora  # DoRA's factor and residual compute in the base dtype
 
     # ------------------------------------------------------------------ state and graph
     def make_branch(self, config: LoraConfig, site: Site, plan: LoraSitePlan, weight: torch.Tensor) -> nn.Module:
+        if site.kind == EXPERT:  # target_parameters: one LoRA per expert (graphlora.methods.experts)
+            from .experts import make_expert_branch
+
+            return make_expert_branch(site, plan, weight, config.init_lora_weights)
         if site.kind == EMBEDDING:
             check_embedding_config(config, site.name)
             emb = LoraEmbeddingBranch(site.in_features, site.out_features, plan.r, plan.alpha, plan.scaling,
@@ -469,6 +482,10 @@ class LoraRule(MethodRule):
         return branch
 
     def branch_spec(self, adapter: str, prefix: str, branch: nn.Module, site: Site) -> BranchSpec:
+        if site.kind == EXPERT:
+            from .experts import branch_spec as expert_spec
+
+            return expert_spec(adapter, prefix, branch)
         if isinstance(branch, LoraEmbeddingBranch):
             return BranchSpec(adapter, prefix, emit_embedding)
         if getattr(branch, "use_dora", False):
@@ -478,13 +495,16 @@ class LoraRule(MethodRule):
         return BranchSpec(adapter, prefix, emit_low_rank, dropout=branch.has_dropout, options=options)
 
     def freeze_steps(self) -> dict[Any, FreezeStep]:
-        return {dora_residual: freeze_dora_residual, lora_embedding_delta: freeze_embedding_delta}
+        return {dora_residual: freeze_dora_residual, lora_embedding_delta: freeze_embedding_delta,
+                lora_shrink: freeze_shrink}  # fused sibling down-projections (passes/fuse_shrink.py)
 
     def bank_factors(self, branch: nn.Module) -> Union[tuple[Tensor, Tensor, float], None]:
         """Plain LoRA banks (:mod:`graphlora.banks`); DoRA keeps its own branch, and so do parameters
         that are not plain tensors (FSDP2's sharded DTensors: a bank slot cannot be a view of a shard),
         and embedding branches (banks hold linear LoRA only)."""
-        if isinstance(branch, LoraEmbeddingBranch):
+        from .experts import LoraExpertBranch
+
+        if isinstance(branch, (LoraEmbeddingBranch, LoraExpertBranch)):  # experts: their own branch
             return None
         if getattr(branch, "use_dora", False) or branch.lora_B.bias is not None:
             return None
@@ -505,6 +525,9 @@ class LoraRule(MethodRule):
         return out
 
     def shapes(self, site: Site, plan: LoraSitePlan, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+        if site.kind == EXPERT:  # PEFT's ParamWrapper: lora_A [E r, in], lora_B [out, r E]
+            ranks = plan.r * plan.num_experts
+            return {"lora_A.weight": (ranks, site.in_features), "lora_B.weight": (site.out_features, ranks)}
         if site.kind == EMBEDDING:
             check_embedding_config(config, site.name)
             return {"lora_embedding_A": (plan.r, site.in_features), "lora_embedding_B": (site.out_features, plan.r)}
@@ -519,12 +542,18 @@ class LoraRule(MethodRule):
         return config_from_peft(data, source=source)
 
     def config_to_peft(self, config, sites, resolved, fan_in_fan_out, **meta):
+        if isinstance(sites, dict):  # expert sites come from target_parameters, never from target_modules
+            sites = [s for s, plan in sites.items() if not hasattr(plan, "peft_module")]
         return config_to_peft(config, sites, resolved_targets=resolved, fan_in_fan_out=fan_in_fan_out, **meta)
 
     # ------------------------------------------------------------------ merge
     def merge(self, weight, bias, branch, w, fan_in_fan_out, original=None):
         """``W += w s B A``; DoRA: ``W += w [(f - 1) W0 + f s B A]`` with ``f`` from the unmerged ``W0``;
         an embedding table: ``E += w s (B A)^T`` (PEFT's ``lora.Embedding`` merge)."""
+        from .experts import LoraExpertBranch, merge_experts
+
+        if isinstance(branch, LoraExpertBranch):  # a 3-D expert weight: W_e += w s B_e A_e
+            return merge_experts(weight, branch, w, fan_in_fan_out), bias
         if isinstance(branch, LoraEmbeddingBranch):
             A, B = branch.lora_embedding_A.detach().float(), branch.lora_embedding_B.detach().float()
             return weight + (B @ A).t() * (branch.scaling * w), bias
@@ -549,6 +578,13 @@ class LoraRule(MethodRule):
                 svd_full_matrices=True, svd_driver=None, **options):
         from .weighted import combine_lora
 
+        experts = [a for a in adapters if getattr(state.configs.get(a), "target_parameters", None)]
+        if experts:
+            raise ConfigError(
+                f"add_weighted_adapter does not combine expert LoRA (target_parameters) yet: adapter "
+                f"{experts[0]!r} adapts {list(state.configs[experts[0]].target_parameters)}; combine adapters "
+                "without target_parameters."
+            )
         embedded = [(a, s) for a in adapters for s in state.plans.get(a, ())
                     if isinstance(state.branch(s, a), LoraEmbeddingBranch)]
         if embedded:
