@@ -193,6 +193,9 @@ class ProgramSet:
         #: gradient checkpointing of the non-mixed programs (``None``: off); enabled on the source model
         #: before inject, it carries over
         self.checkpointing: Union[CheckpointSettings, None] = settings_of_source(source)
+        #: fuse sibling down-projections in training programs (``fuse_shrink.ENABLED`` when the
+        #: module was made: a later flip of the flag does not change this module's next re-splice)
+        self.fuse_shrink: bool = fuse_shrink.ENABLED
         #: ``torch.compile`` options the routing runs programs with (:meth:`compiled`; ``None``: eager)
         self._compile: Union[dict[str, Any], None] = None
         #: options -> program key -> (module, its compiled wrapper)
@@ -346,7 +349,7 @@ class ProgramSet:
             module.train(root.training)
         steps: list = [SpliceAdapters(program.sites, specs)]
         steps += switch_steps(self.state, program.mode == MIXED)  # modules_to_save: parameter switches
-        if program.mode == SWITCH and fuse_shrink.ENABLED:  # sibling down-projections as one GEMM
+        if program.mode == SWITCH and self.fuse_shrink:  # sibling down-projections as one GEMM
             steps.append(fuse_shrink.FuseShrink())
         release_regions(module)  # checkpoint regions of the graph this one replaces (snapshot keeps them)
         ckpt = self.checkpointing
