@@ -195,9 +195,18 @@ def static_layers_supported(cache: Any) -> bool:
     return not getattr(cache, "offloading", False) and all(type(layer) is StaticLayer for layer in cache.layers)
 
 
-def _flatten_static(cache: Any) -> tuple[list, tuple]:
+class _OpaqueCache:
+    """The pytree context of a ``StaticCache`` the node does not take apart (sliding or offloading
+    layers): the cache itself, as if it were a leaf-less node, so ``tree_map`` and friends still
+    work on it (graphlora's graphs refuse it: :func:`graphlora.generation.describe_cache`)."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+
+def _flatten_static(cache: Any) -> tuple[list, Any]:
     if not static_layers_supported(cache):
-        raise TypeError(f"only StaticCache with plain StaticLayer layers is a pytree node, got {cache.layers}")
+        return [], _OpaqueCache(cache)
     leaves: list = []
     lengths = []
     for layer in cache.layers:
@@ -209,9 +218,11 @@ def _flatten_static(cache: Any) -> tuple[list, tuple]:
     return leaves, tuple(lengths)
 
 
-def _unflatten_static(leaves: Any, context: tuple) -> Any:
+def _unflatten_static(leaves: Any, context: Any) -> Any:
     from transformers.cache_utils import Cache, StaticCache, StaticLayer
 
+    if isinstance(context, _OpaqueCache):
+        return context.cache
     layers, leaves = [], list(leaves)
     for length in context:
         layer = StaticLayer.__new__(StaticLayer)

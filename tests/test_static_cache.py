@@ -224,3 +224,19 @@ def test_generate_compiles_the_static_decode_as_on_the_base_model(trio):
     gm.enable_adapters()
     assert torch.equal(_gen(gm, ids, mask, compile_config=config, **STATIC), ours)
     assert dict(torch._dynamo.utils.counters["frames"]) == frames
+
+
+def test_a_sliding_static_cache_stays_usable_with_pytree_after_registration():
+    """graphlora registers ``StaticCache`` as a pytree node; one it cannot take apart (sliding
+    layers) flattens to no leaves and comes back as the same object, as an unregistered leaf would."""
+    from torch.utils import _pytree as pytree
+    from transformers import MistralConfig, StaticCache
+
+    from graphlora._compat import register_cache_pytree
+
+    register_cache_pytree()
+    config = MistralConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=4)
+    cache = StaticCache(config=config, max_cache_len=8)
+    leaves, spec = pytree.tree_flatten({"cache": cache, "x": torch.ones(2)})
+    assert len(leaves) == 1 and pytree.tree_unflatten(leaves, spec)["cache"] is cache
