@@ -374,9 +374,13 @@ class AdaptedGraphModule(fx.GraphModule):
         return plan_adapter(config, self._facts, self._records)
 
     def _base_parameters(self) -> Iterator[nn.Parameter]:
-        adapter_ids = {id(p) for p in self._adapters.store.parameters()}
-        for param in self.parameters():
-            if id(param) not in adapter_ids:
+        """Every parameter outside the adapter store (all adapter tensors live under ``graphlora``):
+        the store's subtree, which grows with every adapter, is not walked."""
+        seen: set[int] = set()
+        children = [child for name, child in self._modules.items() if name != STORE and child is not None]
+        for param in (*self._parameters.values(), *(p for child in children for p in child.parameters())):
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
                 yield param
 
     # ------------------------------------------------------------------ adding and deleting

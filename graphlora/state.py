@@ -266,15 +266,26 @@ class AdapterState:
         for key, adapter, branch in self.store.branches():
             weight = active[adapter] if adapter in active and adapter not in merged else 0.0
             branch.apply_state(weight, adapter in merged)
+            params = _own_parameters(branch)
             if adapter in slots:
                 scalings[adapter][key] = 0.0 if adapter in merged else branch.scaling
                 if weight != 0.0:
-                    watched[key] += tuple(branch.parameters())
+                    watched[key] += params
             trainable = self.trainable and adapter in self.weights and not self.configs[adapter].inference_mode
-            for param in branch.parameters():
+            for param in params:
                 if param.requires_grad != trainable:
                     param.requires_grad_(trainable)
         if slots:
             banking.write_state(self.store.banks, self.banks, {a: w for a, w in active.items() if a in slots},
                                 scalings, watched)
         sync_extras(self)  # modules_to_save slots and bias requires_grad
+
+
+def _own_parameters(module: nn.Module) -> tuple[nn.Parameter, ...]:
+    """``tuple(module.parameters())`` for a branch, without ``named_modules``' bookkeeping (a sync
+    visits every branch of every adapter: this walk is most of an ``add_adapter``'s host time)."""
+    out = [p for p in module._parameters.values() if p is not None]
+    for child in module._modules.values():
+        if child is not None:
+            out += _own_parameters(child)
+    return tuple(dict.fromkeys(out))

@@ -71,7 +71,7 @@ def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = ()) -> Iterator[No
     saved_state = (dict(state.configs), dict(state.plans), dict(state.weights), state.enabled, state.trainable,
                    copy.copy(state.merge), dict(state.merge.originals), dict(state.merge.merged), state.banks.copy())
     tree = _module_tree(state.store)
-    grads = [(p, p.requires_grad) for p in gm.parameters()] + [(p, p.requires_grad) for p in state.store.parameters()]
+    grads = [(p, p.requires_grad) for p in gm.parameters()]  # the store's included (a child of gm)
     backups = [(t, t.detach().clone()) for t in tensors]
     programs = gm.programs.snapshot()
     gm._transaction_depth = 1
