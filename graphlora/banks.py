@@ -95,6 +95,8 @@ class SiteBank(nn.Module):
             self.register_buffer("lora_B", torch.zeros(capacity + 1, d_out, rank, **kw), persistent=False)
             self.register_buffer("scale", torch.zeros(capacity + 1, device=device), persistent=False)
             self.register_buffer("gate", torch.zeros(width, device=device), persistent=False)
+        #: the active adapters' parameters at this site (:meth:`BankSet.gather` checks them)
+        self.watched: tuple[torch.Tensor, ...] = ()
         self._gathered_buffers(width)
         #: what was last written into ``scale`` / ``gate``, with the buffer's identity and version
         #: after the write (skip unchanged writes; any other write or a new buffer forces one)
@@ -108,9 +110,6 @@ class SiteBank(nn.Module):
         with torch.inference_mode(False):
             self.register_buffer("a_hat", torch.zeros(width * rank, self.d_in, **kw), persistent=False)
             self.register_buffer("b_hat", torch.zeros(self.d_out, width * rank, **kw), persistent=False)
-        if not hasattr(self, "watched"):
-            #: the active adapters' parameters at this site (:meth:`BankSet.gather` checks them)
-            self.watched: tuple[torch.Tensor, ...] = ()
 
     def sources(self) -> tuple[torch.Tensor, ...]:
         """What ``a_hat`` / ``b_hat`` are made of: the slots, the gates and the active adapters'

@@ -45,9 +45,10 @@ inputs with ``L = P + N + TRACE_ROOM`` and ``Dim.AUTO`` on ``B``, ``N`` and ``L`
 and 3 of the 4-d ``[B, 1, N, L]`` mask generate builds for a static cache): new prompt lengths,
 ``max_new_tokens`` and batch sizes reuse it. Its one guard is ``L >`` the length of a 2-d mask (as in
 generate). The decode step has static addresses and no host sync (no ``.item()`` in the graph), so
-a CUDA graph can replay it; transformers' generate compiles the forward for a static cache on CUDA
-(``get_compiled_call``) and, through the shadowed forward, compiles the program frames (the routing
-stays eager, :meth:`AdaptedGraphModule.__call__`). Sliding-window or offloading static caches and
+a CUDA graph can replay it. transformers' generate compiles the decode step for a static cache on
+CUDA by asking the model's ``get_compiled_call``; :func:`generate` shadows that too, so the decode
+steps run graphlora's programs compiled with the ``CompileConfig``'s options
+(:meth:`graphlora.programs.ProgramSet.compiled`), while the routing stays eager outside them. Sliding-window or offloading static caches and
 static caches in encoder-decoder models are refused with a :class:`ConfigError`.
 
 **The cache's name.** transformers 5.24 calls ``forward``'s cache argument ``cache``, 5.17
@@ -347,12 +348,7 @@ def run_encoder(gm: Any, kwargs: Mapping[str, Any], names: Union[Sequence[str], 
     key = (call_key({**kwargs, HALF: "encoder"}), gm._mode(names))
     if names is not None:
         write_row_index(gm.adapter_state, names, (), kwargs, gm.training)
-    module = gm.programs.get_or_build(key, {**kwargs, HALF: "encoder"}).module
-    from .calls import BANK
-
-    if key[1] == BANK:  # see AdaptedGraphModule._route
-        gm.adapter_state.store.banks.gather()
-    return module(**kwargs)
+    return gm.programs.module_for(key, {**kwargs, HALF: "encoder"})(**kwargs)
 
 
 # ---------------------------------------------------------------------- generate

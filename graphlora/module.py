@@ -257,13 +257,10 @@ class AdaptedGraphModule(fx.GraphModule):
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
             ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made
-        mode = self._mode(names)
-        key = self._calls.key(kwargs, mode)
+        key = self._calls.key(kwargs, self._mode(names))
         if names is not None:
             write_row_index(self._adapters, names, args, kwargs, self.training)
-        module = self._programs.runnable(self._programs.get_or_build(key, kwargs))
-        if mode == BANK:  # slots written through the adapters' parameters (a step, a hotswap) since the last call
-            self._adapters.store.banks.gather()
+        module = self._programs.module_for(key, kwargs)
         return module, args, (self._calls.graph_inputs(kwargs) if self._calls.frontend == "export" else kwargs)
 
     def _mode(self, names: Any = None) -> str:

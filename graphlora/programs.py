@@ -46,7 +46,7 @@ from graphlora.passes import fuse_shrink
 from graphlora.passes.sites import getattr_path
 
 from ._compat import adopt_graph, current_graph
-from .calls import MIXED, SWITCH, CallSpec, ProgramKey, describe_call, describe_key
+from .calls import BANK, MIXED, SWITCH, CallSpec, ProgramKey, describe_call, describe_key
 from .generation import trace_call
 from .modules_to_save import saved_recipe, switch_steps
 from .checkpointing import CheckpointSettings, settings_of_source
@@ -211,6 +211,15 @@ class ProgramSet:
             yield
         finally:
             self._compile = before
+
+    def module_for(self, key: ProgramKey, kwargs: Mapping[str, Any]) -> Any:
+        """What runs a call of ``key`` (:meth:`get_or_build`, then :meth:`runnable`); a serving
+        (``BANK``) call first re-gathers the banks' active factors if anything they are made of
+        changed since the last call (a training step, a hotswap: :meth:`graphlora.banks.BankSet.gather`)."""
+        program = self.get_or_build(key, kwargs)
+        if program.mode == BANK:
+            self.state.store.banks.gather()
+        return self.runnable(program)
 
     def runnable(self, program: Program) -> Any:
         """What runs ``program``: its module, or inside :meth:`compiled` its compiled wrapper."""
