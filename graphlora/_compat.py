@@ -5,6 +5,7 @@ Tested with torch 2.11 and 2.13, transformers 5.17 and 5.24.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,6 +58,21 @@ def adopt_graph(gm: fx.GraphModule, graph: fx.Graph) -> None:
 def current_graph(gm: fx.GraphModule) -> fx.Graph:
     """``gm``'s graph as it is now, without the emitted module's refresh of a stale graph."""
     return gm._graph
+
+
+def forward_of_graph(module: torch.nn.Module, graph: fx.Graph) -> Any:
+    """A callable running ``graph``'s generated code with ``module`` as ``self`` (its ``get_attr`` /
+    ``call_module`` targets read from ``module`` on every call, so they never go stale); what
+    ``GraphModule.recompile`` makes, without installing it on ``module``'s class."""
+    from torch.fx.graph_module import _forward_from_src
+
+    code = graph.python_code(root_module="self")
+    return functools.partial(_forward_from_src(code.src, code.globals), module)
+
+
+def has_call_hooks(module: torch.nn.Module) -> bool:
+    """True when ``module`` has forward (pre-)hooks of its own: only ``module(...)`` runs them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def layer_checkpointing(layers: "torch.nn.ModuleList") -> tuple[list[bool], dict[str, Any]]:
@@ -129,13 +145,30 @@ def _unflatten_dynamic_cache_from_a_list() -> None:
     def unflatten(values: Any, context: Any) -> Any:
         keys, layout = context
         leaves = pytree._dict_unflatten(values, keys)
-        windows = [torch.tensor([w]) if w is not None else None for w in layout]
-        return DynamicCache(list(zip_longest(leaves["key_cache"], leaves["value_cache"], windows)))
+        rows = list(zip_longest(leaves["key_cache"], leaves["value_cache"], layout))
+        if any(w is not None for *_, w in rows):  # sliding layers: transformers' own fill
+            return DynamicCache([(k, v, None if w is None else torch.tensor([w])) for k, v, w in rows])
+        cache = DynamicCache([(None, None)] * len(rows))
+        for layer, (k, v, _) in zip(cache.layers, rows):
+            if k is not None and v is not None:
+                _hold(layer, k, v)
+        return cache
 
     deregister(DynamicCache)
     pytree.register_pytree_node(DynamicCache, entry.flatten_fn, unflatten,
                                 serialized_type_name=f"{DynamicCache.__module__}.{DynamicCache.__name__}",
                                 flatten_with_keys_fn=entry.flatten_with_keys_fn)
+
+
+def _hold(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make an empty ``DynamicLayer`` hold ``keys`` / ``values`` as they are.
+
+    transformers' constructor fills a layer through ``update``, which concatenates the tensors onto
+    an empty one: a copy of the whole cache on every unflatten (inside each traced decode step, and
+    on each step's output in eager), where the base model copies only the new position.
+    """
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
 
 
 def _register_encoder_decoder_cache() -> None:

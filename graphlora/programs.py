@@ -43,9 +43,10 @@ from graphlora.passes import (CheckpointBlocks, RetargetDevice, Site, SpliceAdap
                               release_regions, run_passes)
 from graphlora.passes.checkpoint import REGION_PREFIX
 from graphlora.passes import fuse_shrink
+from graphlora.passes.eager import lower_graph
 from graphlora.passes.sites import getattr_path
 
-from ._compat import adopt_graph, current_graph
+from ._compat import adopt_graph, current_graph, forward_of_graph, has_call_hooks
 from .calls import BANK, MIXED, SWITCH, CallSpec, ProgramKey, describe_call, describe_key
 from .generation import trace_call
 from .modules_to_save import saved_recipe, switch_steps
@@ -200,6 +201,8 @@ class ProgramSet:
         self._compile: Union[dict[str, Any], None] = None
         #: options -> program key -> (module, its compiled wrapper)
         self._compiled: dict[tuple, dict[ProgramKey, tuple[fx.GraphModule, Any]]] = {}
+        #: program key -> (its module's generated forward, the module, the lowered eager callable)
+        self._eager: dict[ProgramKey, tuple[Any, fx.GraphModule, Any]] = {}
 
     @contextlib.contextmanager
     def compiled(self, options: Mapping[str, Any]) -> Iterator[None]:
@@ -222,15 +225,32 @@ class ProgramSet:
         return self.runnable(program)
 
     def runnable(self, program: Program) -> Any:
-        """What runs ``program``: its module, or inside :meth:`compiled` its compiled wrapper."""
+        """What runs ``program``: eagerly, its module's graph with the aten ops lowered to torch's
+        public functions (:meth:`eager`); inside :meth:`compiled`, its compiled wrapper."""
         module = program.module
         if self._compile is None:
-            return module
+            return self.eager(program)
         cache = self._compiled.setdefault(tuple(sorted((k, repr(v)) for k, v in self._compile.items())), {})
         held = cache.get(program.key)
         if held is None or held[0] is not module:
             held = cache[program.key] = (module, torch.compile(module, **self._compile))
         return held[1]
+
+    def eager(self, program: Program) -> Any:
+        """``program``'s graph run through torch's public functions (:mod:`graphlora.passes.eager`:
+        the same kernels for less host time per op), made once per generated ``forward`` (a
+        re-splice regenerates it, and the lowered copy with it). The module itself where it has
+        forward hooks (only calling it runs them)."""
+        module = program.module
+        if has_call_hooks(module):
+            return module
+        generated = type(module).forward
+        held = self._eager.get(program.key)
+        if held is None or held[0] is not generated or held[1] is not module:
+            graph = copy_graph(current_graph(module))
+            lower_graph(graph)
+            held = self._eager[program.key] = (generated, module, forward_of_graph(module, graph))
+        return held[2]
 
     # ------------------------------------------------------------------ reading
     @property
