@@ -25,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--cache", default="static", choices=["static", "dynamic"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -33,7 +34,7 @@ def main() -> None:
     base, cfg = build(args.tiny, device, dtype)
     ids = torch.randint(0, cfg.vocab_size, (1, 32), device=device)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
-              do_sample=False, cache_implementation="static")
+              do_sample=False, **({"cache_implementation": "static"} if args.cache == "static" else {}))
     gm = graphlora.inject(base, graphlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)).eval()
     lines = []
     for label, model in (("base", base), ("graphlora", gm)):

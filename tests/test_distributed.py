@@ -159,7 +159,9 @@ def _free_port() -> int:
 def ranks(tmp_path_factory):
     """The 2-rank run's results, rank 0's with the reference's."""
     work = str(tmp_path_factory.mktemp("dist"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # graphlora as installed (pip install -e .)
+    # graphlora as installed (pip install -e .); the ranks are CPU (gloo) processes: on a machine
+    # with fewer GPUs than ranks, FSDP's default mesh would pick CUDA and fail on the second rank
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), os.path.abspath(__file__), work]
     try:

@@ -130,8 +130,8 @@ def test_dropout_branches_are_not_fused():
     assert all(d.args[0].op == "call_module" for d in downs if "_default_" in d.name)
     assert _split_sizes(fused) == [(2, 2)] * 2  # b on q/v; b's up_proj is alone at its input
     torch.testing.assert_close(logits1, logits0, rtol=1e-6, atol=1e-6)
-    for name in grads0:
-        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7)
+    for name in grads0:  # one fused GEMM sums in another order: 1.4e-7 apart on the 16-core GPU host
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6)
     assert not torch.equal(logits1, _step(fused, seed=1)[0])  # dropout is live in this mode
 
 
