@@ -152,6 +152,11 @@ def main() -> None:
                        "base": cell(base, inputs, device, new_tokens, **extra),
                        "peft": cell(ref, inputs, device, new_tokens, **extra),
                        "graphlora": cell(gm, inputs, device, new_tokens, **extra)}
+                gm.configure_banks(lora_dtype="auto")  # serving factors in the base dtype (vLLM's default)
+                try:
+                    row["graphlora_base_dtype"] = cell(gm, inputs, device, new_tokens, **extra)
+                finally:
+                    gm.configure_banks(lora_dtype="adapter")
                 gm.merge_adapter()
                 try:
                     row["graphlora_merged"] = cell(gm, inputs, device, new_tokens, **extra)
@@ -177,14 +182,14 @@ def main() -> None:
         return f"{a['tokens_per_s']:,.0f} ({a['tokens_per_s'] / b['tokens_per_s']:.2f}x)"
 
     print()
-    print("| mode | prompt | batch | base tok/s | PEFT | graphlora | graphlora merged |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| mode | prompt | batch | base tok/s | PEFT | graphlora | graphlora, base-dtype serving | graphlora merged |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         b = row["base"]
         base_cell = f"{b['tokens_per_s']:,.0f}" if "tokens_per_s" in b else b.get("error", "")[:40]
         label = f"{row['mode']}{' mixed 8' if row.get('mixed') else ''}"
         print(f"| {label} | {row['prompt']} | {row['batch']} | {base_cell} | {ratio(row, 'peft')} | "
-              f"{ratio(row, 'graphlora')} | {ratio(row, 'graphlora_merged')} |")
+              f"{ratio(row, 'graphlora')} | {ratio(row, 'graphlora_base_dtype')} | {ratio(row, 'graphlora_merged')} |")
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "dtype": str(dtype), "new_tokens": new_tokens, "rows": rows,

@@ -86,9 +86,12 @@ class SiteBank(nn.Module):
     """One site's stacked LoRA slots (see the module docstring for the layout)."""
 
     def __init__(self, capacity: int, rank: int, d_in: int, d_out: int, width: int,
-                 dtype: torch.dtype, device: Union[torch.device, None]) -> None:
+                 dtype: torch.dtype, device: Union[torch.device, None],
+                 hat_dtype: Union[torch.dtype, None] = None) -> None:
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
+        #: the gathered factors' dtype (``None``: the slots'; see ``configure_banks(lora_dtype=)``)
+        self.hat_dtype = hat_dtype
         kw = {"dtype": dtype, "device": device}
         with torch.inference_mode(False):  # normal tensors (they keep version counters) even when made in it
             self.register_buffer("lora_A", torch.zeros(capacity + 1, rank, d_in, **kw), persistent=False)
@@ -105,7 +108,7 @@ class SiteBank(nn.Module):
 
     def _gathered_buffers(self, width: int) -> None:
         """``a_hat [K R, d_in]`` and ``b_hat [d_out, K R]``: the active slots' factors, gated (see :meth:`gather`)."""
-        kw = {"dtype": self.lora_A.dtype, "device": self.lora_A.device}
+        kw = {"dtype": self.hat_dtype or self.lora_A.dtype, "device": self.lora_A.device}
         rank = self.lora_A.shape[1]
         with torch.inference_mode(False):
             self.register_buffer("a_hat", torch.zeros(width * rank, self.d_in, **kw), persistent=False)
@@ -147,7 +150,8 @@ class SiteBank(nn.Module):
     def resized(self, capacity: int, rank: int, width: int) -> "SiteBank":
         """A copy with more slots / rank / width, slot contents kept (the zero slot moves to the end)."""
         old = self.capacity
-        new = SiteBank(capacity, rank, self.d_in, self.d_out, width, self.lora_A.dtype, self.lora_A.device)
+        new = SiteBank(capacity, rank, self.d_in, self.d_out, width, self.lora_A.dtype, self.lora_A.device,
+                       self.hat_dtype)
         r = self.rank
         new.lora_A[:old, :r].copy_(self.lora_A[:old])
         new.lora_B[:old, :, :r].copy_(self.lora_B[:old])
@@ -191,6 +195,12 @@ class SiteBank(nn.Module):
         """After a move (new buffers with the same values) or a restore: write everything next time."""
         self._scales, self._gates = {}, ()
 
+    def set_hat_dtype(self, dtype: Union[torch.dtype, None]) -> None:
+        """Gather the active factors in ``dtype`` from now on (new ``a_hat`` / ``b_hat`` buffers,
+        filled by the next :meth:`BankSet.gather` once :meth:`BankSet.forget_gathered` ran)."""
+        self.hat_dtype = dtype
+        self._gathered_buffers(self.gate.shape[0])
+
 
 @dataclass
 class BankLayout:
@@ -201,6 +211,7 @@ class BankLayout:
         capacity / rank / width: the banks' ``S``, ``R`` and ``K`` (0 until the first adapter).
         grow: grow when full (``False``: refuse with an error naming ``configure_banks``).
         reserved: what ``configure_banks`` asked for (capacity, rank), kept as lower bounds.
+        lora_dtype: the serving factors' dtype (``None``: the adapters' own).
     """
 
     slots: dict[str, int] = field(default_factory=dict)
@@ -209,9 +220,11 @@ class BankLayout:
     width: int = DEFAULT_WIDTH
     grow: bool = True
     reserved: tuple[int, int] = (0, 0)
+    lora_dtype: Union[torch.dtype, None] = None
 
     def copy(self) -> "BankLayout":
-        return BankLayout(dict(self.slots), self.capacity, self.rank, self.width, self.grow, self.reserved)
+        return BankLayout(dict(self.slots), self.capacity, self.rank, self.width, self.grow, self.reserved,
+                          self.lora_dtype)
 
     def reserve_width(self, banks: "BankSet", width: int) -> None:
         """Room for ``width`` adapters active at once (a compiled serving graph recompiles when it grows)."""
@@ -357,10 +370,16 @@ def place(banks: BankSet, layout: BankLayout, bankable: Mapping[str, Mapping[str
         del banks._modules[key]
     for key, (a, b) in wanted.items():
         if key not in banks:
-            banks.add_module(key, SiteBank(capacity, rank, a.shape[1], b.shape[0], layout.width, a.dtype, a.device))
+            banks.add_module(key, SiteBank(capacity, rank, a.shape[1], b.shape[0], layout.width, a.dtype, a.device,
+                                           layout.lora_dtype))
         elif (banks.site(key).capacity, banks.site(key).rank) != (capacity, rank):
             banks.add_module(key, banks.site(key).resized(capacity, rank, layout.width))
     bind(banks, layout, bankable, keys)
+    recast = [bank for _, bank in banks.sites() if bank.hat_dtype != layout.lora_dtype]
+    for bank in recast:
+        bank.set_hat_dtype(layout.lora_dtype)
+    if recast:
+        banks.forget_gathered()
     return changed
 
 
@@ -398,7 +417,8 @@ def clear_free(banks: BankSet, layout: BankLayout) -> None:
 
 
 def _recast(bank: SiteBank, like: torch.Tensor) -> SiteBank:
-    moved = SiteBank(bank.capacity, bank.rank, bank.d_in, bank.d_out, bank.gate.shape[0], like.dtype, like.device)
+    moved = SiteBank(bank.capacity, bank.rank, bank.d_in, bank.d_out, bank.gate.shape[0], like.dtype, like.device,
+                     bank.hat_dtype)
     moved._scales = {}
     with torch.no_grad():
         moved.scale.copy_(bank.scale.to(like.device))
