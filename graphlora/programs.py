@@ -201,8 +201,8 @@ class ProgramSet:
         self._compile: Union[dict[str, Any], None] = None
         #: options -> program key -> (module, its compiled wrapper)
         self._compiled: dict[tuple, dict[ProgramKey, tuple[fx.GraphModule, Any]]] = {}
-        #: program key -> (its module's generated forward, the module, the lowered eager callable)
-        self._eager: dict[ProgramKey, tuple[Any, fx.GraphModule, Any]] = {}
+        #: program key -> (its module's generated forward, the lowered eager callable)
+        self._eager: dict[ProgramKey, tuple[Any, Any]] = {}
 
     @contextlib.contextmanager
     def compiled(self, options: Mapping[str, Any]) -> Iterator[None]:
@@ -244,13 +244,13 @@ class ProgramSet:
         module = program.module
         if has_call_hooks(module):
             return module
-        generated = type(module).forward
+        generated = type(module).forward  # every GraphModule has its own class: a new module, a new forward
         held = self._eager.get(program.key)
-        if held is None or held[0] is not generated or held[1] is not module:
+        if held is None or held[0] is not generated:
             graph = copy_graph(current_graph(module))
             lower_graph(graph)
-            held = self._eager[program.key] = (generated, module, forward_of_graph(module, graph))
-        return held[2]
+            held = self._eager[program.key] = (generated, forward_of_graph(module, graph))
+        return held[1]
 
     # ------------------------------------------------------------------ reading
     @property
