@@ -12,6 +12,7 @@ very same call; ratios against the base model in the same mode from this process
 - mixed batches: 16 distinct adapters at 16 rows x 128 tokens, 64 at 64 x 128 (PEFT eager too).
 - few-token calls, 8 rows x 16 tokens: eager, compiled, ``mode="reduce-overhead"``.
 - decode steps at batch 1, 8, 32 (one token per row, a KV cache of 512): eager and compiled.
+- lora_dtype="auto" (the serving update in the base dtype), merged and disabled rows (eager).
 - 15 ``add_adapter`` calls (wall seconds).
 
 ``--part eager`` / ``--part compiled`` split the work into two device calls; ``--tiny`` is a CPU smoke
@@ -157,6 +158,24 @@ def main() -> None:
                 record(f"peft eager N={n}", timer(plain(pm, x_big), device), "base eager 4x512")
             record("graphlora eager 8x16", timer(lambda: gm(input_ids=x_few), device), "base eager 8x16")
             record("peft eager 8x16", timer(plain(pm, x_few), device), "base eager 8x16")
+            # the serving update in the base dtype (vLLM's "auto"; opt-in, it rounds like the base)
+            gm.configure_banks(lora_dtype="auto")
+            record(f"graphlora eager lora_dtype=auto N={counts[-1]}", timer(lambda: gm(input_ids=x_big), device),
+                   "base eager 4x512")
+            record("graphlora eager lora_dtype=auto 8x16", timer(lambda: gm(input_ids=x_few), device),
+                   "base eager 8x16")
+            gm.configure_banks(lora_dtype="adapter")
+            # nothing contributes (merged, disabled): the base graph runs
+            gm.merge_adapter()
+            pm.merge_adapter()
+            record("graphlora eager merged 4x512", timer(lambda: gm(input_ids=x_big), device), "base eager 4x512")
+            record("peft eager merged 4x512", timer(plain(pm, x_big), device), "base eager 4x512")
+            record("graphlora eager merged 8x16", timer(lambda: gm(input_ids=x_few), device), "base eager 8x16")
+            record("peft eager merged 8x16", timer(plain(pm, x_few), device), "base eager 8x16")
+            gm.unmerge_adapter()
+            pm.unmerge_adapter()
+            with gm.disable_adapter():
+                record("graphlora eager disabled 8x16", timer(lambda: gm(input_ids=x_few), device), "base eager 8x16")
             for label, x, k in (("mixed16", x_mix16, 16), ("mixed64", x_mix64, 64)):
                 names = row_names(gm, k)
                 out = gm(input_ids=x, adapter_names=names).logits.float()
@@ -191,7 +210,9 @@ def main() -> None:
 
 
 def decode(gm, base, ids, device, record, mode: str, wrap) -> None:
-    """One-token steps with a KV cache of 512 (the cache grows by one per call, for both models alike)."""
+    """One-token steps with a KV cache of 512. The base model's cache grows in place on every call
+    (graphlora returns a new cache and leaves the one passed in as it was): each call crops the
+    cache back to the prompt, so every timed step of both models attends over 512 + 1 positions."""
     import inspect
 
     # transformers 5.24 renamed forward's ``past_key_values`` to ``cache``
@@ -203,8 +224,14 @@ def decode(gm, base, ids, device, record, mode: str, wrap) -> None:
             cache = m(input_ids=prompt, use_cache=True).past_key_values
             step = ids(batch, 1)
 
-            def call(run=run, cache=cache, step=step):
-                return run(input_ids=step, use_cache=True, **{name: cache})
+            length = prompt.shape[1]
+
+            def call(run=run, cache=cache, step=step, length=length):
+                out = run(input_ids=step, use_cache=True, **{name: cache})
+                extra = cache.get_seq_length() - length
+                if extra:  # a negative count: what transformers 5.17 and 5.24 both take
+                    cache.crop(-extra)
+                return out
 
             record(f"{label} {mode} decode b{batch}", timer(call, device, warmup=3, iters=20),
                    f"base {mode} decode b{batch}")

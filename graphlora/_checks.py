@@ -132,6 +132,7 @@ def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Modul
     ``autocast_adapter_dtype`` and fine) (the base was moved or cast behind the module's back, e.g.
     ``model.to(...)`` on the original model after inject: the graph would fail on the next call),
     or, when ``loading``, when a base weight is on ``meta`` (the loaded tensors would be dropped).
+    The first adapter of a site stands for all: they agreed with the base when they were placed.
 
     Args:
         root: the module holding the base weights; ``records``: site name -> its ``Site``;
@@ -154,7 +155,9 @@ def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Modul
                 "load the base weights), then load the adapter."
             )
         branches = store._modules.get(site_key(site))
-        for adapter, branch in (branches.named_children() if branches is not None else ()):
+        # the adapters already there agreed with the base when they were placed: the first one
+        # tells whether the base moved since (every add would otherwise visit every adapter)
+        for adapter, branch in list(branches.named_children() if branches is not None else ())[:1]:
             for name, param in branch.named_parameters():
                 upcast = param.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
                 if param.device != weight.device or (param.dtype != weight.dtype and not upcast):

@@ -5,8 +5,9 @@ Tested with torch 2.11 and 2.13, transformers 5.17 and 5.24.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -73,6 +74,30 @@ def forward_of_graph(module: torch.nn.Module, graph: fx.Graph) -> Any:
 def has_call_hooks(module: torch.nn.Module) -> bool:
     """True when ``module`` has forward (pre-)hooks of its own: only ``module(...)`` runs them."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def under_outer_compile() -> bool:
+    """True when a ``torch.compile``'d caller is running this frame: dynamo's frame callback is
+    set (a frame skipped with ``torch.compiler.disable(recursive=False)`` keeps it; plain eager
+    has none). Where this torch cannot say, True: the caller then takes no path that would make
+    dynamo compile another graph."""
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # pragma: no cover - other torch builds
+        return True
+    return get_eval_frame_callback() is not None
+
+
+@contextlib.contextmanager
+def forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
+    """Inside the block, ``module.forward`` is ``forward``: ``nn.Module.__call__`` runs the
+    module's hooks around whatever ``self.forward`` is (an instance attribute first), so calling
+    the module runs its own hooks around another program's forward."""
+    object.__setattr__(module, "forward", forward)
+    try:
+        yield
+    finally:
+        object.__delattr__(module, "forward")
 
 
 def layer_checkpointing(layers: "torch.nn.ModuleList") -> tuple[list[bool], dict[str, Any]]:

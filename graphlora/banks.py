@@ -163,23 +163,34 @@ class SiteBank(nn.Module):
         """The ``[r, d_in]`` and ``[d_out, r]`` views of slot ``slot`` (an adapter's A and B)."""
         return self.lora_A[slot, :r], self.lora_B[slot, :, :r]
 
+    def holds(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether ``a`` and ``b`` already are :meth:`slot_views` of ``slot`` (same storage
+        offset and strides; checked without making the views: every add checks every adapter)."""
+        bank_a, bank_b = self.lora_A, self.lora_B
+        return (a.data_ptr() == bank_a.data_ptr() + slot * bank_a.stride(0) * bank_a.element_size()
+                and b.data_ptr() == bank_b.data_ptr() + slot * bank_b.stride(0) * bank_b.element_size()
+                and a.stride() == bank_a.stride()[1:] and b.stride() == bank_b.stride()[1:]
+                and a.dtype == bank_a.dtype and b.dtype == bank_b.dtype)
+
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.set_scale(slot, 0.0)
 
-    @torch.no_grad()
     def set_scale(self, slot: int, value: float) -> None:
-        if self._scales.get(slot) != (value, id(self.scale), self.scale._version):
-            self.scale[slot] = value
-            self._scales[slot] = (value, id(self.scale), self.scale._version)
+        """Write ``scale[slot]`` (only when it changed: every add visits every slot of every site)."""
+        scale = self._buffers["scale"]
+        if self._scales.get(slot) != (value, id(scale), scale._version):
+            with torch.no_grad():
+                scale[slot] = value
+            self._scales[slot] = (value, id(scale), scale._version)
 
-    @torch.no_grad()
     def set_gates(self, values: tuple[float, ...]) -> None:
         """Write ``gate`` in place (only when it changed)."""
         if (values, id(self.gate), self.gate._version) != self._gates:
-            self.gate.copy_(torch.tensor(values, dtype=self.gate.dtype), non_blocking=True)
+            with torch.no_grad():
+                self.gate.copy_(torch.tensor(values, dtype=self.gate.dtype), non_blocking=True)
             self._gates = (values, id(self.gate), self.gate._version)
 
     @torch.no_grad()
@@ -394,6 +405,9 @@ def bind(banks: BankSet, layout: BankLayout, bankable: Mapping[str, Mapping[str,
             if bank.lora_A.dtype != a.dtype or bank.lora_A.device != a.device:
                 # a move or cast gave the parameters new storage: follow them
                 banks.add_module(keys[site], bank := _recast(bank, a))
+            elif bank.holds(slot, a, b):
+                bank.set_scale(slot, float(scaling))
+                continue
             va, vb = bank.slot_views(slot, a.shape[0])
             for param, view in ((a, va), (b, vb)):
                 if param.data_ptr() != view.data_ptr() or param.stride() != view.stride():
@@ -429,8 +443,9 @@ def write_state(banks: BankSet, layout: BankLayout, active: Mapping[str, float],
                 scalings: Mapping[str, Mapping[str, float]],
                 params: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
     """Write ``active`` (slots) and every site's ``gate`` for the effective weights ``active``
-    (adapter -> weight, bankable adapters only; ``scalings``: adapter -> site key -> scaling), then
-    gather the active factors (``params``: site key -> the active adapters' parameters there)."""
+    (adapter -> weight, bankable adapters only; ``scalings``: adapter -> site key -> scaling); the
+    active factors are gathered by the next serving call (``params``: site key -> the active
+    adapters' parameters there, which that gather checks), so a run of adds or switches pays one."""
     names = [a for a, w in active.items() if w != 0.0 and a in layout.slots]
     if len(names) > layout.width:  # grows once per new maximum (configure_banks(max_active=) reserves it)
         layout.reserve_width(banks, len(names))
@@ -442,4 +457,3 @@ def write_state(banks: BankSet, layout: BankLayout, active: Mapping[str, float],
         bank.set_gates(gates)
         bank.watched = params.get(key, ())
     banks.forget_gathered()
-    banks.gather()

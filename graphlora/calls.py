@@ -19,16 +19,18 @@ from torch import nn
 from .capture import call_key, forward_params
 from .errors import SignatureError
 
-__all__ = ["CallSpec", "ProgramKey", "describe_key", "SWITCH", "BANK", "MIXED", "MODES", "CACHE_NAMES"]
+__all__ = ["CallSpec", "ProgramKey", "describe_key", "SWITCH", "BANK", "MIXED", "BASE", "MODES", "CACHE_NAMES"]
 
 #: How a program applies the adapters (the second half of its key):
 #: ``SWITCH``: every loaded adapter's own branch behind the site's switch (training, and every
 #: call with grad enabled or in training mode; the emitted module's own graph);
 #: ``BANK``: serving (eval mode, no grad): the banked LoRA adapters from their site's bank
 #: (:mod:`graphlora.banks`), costing what the active ones cost, other methods as in ``SWITCH``;
-#: ``MIXED``: a mixed-adapter batch (``adapter_names=``), each row's adapter from the banks.
-SWITCH, BANK, MIXED = "switch", "bank", "mixed"
-MODES = (SWITCH, BANK, MIXED)
+#: ``MIXED``: a mixed-adapter batch (``adapter_names=``), each row's adapter from the banks;
+#: ``BASE``: no adapter contributes (all disabled, merged, or at weight 0) in an eager call with grad
+#: disabled: the graph without adapter branches (what the base model costs), modules_to_save kept.
+SWITCH, BANK, MIXED, BASE = "switch", "bank", "mixed", "base"
+MODES = (SWITCH, BANK, MIXED, BASE)
 
 #: ``(signature, mode)``: the call signature (``None`` with the fx frontend) and one of :data:`MODES`.
 ProgramKey = tuple[Union[tuple, None], str]

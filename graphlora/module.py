@@ -44,8 +44,8 @@ from . import modules_to_save as saved_modules
 from . import peft_io
 from . import surface
 from ._checks import check_fx_call, check_placement
-from ._compat import current_graph, is_pretrained_model
-from .calls import BANK, MIXED, SWITCH, CallSpec
+from ._compat import current_graph, forward_replaced, has_call_hooks, is_pretrained_model, under_outer_compile
+from .calls import BANK, BASE, MIXED, SWITCH, CallSpec
 from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
@@ -240,10 +240,13 @@ class AdaptedGraphModule(fx.GraphModule):
         are skipped by dynamo): only the program graphs it calls are compiled, so switching
         adapters or changing row names never recompiles.
         """
-        target, args, kwargs = self._route(args, kwargs)
+        target, args, kwargs = self._route(args, kwargs, under_outer_compile())
         try:
             if target is self:
                 return super().__call__(*args, **kwargs)
+            if has_call_hooks(self):  # this module's hooks run around whichever program serves the call
+                with forward_replaced(self, target):
+                    return super().__call__(*args, **kwargs)
             return target(*args, **kwargs)
         except TypeError as exc:  # say what was traced when the arguments do not fit
             if self._calls.frontend == "fx":
@@ -251,24 +254,34 @@ class AdaptedGraphModule(fx.GraphModule):
             raise
 
     @torch.compiler.disable
-    def _route(self, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
-        """The program module for this call and its arguments (tracing it on first use)."""
+    def _route(self, args: tuple, kwargs: dict, compiling: bool = False) -> tuple[Any, tuple, dict]:
+        """The program module for this call and its arguments (tracing it on first use);
+        ``compiling``: a ``torch.compile``'d caller runs this call (see :meth:`_mode`)."""
         names = kwargs.pop("adapter_names", None)
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
             ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made
-        key = self._calls.key(kwargs, self._mode(names))
+        key = self._calls.key(kwargs, self._mode(names, compiling))
         if names is not None:
             write_row_index(self._adapters, names, args, kwargs, self.training)
         module = self._programs.module_for(key, kwargs)
         return module, args, (self._calls.graph_inputs(kwargs) if self._calls.frontend == "export" else kwargs)
 
-    def _mode(self, names: Any = None) -> str:
-        """Which program mode serves this call: a mixed batch (``adapter_names``), the banks (eval
-        mode under ``no_grad`` / ``inference_mode``, with a banked adapter), else the switch form."""
+    def _mode(self, names: Any = None, compiling: bool = False) -> str:
+        """Which program mode serves this call: a mixed batch (``adapter_names``); with grad
+        disabled and no adapter contributing (disabled, merged), the base graph, so that a merged
+        or disabled module costs what the base model costs; the banks (eval mode under ``no_grad``
+        / ``inference_mode``, with a banked adapter); else the switch form.
+
+        The base graph is for eager calls only: under a compiled caller (``compiling``, or generate's
+        compiled decode) it would be one more graph to compile, and switching must never compile."""
         if names is not None:
             return MIXED
-        if not self.training and not torch.is_grad_enabled() and self._adapters.banks.slots:
+        if torch.is_grad_enabled():
+            return SWITCH
+        if not self._adapters.contributes and not compiling and not self._programs.compiling:
+            return BASE
+        if not self.training and self._adapters.banks.slots:
             return BANK
         return SWITCH
 
@@ -418,7 +431,7 @@ class AdaptedGraphModule(fx.GraphModule):
         with self._transaction():
             state.add(adapter_name, config, plan, branches)
             saved_modules.install_extras(state, adapter_name, extras, self._facts.source)
-            state.place_banks()  # into a free bank slot (plain LoRA): a tensor write
+            state.place_banks(sync=False)  # into a free bank slot (plain LoRA): a tensor write; set_active syncs
             # each program re-splices on its next call if its recipe changed: the serving programs,
             # which read banks, do not when the adapter went into banks they already have
             self._programs.invalidate()

@@ -2,7 +2,8 @@
 
 A *program* serves one :data:`~graphlora.calls.ProgramKey`: a call signature and a mode
 (``SWITCH``: every adapter's own branch, for training; ``BANK``: serving from the adapter banks;
-``MIXED``: a mixed-adapter batch). Every program comes from the same forward-only pipeline::
+``MIXED``: a mixed-adapter batch; ``BASE``: no branch, while no adapter contributes). Every
+program comes from the same forward-only pipeline::
 
     capture (trace the source model)  →  base passes  →  locate sites  →  splice the adapters
 
@@ -47,7 +48,7 @@ from graphlora.passes.eager import lower_graph
 from graphlora.passes.sites import getattr_path
 
 from ._compat import adopt_graph, current_graph, forward_of_graph, has_call_hooks
-from .calls import BANK, MIXED, SWITCH, CallSpec, ProgramKey, describe_call, describe_key
+from .calls import BANK, BASE, MIXED, SWITCH, CallSpec, ProgramKey, describe_call, describe_key
 from .generation import trace_call
 from .modules_to_save import saved_recipe, switch_steps
 from .checkpointing import CheckpointSettings, settings_of_source
@@ -215,6 +216,11 @@ class ProgramSet:
         finally:
             self._compile = before
 
+    @property
+    def compiling(self) -> bool:
+        """Whether :meth:`runnable` gives compiled programs (inside :meth:`compiled`)."""
+        return self._compile is not None
+
     def module_for(self, key: ProgramKey, kwargs: Mapping[str, Any]) -> Any:
         """What runs a call of ``key`` (:meth:`get_or_build`, then :meth:`runnable`); a serving
         (``BANK``) call first re-gathers the banks' active factors if anything they are made of
@@ -322,6 +328,8 @@ class ProgramSet:
             raise
 
     def _specs(self, program: Program) -> dict:
+        if program.mode == BASE:
+            return {}
         if program.mode == SWITCH:
             return self.state.branch_specs(self.records)
         return self.state.bank_specs(self.records, mixed=program.mode == MIXED)

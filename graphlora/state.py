@@ -142,6 +142,15 @@ class AdapterState:
         """The active adapters (empty while disabled)."""
         return list(self.weights) if self.enabled else []
 
+    @property
+    def contributes(self) -> bool:
+        """Whether any adapter changes the output: one with ``w_eff(a) != 0`` (see the module
+        docstring). When none does, the base graph computes exactly what the spliced one does."""
+        if not self.enabled:
+            return False
+        merged = self.merge.merged
+        return any(weight != 0.0 and adapter not in merged for adapter, weight in self.weights.items())
+
     def rule(self, adapter: str) -> MethodRule:
         return rule_for(self.configs[adapter])
 
@@ -181,15 +190,16 @@ class AdapterState:
             out[adapter] = cast(dict[str, tuple], factors)
         return out
 
-    def place_banks(self, warn: bool = True) -> bool:
+    def place_banks(self, warn: bool = True, sync: bool = True) -> bool:
         """Slots for every bankable adapter and bound views (see :func:`graphlora.banks.place`);
-        True when the set of banked sites changed."""
+        True when the set of banked sites changed. ``sync=False``: the caller syncs next."""
         bankable = self.bankable()
         for name in [n for n in self.banks.slots if n not in bankable and n in self.plans]:
             self._detach(name)  # leaves the banks (a cast, a shard): its slot is cleared next
         changed = banking.place(self.store.banks, self.banks, bankable,
                                 {site: site_key(site) for plan in self.plans.values() for site in plan}, warn)
-        self.sync()
+        if sync:
+            self.sync()
         return changed
 
     def restore_banks(self) -> None:

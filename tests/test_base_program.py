@@ -1,0 +1,190 @@
+"""A module whose adapters contribute nothing (all disabled, merged, or at weight 0) runs the base
+graph in eager calls with grad disabled: a merged or disabled module costs what the base model costs,
+where the serving program would still run every site with zero gates.
+
+Reference: the source model (it shares every weight) and the switch form with grad enabled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import graphlora
+from graphlora import LoraConfig
+from graphlora.calls import BANK, BASE, SWITCH
+
+from models import VOCAB, main_output, randomize_b, tiny_llama, token_ids
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture
+def gm():
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    gm.add_adapter("b", LoraConfig(r=2, target_modules=TARGETS[:1]))
+    randomize_b(gm, seed=3)
+    gm.set_adapter("default")
+    return gm.eval()
+
+
+@pytest.fixture
+def modes(gm, monkeypatch):
+    """The mode of every program the routing picks, in call order."""
+    picked: list[str] = []
+    original = type(gm.programs).module_for
+
+    def spy(self, key, kwargs):
+        picked.append(key[1])
+        return original(self, key, kwargs)
+
+    monkeypatch.setattr(type(gm.programs), "module_for", spy)
+    return picked
+
+
+def _serve(gm, ids):
+    with torch.no_grad():
+        return main_output(gm(input_ids=ids))
+
+
+def _base_model(gm, ids):
+    with torch.no_grad():
+        return main_output(gm.get_base_model()(input_ids=ids, use_cache=False))
+
+
+def _adapter_reads(module) -> set[str]:
+    return {n.target for n in module.graph.nodes if n.op == "get_attr" and n.target.startswith("graphlora.")}
+
+
+def test_disabled_runs_the_base_graph_and_equals_the_base_model_exactly(gm, modes):
+    ids = token_ids()
+    served = _serve(gm, ids)
+    gm.disable_adapters()
+    off = _serve(gm, ids)
+    assert modes == [BANK, BASE]
+    assert torch.equal(off, _base_model(gm, ids))
+    base = next(p for p in gm.programs if p.mode == BASE).module
+    assert not _adapter_reads(base)  # no branch, no bank: the base model's graph
+    assert len(base.graph.nodes) < len(next(p for p in gm.programs if p.mode == BANK).module.graph.nodes)
+    gm.enable_adapters()
+    assert torch.equal(_serve(gm, ids), served) and modes[-1] == BANK
+
+
+def test_merged_runs_the_base_graph_over_the_merged_weights(gm, modes):
+    ids = token_ids()
+    served = _serve(gm, ids)
+    gm.merge_adapter()
+    merged = _serve(gm, ids)
+    assert modes[-1] == BASE
+    torch.testing.assert_close(merged, served, atol=1e-5, rtol=1e-5)
+    assert torch.equal(merged, _base_model(gm, ids))  # the merged weights are the base model's now
+    gm.unmerge_adapter()
+    torch.testing.assert_close(_serve(gm, ids), served, atol=1e-5, rtol=1e-5)
+    assert modes[-1] == BANK
+    gm.merge_adapter("b")  # merged but not active: "default" still contributes through the banks
+    _serve(gm, ids)
+    assert modes[-1] == BANK
+
+
+def test_an_adapter_at_weight_zero_contributes_nothing(gm, modes):
+    ids = token_ids()
+    gm.set_adapter_weights({"default": 0.0})
+    assert torch.equal(_serve(gm, ids), _base_model(gm, ids)) and modes[-1] == BASE
+    gm.set_adapter_weights({"default": 0.0, "b": 0.5})
+    _serve(gm, ids)
+    assert modes[-1] == BANK
+
+
+def test_grad_enabled_calls_and_mixed_batches_keep_their_programs(gm, modes):
+    ids = token_ids()
+    gm.disable_adapters()
+    gm(input_ids=ids)
+    with torch.no_grad():
+        gm(input_ids=ids, adapter_names=["default", "b"])
+    assert modes == [SWITCH, "mixed"]
+
+
+def test_training_mode_under_no_grad_runs_the_base_graph_with_its_dropout(modes):
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, lora_dropout=0.5, target_modules=TARGETS))
+    randomize_b(gm)
+    gm.train()
+    gm.disable_adapters()
+    ids = token_ids()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        got = main_output(gm(input_ids=ids))
+        torch.manual_seed(0)
+        want = main_output(gm.get_base_model()(input_ids=ids, use_cache=False))
+    assert torch.equal(got, want)
+
+
+def test_modules_to_save_still_switch_in_the_base_graph(modes):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    gm = graphlora.inject(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["score"]))
+    randomize_b(gm)
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if "modules_to_save" in name or ".copies." in name:
+                param.add_(0.5)
+    gm.eval()
+    ids = token_ids(2, 5)
+    gm.merge_adapter()  # LoRA folded in; the saved head is not merged and stays switched
+    with torch.no_grad():
+        got = main_output(gm(input_ids=ids))
+    assert modes[-1] == BASE
+    with torch.enable_grad():
+        want = main_output(gm(input_ids=ids)).detach()
+    assert modes[-1] == SWITCH
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = main_output(gm.get_base_model()(input_ids=ids))
+    assert not torch.allclose(got, plain)  # the trained head copy is what ran
+
+
+def test_forward_hooks_on_the_module_run_whichever_program_serves(gm, modes):
+    seen = []
+    gm.register_forward_pre_hook(lambda module, args, kwargs: seen.append("pre"), with_kwargs=True)
+    gm.register_forward_hook(lambda module, args, out: seen.append(main_output(out)))
+    ids = token_ids()
+    served = _serve(gm, ids)
+    gm.disable_adapters()
+    off = _serve(gm, ids)
+    assert modes == [BANK, BASE]
+    assert seen[0] == "pre" and seen[2] == "pre" and torch.equal(seen[1], served) and torch.equal(seen[3], off)
+    assert "forward" not in vars(gm)  # the program's forward was only lent for the call
+
+
+def test_under_a_compiled_caller_switching_to_disabled_compiles_nothing(gm):
+    torch._dynamo.reset()
+    counters.clear()
+    gm.requires_grad_(False)
+    compiled = torch.compile(gm, fullgraph=True, backend="eager")
+    ids = token_ids()
+    with torch.no_grad():
+        compiled(input_ids=ids)
+        graphs = counters["stats"]["unique_graphs"]
+        gm.disable_adapters()
+        got = compiled(input_ids=ids).logits
+        want = _base_model(gm, ids)
+        gm.enable_adapters()
+        gm.merge_adapter()
+        compiled(input_ids=ids)
+    assert counters["stats"]["unique_graphs"] == graphs == 1
+    assert BASE not in {p.mode for p in gm.programs}
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_generate_with_disabled_adapters_gives_the_base_models_tokens(gm, modes):
+    ids = token_ids(2, 5)
+    gm.disable_adapters()
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ours = gm.generate(input_ids=ids, **kwargs)
+    assert set(modes) == {BASE}
+    assert torch.equal(ours, gm.get_base_model().generate(input_ids=ids, **kwargs))
