@@ -44,10 +44,35 @@ def measure(label: str, fn, top: int) -> None:
         print(f"  {e.self_device_time_total / CALLS / 1e3:8.3f} ms  {e.count / CALLS:6.0f}x  {e.key[:110]}")
 
 
+def host(label: str, fn, top: int) -> None:
+    """Host time of the calls: 20 issued back to back (the GPU is idle most of a few-token call),
+    under cProfile, the functions by their own time."""
+    import cProfile
+    import pstats
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        fn()
+    issued = (time.perf_counter() - start) / 20 * 1e3
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"\n=== host {label}: {issued:.3f} ms/call to issue (no profiler)", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="4x512,8x16")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--host", action="store_true", help="cProfile the host side of each call instead")
     ap.add_argument("--out", default=None)  # accepted for bench/h200_run.sh; the report is stdout
     args = ap.parse_args()
     import peft
@@ -61,19 +86,20 @@ def main() -> None:
     copy_into_peft(gm, pm, "default")
     gm.eval()
     gen = torch.Generator().manual_seed(0)
+    measure_form = (lambda label, fn, top: host(label, fn, 25)) if args.host else measure
     with torch.no_grad():
         for shape in args.tokens.split(","):
             b, s = (int(v) for v in shape.split("x"))
             ids = torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device)
-            measure(f"base {shape}", lambda: base(input_ids=ids, use_cache=False), args.top)
-            measure(f"graphlora {shape}", lambda: gm(input_ids=ids), args.top)
+            measure_form(f"base {shape}", lambda: base(input_ids=ids, use_cache=False), args.top)
+            measure_form(f"graphlora {shape}", lambda: gm(input_ids=ids), args.top)
             gm.configure_banks(lora_dtype="auto")
-            measure(f"graphlora lora_dtype=auto {shape}", lambda: gm(input_ids=ids), args.top)
+            measure_form(f"graphlora lora_dtype=auto {shape}", lambda: gm(input_ids=ids), args.top)
             gm.configure_banks(lora_dtype="adapter")
             gm.merge_adapter()
-            measure(f"graphlora merged {shape}", lambda: gm(input_ids=ids), args.top)
+            measure_form(f"graphlora merged {shape}", lambda: gm(input_ids=ids), args.top)
             gm.unmerge_adapter()
-            measure(f"peft {shape}", lambda: pm(input_ids=ids, use_cache=False), args.top)
+            measure_form(f"peft {shape}", lambda: pm(input_ids=ids, use_cache=False), args.top)
 
 
 if __name__ == "__main__":

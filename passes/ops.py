@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["lora_switch", "lora_linear", "lora_down", "lora_shrink", "lora_bank", "lora_bank_rows"]
+__all__ = ["lora_switch", "lora_linear", "lora_down", "lora_shrink", "lora_bank", "lora_bank_", "lora_bank_rows"]
 
 #: Use the opaque custom ops under torch.compile (benchmarks flip it to compare).
 COMPILE_AS_CUSTOM_OP = True
@@ -269,11 +269,33 @@ def lora_bank(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
         a_hat / b_hat: the gathered factors (unused positions hold zeros).
     """
     d_out = b_hat.shape[0]
-    h = F.linear(x.to(a_hat.dtype), a_hat)
+    h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
     if h.dtype != base.dtype:  # float32 adapters over an fp16 / bf16 base: add in float32, round once
         return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h.reshape(-1, h.shape[-1]), b_hat.t()).to(
             base.dtype).view(base.shape)
     return torch.addmm(base.reshape(-1, d_out), h.reshape(-1, h.shape[-1]), b_hat.t()).view(base.shape)
+
+
+def lora_bank_(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
+    r""":func:`lora_bank` adding into ``base`` in place: ``base += (x \hat A^\top) \hat B^\top``.
+
+    The splice uses it where nothing else reads ``base`` (the base op's fresh output, no branch
+    reading it: :meth:`~graphlora.passes.splice.SiteBuilder.add_update`): an out-of-place
+    ``addmm`` first copies ``base`` into its result (one more kernel and a pass over
+    ``[tokens, d_out]``), this one accumulates into it (GEMM with ``beta = 1``). Serving programs
+    only: they run without grad. Float32 adapters over an fp16 / bf16 base keep :func:`lora_bank`'s
+    rounding (the sum in float32, rounded once), into the float32 copy.
+    """
+    d_out = b_hat.shape[0]
+    h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
+    h = h.reshape(-1, h.shape[-1])
+    if h.dtype != base.dtype:
+        return base.reshape(-1, d_out).to(h.dtype).addmm_(h, b_hat.t()).to(base.dtype).view(base.shape)
+    flat = base.view(-1, d_out) if base.is_contiguous() else None
+    if flat is None:  # a strided base output: the out-of-place form
+        return torch.addmm(base.reshape(-1, d_out), h, b_hat.t()).view(base.shape)
+    flat.addmm_(h, b_hat.t())
+    return base
 
 
 def lora_bank_rows(base: Tensor, x: Tensor, rows: Tensor, a_bank: Tensor, b_bank: Tensor, scale: Tensor) -> Tensor:

@@ -176,10 +176,12 @@ class SiteBuilder:
         """``y += term`` (a ``[..., out]`` tensor computed from the base output)."""
         self.residuals.append(term)
 
-    def add_update(self, fn: Callable, args: tuple) -> None:
+    def add_update(self, fn: Callable, args: tuple, inplace: Union[Callable, None] = None) -> None:
         """``y <- fn(y, *args)``: an update that takes the output so far and returns the new one
-        (the adapter banks' ``lora_bank``, which adds into ``y`` in its GEMM)."""
-        self.updates.append((fn, args))
+        (the adapter banks' ``lora_bank``, which adds into ``y`` in its GEMM). ``inplace``: the
+        same update writing into ``y``, used when no branch reads ``y`` (the base op's output, or
+        the previous step's, which only this step reads)."""
+        self.updates.append((fn, args, inplace))
 
     def scale_output(self, vector: fx.Node, gate: fx.Node) -> None:
         """``y <- y * (g l + 1 - g)`` after everything else."""
@@ -207,7 +209,12 @@ class SiteBuilder:
         steps: list[tuple[Callable, Callable[[fx.Node], tuple]]] = []
         for term in self.residuals:
             steps.append((aten.add.Tensor, lambda y, t=term: (y, t)))
-        for fn, extra in self.updates:
+        read_by_branch = any(user in set(self.inserted) for user in self.base.users)
+        for fn, extra, inplace in self.updates:
+            # in place when y is the base output nobody else reads, or a previous step's output
+            first = not steps
+            if inplace is not None and not (first and read_by_branch):
+                fn = inplace
             steps.append((fn, lambda y, extra=extra: (y, *extra)))
         if self.low_rank:
             hs, bs = zip(*self.low_rank)

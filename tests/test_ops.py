@@ -169,3 +169,43 @@ def test_window_lengths_with_several_text_configs():
     model = torch.nn.Linear(2, 2)
     model.config = TwoTexts()
     assert window_lengths(model) == (17, 18)
+
+
+@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                      (torch.bfloat16, torch.float32)])
+def test_the_in_place_bank_update_equals_the_out_of_place_one_bit_for_bit(base_dtype, adapter_dtype):
+    from graphlora.passes.ops import lora_bank, lora_bank_
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 12, generator=gen).to(base_dtype)
+    base = torch.randn(2, 5, 20, generator=gen).to(base_dtype)
+    a_hat = torch.randn(8, 12, generator=gen).to(adapter_dtype)
+    b_hat = torch.randn(20, 8, generator=gen).to(adapter_dtype)
+    want = lora_bank(base, x, a_hat, b_hat)
+    got = lora_bank_(base.clone(), x, a_hat, b_hat)
+    assert got.dtype == base.dtype and got.shape == base.shape and torch.equal(got, want)
+    strided = base.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous: the out-of-place form
+    assert torch.equal(lora_bank_(strided, x, a_hat, b_hat), want)
+
+
+def test_serving_programs_add_into_the_base_output_in_place_and_equal_the_switch_form():
+    """The bank update adds into the base op's output in place (nothing else reads it); with a
+    DoRA branch on the same site (its residual reads the base output) the update comes after
+    that residual's add, so the base output is never overwritten: outputs equal the switch form."""
+    from graphlora.calls import BANK
+    from graphlora.passes.ops import lora_bank, lora_bank_
+    from models import randomize_b, token_ids
+
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    gm.add_adapter("dora", LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
+    randomize_b(gm)
+    gm.set_adapter(["default", "dora"])
+    gm.eval()
+    ids = token_ids()
+    with torch.no_grad():
+        served = gm(input_ids=ids).logits
+    want = gm(input_ids=ids).logits.detach()  # grad enabled: the switch form
+    torch.testing.assert_close(served, want, atol=1e-5, rtol=1e-5)
+    module = next(p for p in gm.programs if p.mode == BANK).module
+    updates = [n.target for n in module.graph.nodes if n.op == "call_function" and n.target in (lora_bank, lora_bank_)]
+    assert len(updates) == 4 and all(t is lora_bank_ for t in updates)

@@ -34,7 +34,7 @@ from graphlora.errors import ConfigError, MergeError, TargetTypeError
 from graphlora.passes import BranchSpec, Site
 from graphlora.passes.sites import EMBEDDING, EXPERT
 from graphlora.passes.fuse_shrink import freeze_shrink
-from graphlora.passes.ops import lora_bank, lora_bank_rows, lora_down, lora_shrink
+from graphlora.passes.ops import lora_bank, lora_bank_, lora_bank_rows, lora_down, lora_shrink
 from graphlora.passes.specialize import FreezeStep, GateReader
 from graphlora.passes.splice import SiteBuilder
 from graphlora.passes.targeting import pattern_value
@@ -360,7 +360,7 @@ def emit_bank(builder: SiteBuilder, spec: BranchSpec) -> None:
     if not spec.option("mixed", False):
         a_hat = builder.get_attr(f"{p}.a_hat", f"{tag}_a_hat")
         b_hat = builder.get_attr(f"{p}.b_hat", f"{tag}_b_hat")
-        builder.add_update(lora_bank, (builder.x, a_hat, b_hat))
+        builder.add_update(lora_bank, (builder.x, a_hat, b_hat), inplace=lora_bank_)
         return
     index = builder.get_attr(spec.option("index"), f"{tag}_rows")
     a = builder.get_attr(f"{p}.lora_A", f"{tag}_lora_A")
