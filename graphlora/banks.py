@@ -405,19 +405,47 @@ def bind(banks: BankSet, layout: BankLayout, bankable: Mapping[str, Mapping[str,
             if bank.lora_A.dtype != a.dtype or bank.lora_A.device != a.device:
                 # a move or cast gave the parameters new storage: follow them
                 banks.add_module(keys[site], bank := _recast(bank, a))
-            elif bank.holds(slot, a, b):
-                bank.set_scale(slot, float(scaling))
-                continue
-            va, vb = bank.slot_views(slot, a.shape[0])
-            for param, view in ((a, va), (b, vb)):
-                if param.data_ptr() != view.data_ptr() or param.stride() != view.stride():
-                    if param.data_ptr() == 0 and param.numel():
-                        continue  # meta or storage-less: nothing to bind yet
-                    if a.shape[0] < bank.rank:
-                        bank.lora_A[slot].zero_() if param is a else bank.lora_B[slot].zero_()
-                    view.copy_(param.detach())
-                    param.data = view
-            bank.set_scale(slot, float(scaling))
+            _bind_slot(bank, slot, a, b, scaling)
+
+
+def _bind_slot(bank: SiteBank, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """Point ``a`` and ``b`` at ``slot``'s views (copying their values in first) and write its scale."""
+    if not bank.holds(slot, a, b):
+        va, vb = bank.slot_views(slot, a.shape[0])
+        for param, view in ((a, va), (b, vb)):
+            if param.data_ptr() != view.data_ptr() or param.stride() != view.stride():
+                if param.data_ptr() == 0 and param.numel():
+                    continue  # meta or storage-less: nothing to bind yet
+                if a.shape[0] < bank.rank:
+                    bank.lora_A[slot].zero_() if param is a else bank.lora_B[slot].zero_()
+                view.copy_(param.detach())
+                param.data = view
+    bank.set_scale(slot, float(scaling))
+
+
+@torch.no_grad()
+def place_one(banks: BankSet, layout: BankLayout, adapter: str, sites: Mapping[str, Any],
+              keys: Mapping[str, str]) -> bool:
+    """:func:`place` for one new adapter where that needs no bank change: a free slot, rank within
+    the banks', and every site it covers already banked in its dtype and device. Then only its own
+    tensors are bound (an add is a tensor write whatever the number of adapters loaded). Returns
+    False, changing nothing, where the whole :func:`place` must run."""
+    free = layout.free_slot()
+    if free is None or adapter in layout.slots:
+        return False
+    chosen = []
+    for site, (a, b, scaling) in sites.items():
+        key = keys[site]
+        if key not in banks:
+            return False
+        bank = banks.site(key)
+        if a.shape[0] > bank.rank or bank.lora_A.dtype != a.dtype or bank.lora_A.device != a.device:
+            return False
+        chosen.append((bank, a, b, scaling))
+    layout.slots[adapter] = free
+    for bank, a, b, scaling in chosen:
+        _bind_slot(bank, free, a, b, scaling)
+    return True
 
 
 def clear_free(banks: BankSet, layout: BankLayout) -> None:

@@ -431,7 +431,8 @@ class AdaptedGraphModule(fx.GraphModule):
         with self._transaction():
             state.add(adapter_name, config, plan, branches)
             saved_modules.install_extras(state, adapter_name, extras, self._facts.source)
-            state.place_banks(sync=False)  # into a free bank slot (plain LoRA): a tensor write; set_active syncs
+            # into a free bank slot (plain LoRA): a tensor write; set_active syncs
+            state.place_banks(sync=False, added=adapter_name)
             # each program re-splices on its next call if its recipe changed: the serving programs,
             # which read banks, do not when the adapter went into banks they already have
             self._programs.invalidate()

@@ -190,9 +190,15 @@ class AdapterState:
             out[adapter] = cast(dict[str, tuple], factors)
         return out
 
-    def place_banks(self, warn: bool = True, sync: bool = True) -> bool:
+    def place_banks(self, warn: bool = True, sync: bool = True, added: Union[str, None] = None) -> bool:
         """Slots for every bankable adapter and bound views (see :func:`graphlora.banks.place`);
-        True when the set of banked sites changed. ``sync=False``: the caller syncs next."""
+        True when the set of banked sites changed. ``sync=False``: the caller syncs next.
+        ``added``: the one adapter added since the last placement; where it fits the banks as
+        they are, only it is placed (:func:`graphlora.banks.place_one`)."""
+        if added is not None and self._place_added(added):
+            if sync:
+                self.sync()
+            return False
         bankable = self.bankable()
         for name in [n for n in self.banks.slots if n not in bankable and n in self.plans]:
             self._detach(name)  # leaves the banks (a cast, a shard): its slot is cleared next
@@ -201,6 +207,16 @@ class AdapterState:
         if sync:
             self.sync()
         return changed
+
+    def _place_added(self, name: str) -> bool:
+        """Place ``name`` alone if :meth:`bankable` would take it and it fits (else False)."""
+        rule = self.rule(name)
+        plan = self.plans[name]
+        factors = {site: rule.bank_factors(self.branch(site, name)) for site in plan}
+        if not factors or any(f is None for f in factors.values()):
+            return False
+        keys = {site: site_key(site) for site in plan}
+        return banking.place_one(self.store.banks, self.banks, name, cast(dict[str, tuple], factors), keys)
 
     def restore_banks(self) -> None:
         """After a transaction's restore or a move: bind the parameters again and zero the slots no

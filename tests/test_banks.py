@@ -319,3 +319,25 @@ def test_width_growth_inside_inference_mode_keeps_the_module_usable():
         inside = main_output(gm(ids)).clone()
     torch.testing.assert_close(inside, _switch(gm, ids), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(_serve(gm, ids), inside)
+
+
+def test_an_add_that_fits_places_only_the_new_adapter(monkeypatch):
+    """Into a free slot of banks that already cover its sites, an add binds the new adapter's
+    tensors only (banks.place_one); the whole placement (every adapter re-checked) is not run."""
+    from graphlora import banks as banking
+
+    gm = _gm(adapters=2)
+    gm.configure_banks(max_loras=4)
+    ids = token_ids()
+    _serve(gm, ids)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole placement ran for an add that fits")
+
+    monkeypatch.setattr(banking, "place", whole)
+    gm.add_adapter("new", LoraConfig(r=2, lora_alpha=8, target_modules=TARGETS))
+    randomize_b(gm, "new", seed=9)
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
+    assert gm.adapter_state.banks.slots["new"] not in {gm.adapter_state.banks.slots[a] for a in ("default", "a1")}
+    gm.set_adapter("a1")  # the adapters placed before still serve from their slots
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
