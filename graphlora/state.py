@@ -32,7 +32,7 @@ Every branch has ``apply_state(weight, merged)``, which writes its switch buffer
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union, cast
 
@@ -95,6 +95,17 @@ class AdapterStore(nn.Module):
                 if adapter is None or name == adapter:
                     yield key, name, branch
 
+    def branches_of(self, adapters: Collection[str]) -> Iterator[tuple[str, str, nn.Module]]:
+        """:meth:`branches` of ``adapters`` only (a lookup per site, not a walk over every adapter)."""
+        for key, site in self._modules.items():
+            if key in (BANKS, SAVED, TOKENS):
+                continue
+            held = site._modules
+            for name in adapters:
+                branch = held.get(name)
+                if branch is not None:
+                    yield key, name, branch
+
 
 def _own_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     """``state_dict()`` of the store: an adapter tensor that is a view of a bank slot is given as a
@@ -135,6 +146,8 @@ class AdapterState:
     #: PEFT's ``autocast_adapter_dtype``: new LoRA / IA3 adapters over an fp16 / bf16 base keep float32
     #: parameters (the default of ``inject``)
     autocast_adapter_dtype: bool = True
+    #: adapters added since the last :meth:`sync` (their switch state is not written yet)
+    fresh: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -247,6 +260,7 @@ class AdapterState:
             self.store.add(site_key(site), name, branch)
         self.configs[name] = config
         self.plans[name] = dict(plan)
+        self.fresh.add(name)
 
     def _detach(self, name: str) -> None:
         """Give ``name``'s parameters storage of their own before its bank slot is cleared or reused
@@ -267,29 +281,43 @@ class AdapterState:
         self.configs.pop(name, None)
         self.plans.pop(name, None)
         self.weights.pop(name, None)
+        self.fresh.discard(name)
 
     def set_active(self, weights: Mapping[str, float]) -> None:
-        """Make ``weights`` (adapter -> weight) the active set and write the switch state."""
+        """Make ``weights`` (adapter -> weight) the active set and write the switch state: only the
+        adapters active before or after, and those not synced yet, can change (:meth:`sync`)."""
+        changed = set(self.weights) | set(weights) | self.fresh
         self.weights = dict(weights)
-        self.sync()
+        self.sync(changed)
 
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = bool(enabled)
         self.sync()
 
-    def sync(self) -> None:
+    def sync(self, adapters: Union[Collection[str], None] = None) -> None:
         """Write every branch's switch buffers and ``requires_grad`` from the state.
 
         An adapter's effective weight is its active weight, or 0 when it is inactive, disabled or
         merged. Its parameters require grad when it is active (or loaded for training and in the
         active set), ``trainable`` is on, and its config is not ``inference_mode``.
+
+        ``adapters``: only these adapters' state can have changed; they must include every active
+        adapter (the banks' state is made from them). Only their branches are visited, so switching
+        or adding costs what the adapters involved cost, not what every loaded adapter does.
         """
         active = self.weights if self.enabled else {}
         merged = self.merge.merged
         slots = self.banks.slots
         scalings: dict[str, dict[str, float]] = defaultdict(dict)
         watched: dict[str, tuple[torch.Tensor, ...]] = defaultdict(tuple)
-        for key, adapter, branch in self.store.branches():
+        if adapters is None:
+            visited = self.store.branches()
+            self.fresh.clear()
+        else:
+            assert set(active) <= set(adapters), "sync(adapters=...) must include every active adapter"
+            visited = self.store.branches_of(adapters)
+            self.fresh.difference_update(adapters)
+        for key, adapter, branch in visited:
             weight = active[adapter] if adapter in active and adapter not in merged else 0.0
             branch.apply_state(weight, adapter in merged)
             params = _own_parameters(branch)
