@@ -125,6 +125,11 @@ def check_embedding_targets(rule: Any, config: Any, plan: Iterable[str], records
             )
 
 
+def _placed_like(param: torch.Tensor, weight: torch.Tensor) -> bool:
+    upcast = param.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+    return param.device == weight.device and (param.dtype == weight.dtype or upcast)
+
+
 def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Module, site_names: Iterable[str],
                     action: str, *, loading: bool = False) -> None:
     """Refuse to add or load an adapter when the adapters already on a site have another dtype or
@@ -132,7 +137,7 @@ def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Modul
     ``autocast_adapter_dtype`` and fine) (the base was moved or cast behind the module's back, e.g.
     ``model.to(...)`` on the original model after inject: the graph would fail on the next call),
     or, when ``loading``, when a base weight is on ``meta`` (the loaded tensors would be dropped).
-    The first adapter of a site stands for all: they agreed with the base when they were placed.
+    Each adapter's first parameter stands for its branch (they are made and cast together).
 
     Args:
         root: the module holding the base weights; ``records``: site name -> its ``Site``;
@@ -155,12 +160,12 @@ def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Modul
                 "load the base weights), then load the adapter."
             )
         branches = store._modules.get(site_key(site))
-        # the adapters already there agreed with the base when they were placed: the first one
-        # tells whether the base moved since (every add would otherwise visit every adapter)
-        for adapter, branch in list(branches.named_children() if branches is not None else ())[:1]:
+        for adapter, branch in (branches._modules.items() if branches is not None else ()):
+            first = next(branch.parameters(), None)  # one look per adapter; all of its parameters if it is off
+            if first is None or _placed_like(first, weight):
+                continue
             for name, param in branch.named_parameters():
-                upcast = param.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
-                if param.device != weight.device or (param.dtype != weight.dtype and not upcast):
+                if not _placed_like(param, weight):
                     raise PlacementError(
                         f"cannot {action}: at site {site!r} the base weight is {weight.dtype} on {weight.device} "
                         f"but adapter {adapter!r} has {name} in {param.dtype} on {param.device}. Move or cast "

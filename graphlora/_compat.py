@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -88,16 +89,28 @@ def under_outer_compile() -> bool:
     return get_eval_frame_callback() is not None
 
 
+#: serializes :func:`forward_replaced` blocks (re-entrant: a hook may call the module again)
+_LENT_FORWARD = threading.RLock()
+_ABSENT = object()
+
+
 @contextlib.contextmanager
 def forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
     """Inside the block, ``module.forward`` is ``forward``: ``nn.Module.__call__`` runs the
     module's hooks around whatever ``self.forward`` is (an instance attribute first), so calling
-    the module runs its own hooks around another program's forward."""
-    object.__setattr__(module, "forward", forward)
-    try:
-        yield
-    finally:
-        object.__delattr__(module, "forward")
+    the module runs its own hooks around another program's forward. What the instance held
+    before (nothing, or a wrapper someone assigned) is put back on exit; blocks nest (a hook that
+    calls the module again) and other threads wait for the block to end (one lent forward at a time)."""
+    with _LENT_FORWARD:
+        previous = module.__dict__.get("forward", _ABSENT)
+        object.__setattr__(module, "forward", forward)
+        try:
+            yield
+        finally:
+            if previous is _ABSENT:
+                object.__delattr__(module, "forward")
+            else:
+                object.__setattr__(module, "forward", previous)
 
 
 def layer_checkpointing(layers: "torch.nn.ModuleList") -> tuple[list[bool], dict[str, Any]]:

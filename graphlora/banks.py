@@ -471,9 +471,10 @@ def write_state(banks: BankSet, layout: BankLayout, active: Mapping[str, float],
                 scalings: Mapping[str, Mapping[str, float]],
                 params: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
     """Write ``active`` (slots) and every site's ``gate`` for the effective weights ``active``
-    (adapter -> weight, bankable adapters only; ``scalings``: adapter -> site key -> scaling); the
-    active factors are gathered by the next serving call (``params``: site key -> the active
-    adapters' parameters there, which that gather checks), so a run of adds or switches pays one."""
+    (adapter -> weight, bankable adapters only; ``scalings``: adapter -> site key -> scaling), then
+    gather the active factors (``params``: site key -> the active adapters' parameters there). The
+    gather is eager, in place: a serving graph captured outside graphlora's routing (a manual
+    ``torch.cuda.graph``) replays the new factors without a call through ``gm``."""
     names = [a for a, w in active.items() if w != 0.0 and a in layout.slots]
     if len(names) > layout.width:  # grows once per new maximum (configure_banks(max_active=) reserves it)
         layout.reserve_width(banks, len(names))
@@ -485,3 +486,4 @@ def write_state(banks: BankSet, layout: BankLayout, active: Mapping[str, float],
         bank.set_gates(gates)
         bank.watched = params.get(key, ())
     banks.forget_gathered()
+    banks.gather()

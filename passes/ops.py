@@ -284,8 +284,11 @@ def lora_bank_(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
     ``addmm`` first copies ``base`` into its result (one more kernel and a pass over
     ``[tokens, d_out]``), this one accumulates into it (GEMM with ``beta = 1``). Serving programs
     only: they run without grad. Float32 adapters over an fp16 / bf16 base keep :func:`lora_bank`'s
-    rounding (the sum in float32, rounded once), into the float32 copy.
+    rounding (the sum in float32, rounded once), into the float32 copy. Under ``torch.autocast``
+    (which casts out-of-place ops only) it is :func:`lora_bank`.
     """
+    if torch.is_autocast_enabled(base.device.type):  # autocast casts out-of-place ops only
+        return lora_bank(base, x, a_hat, b_hat)
     d_out = b_hat.shape[0]
     h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
     h = h.reshape(-1, h.shape[-1])

@@ -209,11 +209,12 @@ class SiteBuilder:
         steps: list[tuple[Callable, Callable[[fx.Node], tuple]]] = []
         for term in self.residuals:
             steps.append((aten.add.Tensor, lambda y, t=term: (y, t)))
-        read_by_branch = any(user in set(self.inserted) for user in self.base.users)
+        # the base output may be written in place when no branch reads it and no hook saw it (a
+        # call_module base's output is what the submodule's forward hooks received)
+        base_shared = self.base.op == "call_module" or any(user in set(self.inserted) for user in self.base.users)
         for fn, extra, inplace in self.updates:
-            # in place when y is the base output nobody else reads, or a previous step's output
-            first = not steps
-            if inplace is not None and not (first and read_by_branch):
+            # in place on the base output nobody else reads, or on a previous step's output
+            if inplace is not None and not (not steps and base_shared):
                 fn = inplace
             steps.append((fn, lambda y, extra=extra: (y, *extra)))
         if self.low_rank:

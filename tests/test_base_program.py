@@ -184,3 +184,21 @@ def test_generate_with_disabled_adapters_gives_the_base_models_tokens(gm, modes)
     ours = gm.generate(input_ids=ids, **kwargs)
     assert set(modes) == {BASE}
     assert torch.equal(ours, gm.get_base_model().generate(input_ids=ids, **kwargs))
+
+
+def test_a_hook_that_calls_the_module_again_and_an_assigned_forward_both_survive(gm):
+    ids = token_ids()
+    wrapper = gm.forward
+    gm.forward = wrapper  # an instance forward someone assigned (accelerate's pattern)
+    inner = []
+
+    def again(module, args, out):
+        if not inner:
+            inner.append(None)
+            inner[0] = main_output(module(input_ids=ids))  # re-entrant call, through the routing
+
+    gm.register_forward_hook(again)
+    with torch.no_grad():
+        outer = _serve(gm, ids)
+    assert torch.equal(inner[0], outer)
+    assert vars(gm)["forward"] is wrapper

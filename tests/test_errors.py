@@ -426,3 +426,16 @@ def test_export_call_that_does_not_fit(llama, unchanged):
     with unchanged(model, gm):
         with pytest.raises(SignatureError, match=r"Traced signatures: \(input_ids=<tensor>, use_cache=False\)"):
             gm(input_ids=token_ids(2, 5)[0])  # 1-D token ids: the model cannot trace them
+
+
+def test_a_base_cast_behind_the_modules_back_is_caught_whichever_adapter_shows_it():
+    """float32 adapters over a bf16 base are fine (autocast_adapter_dtype), so the first adapter of a
+    site cannot stand for the others: a bf16 one shows that the base went to float32."""
+    src = tiny_llama().to(torch.bfloat16)
+    gm = graphlora.inject(src, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    gm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]), autocast_adapter_dtype=False)
+    src.float()  # the original model, not the adapted module
+    before = snapshot(gm)
+    with pytest.raises(PlacementError, match=r"adapter 'b' has lora_A.weight in torch.bfloat16"):
+        gm.add_adapter("c", LoraConfig(r=2, target_modules=["q_proj"]))
+    assert_unchanged(before, snapshot(gm))

@@ -209,3 +209,37 @@ def test_serving_programs_add_into_the_base_output_in_place_and_equal_the_switch
     module = next(p for p in gm.programs if p.mode == BANK).module
     updates = [n.target for n in module.graph.nodes if n.op == "call_function" and n.target in (lora_bank, lora_bank_)]
     assert len(updates) == 4 and all(t is lora_bank_ for t in updates)
+
+
+def test_serving_under_autocast_runs_and_equals_the_switch_form_under_autocast():
+    """``torch.autocast`` casts out-of-place ops only: the in-place bank update steps aside there."""
+    from models import randomize_b, token_ids
+
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_b(gm)
+    gm.eval()
+    ids = token_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            served = gm(input_ids=ids).logits
+        want = gm(input_ids=ids).logits.detach()  # grad enabled: the switch form
+    torch.testing.assert_close(served.float(), want.float(), atol=0.05, rtol=0.02)
+
+
+def test_the_in_place_update_leaves_what_a_submodule_hook_saw_alone():
+    """A ``call_module`` site's output is what the submodule's forward hooks received: the bank
+    update must not add into it."""
+    import torch.nn.functional as F
+    from models import FunctionalMLP, randomize_b
+
+    model = FunctionalMLP()
+    seen = []
+    model.fc1.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    gm = graphlora.inject(model, LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    randomize_b(gm)
+    gm.eval()
+    seen.clear()
+    with torch.no_grad():
+        gm(torch.randn(3, 12))
+    (x, out), = seen
+    assert torch.equal(out, F.linear(x, model.fc1.weight, model.fc1.bias))
