@@ -287,7 +287,8 @@ def lora_bank_(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
     rounding (the sum in float32, rounded once), into the float32 copy. Under ``torch.autocast``
     (which casts out-of-place ops only) it is :func:`lora_bank`.
     """
-    if torch.is_autocast_enabled(base.device.type):  # autocast casts out-of-place ops only
+    # autocast casts out-of-place ops only (and knows no "meta" device: asking raises there)
+    if base.device.type != "meta" and torch.is_autocast_enabled(base.device.type):
         return lora_bank(base, x, a_hat, b_hat)
     d_out = b_hat.shape[0]
     h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)

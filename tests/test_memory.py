@@ -143,6 +143,10 @@ def test_inject_on_meta_then_materialize_fx(tmp_path):
     gm = graphlora.inject(model, config)  # traces and splices without allocating a weight
     assert all(p.device.type == "meta" for p in gm.parameters())
     assert "fc1_switch" in gm.code
+    gm.eval()
+    with torch.no_grad():  # a serving call on meta (shapes only): the bank update runs there too
+        assert gm(torch.zeros(3, 12, device="meta")).shape == (3, 6)
+    gm.train()
     gm.to_empty(device="cpu")  # materialize (uninitialized memory)
     result = gm.load_state_dict(real.state_dict(), strict=False)
     assert sorted(result.missing_keys) == sorted(k for k in gm.state_dict() if k.startswith("graphlora."))
