@@ -82,11 +82,13 @@ def under_outer_compile() -> bool:
     set (a frame skipped with ``torch.compiler.disable(recursive=False)`` keeps it; plain eager
     has none). Where this torch cannot say, True: the caller then takes no path that would make
     dynamo compile another graph."""
-    try:
-        from torch._C._dynamo.eval_frame import get_eval_frame_callback
-    except ImportError:  # pragma: no cover - other torch builds
-        return True
-    return get_eval_frame_callback() is not None
+    return _frame_callback is None or _frame_callback() is not None
+
+
+try:  # looked up once: the routing asks on every call
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _frame_callback
+except ImportError:  # pragma: no cover - other torch builds
+    _frame_callback = None
 
 
 #: serializes :func:`forward_replaced` blocks (re-entrant: a hook may call the module again)

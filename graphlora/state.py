@@ -193,15 +193,22 @@ class AdapterState:
         """adapter -> site name -> ``(A, B, scaling)`` for every adapter whose method banks it."""
         out: dict[str, dict[str, tuple]] = {}
         dtypes: dict[str, torch.dtype] = {}  # a site's bank has one dtype: the first banked adapter's
-        for adapter, plan in self.plans.items():
-            rule = self.rule(adapter)
-            factors = {site: rule.bank_factors(self.branch(site, adapter)) for site in plan}
-            if not factors or any(f is None for f in factors.values()):
+        for adapter in self.plans:
+            factors = self._bank_factors(adapter)
+            if factors is None:
                 continue
             if any(dtypes.setdefault(site, f[0].dtype) != f[0].dtype for site, f in factors.items()):
                 continue  # another dtype than the adapters banked there (autocast_adapter_dtype=False): own branch
-            out[adapter] = cast(dict[str, tuple], factors)
+            out[adapter] = factors
         return out
+
+    def _bank_factors(self, adapter: str) -> Union[dict[str, tuple], None]:
+        """site name -> ``(A, B, scaling)`` of ``adapter`` if its method banks every one of its sites."""
+        rule = self.rule(adapter)
+        factors = {site: rule.bank_factors(self.branch(site, adapter)) for site in self.plans[adapter]}
+        if not factors or any(f is None for f in factors.values()):
+            return None
+        return cast(dict[str, tuple], factors)
 
     def place_banks(self, warn: bool = True, sync: bool = True, added: Union[str, None] = None) -> bool:
         """Slots for every bankable adapter and bound views (see :func:`graphlora.banks.place`);
@@ -223,13 +230,11 @@ class AdapterState:
 
     def _place_added(self, name: str) -> bool:
         """Place ``name`` alone if :meth:`bankable` would take it and it fits (else False)."""
-        rule = self.rule(name)
-        plan = self.plans[name]
-        factors = {site: rule.bank_factors(self.branch(site, name)) for site in plan}
-        if not factors or any(f is None for f in factors.values()):
+        factors = self._bank_factors(name)
+        if factors is None:
             return False
-        keys = {site: site_key(site) for site in plan}
-        return banking.place_one(self.store.banks, self.banks, name, cast(dict[str, tuple], factors), keys)
+        keys = {site: site_key(site) for site in factors}
+        return banking.place_one(self.store.banks, self.banks, name, factors, keys)
 
     def restore_banks(self) -> None:
         """After a transaction's restore or a move: bind the parameters again and zero the slots no

@@ -269,11 +269,16 @@ def lora_bank(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
         a_hat / b_hat: the gathered factors (unused positions hold zeros).
     """
     d_out = b_hat.shape[0]
-    h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
+    h = _bank_shrink(x, a_hat)
     if h.dtype != base.dtype:  # float32 adapters over an fp16 / bf16 base: add in float32, round once
-        return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h.reshape(-1, h.shape[-1]), b_hat.t()).to(
-            base.dtype).view(base.shape)
-    return torch.addmm(base.reshape(-1, d_out), h.reshape(-1, h.shape[-1]), b_hat.t()).view(base.shape)
+        return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h, b_hat.t()).to(base.dtype).view(base.shape)
+    return torch.addmm(base.reshape(-1, d_out), h, b_hat.t()).view(base.shape)
+
+
+def _bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
+    r"""``x \hat A^\top`` as ``[tokens, K R]`` (``x`` cast to the factors' dtype when it differs)."""
+    h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
+    return h.reshape(-1, h.shape[-1])
 
 
 def lora_bank_(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
@@ -291,8 +296,7 @@ def lora_bank_(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
     if base.device.type != "meta" and torch.is_autocast_enabled(base.device.type):
         return lora_bank(base, x, a_hat, b_hat)
     d_out = b_hat.shape[0]
-    h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
-    h = h.reshape(-1, h.shape[-1])
+    h = _bank_shrink(x, a_hat)
     if h.dtype != base.dtype:
         return base.reshape(-1, d_out).to(h.dtype).addmm_(h, b_hat.t()).to(base.dtype).view(base.shape)
     flat = base.view(-1, d_out) if base.is_contiguous() else None

@@ -209,12 +209,13 @@ class SiteBuilder:
         steps: list[tuple[Callable, Callable[[fx.Node], tuple]]] = []
         for term in self.residuals:
             steps.append((aten.add.Tensor, lambda y, t=term: (y, t)))
+        read_by_branch = any(user in set(self.inserted) for user in self.base.users)
         # the base output may be written in place when no branch reads it and no hook saw it (a
         # call_module base's output is what the submodule's forward hooks received)
-        base_shared = self.base.op == "call_module" or any(user in set(self.inserted) for user in self.base.users)
+        base_shared = read_by_branch or self.base.op == "call_module"
         for fn, extra, inplace in self.updates:
-            # in place on the base output nobody else reads, or on a previous step's output
-            if inplace is not None and not (not steps and base_shared):
+            # in place on a previous step's output (only this step reads it), or an unshared base output
+            if inplace is not None and (steps or not base_shared):
                 fn = inplace
             steps.append((fn, lambda y, extra=extra: (y, *extra)))
         if self.low_rank:
@@ -224,9 +225,7 @@ class SiteBuilder:
             vecs, gates = zip(*self.output_scales)
             steps.append((scale_switch, lambda y: (y, tuple(vecs), tuple(gates))))
         y = self.base
-        branches = set(self.inserted)
-        fused = (bool(steps) and steps[0][0] is lora_switch and self._plain_linear()
-                 and not any(user in branches for user in self.base.users))  # a branch reads the base output
+        fused = bool(steps) and steps[0][0] is lora_switch and self._plain_linear() and not read_by_branch
         for i, (fn, make_args) in enumerate(steps):
             last = i == len(steps) - 1
             name = f"{self.key}_switch" if last else (
