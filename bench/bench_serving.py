@@ -14,6 +14,8 @@ very same call; ratios against the base model in the same mode from this process
 - decode steps at batch 1, 8, 32 (one token per row, a KV cache of 512): eager and compiled.
 - lora_dtype="auto" (the serving update in the base dtype), merged and disabled rows (eager).
 - 15 ``add_adapter`` calls (wall seconds).
+- ``unfused`` rows: the same calls with one shrink GEMM per site (sibling sites' shrinks not shared,
+  ``passes/fuse_shrink.py``), from the same process.
 
 ``--part eager`` / ``--part compiled`` split the work into two device calls; ``--tiny`` is a CPU smoke
 run. Run: ``python bench/bench_serving.py --part all --out bench/serving-h200.json``.
@@ -22,6 +24,7 @@ run. Run: ``python bench/bench_serving.py --part all --out bench/serving-h200.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -65,6 +68,20 @@ class Counter:
             return compile_fx.compile_fx(graph, inputs)
 
         return run
+
+
+@contextlib.contextmanager
+def unfused(gm):
+    """Inside: every program re-spliced with one shrink GEMM per site (``passes/fuse_shrink.py`` off),
+    the form before sibling sites shared one; the fused programs again afterwards."""
+    programs = gm._programs
+    programs.fuse_shrink = False
+    programs.rebuild()
+    try:
+        yield
+    finally:
+        programs.fuse_shrink = True
+        programs.rebuild()
 
 
 def grow_to(gm, pm, n: int, seed0: int = 100) -> None:
@@ -158,12 +175,19 @@ def main() -> None:
                 record(f"peft eager N={n}", timer(plain(pm, x_big), device), "base eager 4x512")
             record("graphlora eager 8x16", timer(lambda: gm(input_ids=x_few), device), "base eager 8x16")
             record("peft eager 8x16", timer(plain(pm, x_few), device), "base eager 8x16")
+            with unfused(gm):  # the same rows with one shrink per site (q/k/v, gate/up not shared)
+                record(f"graphlora eager unfused N={counts[-1]}", timer(lambda: gm(input_ids=x_big), device),
+                       "base eager 4x512")
+                record("graphlora eager unfused 8x16", timer(lambda: gm(input_ids=x_few), device), "base eager 8x16")
             # the serving update in the base dtype (vLLM's "auto"; opt-in, it rounds like the base)
             gm.configure_banks(lora_dtype="auto")
             record(f"graphlora eager lora_dtype=auto N={counts[-1]}", timer(lambda: gm(input_ids=x_big), device),
                    "base eager 4x512")
             record("graphlora eager lora_dtype=auto 8x16", timer(lambda: gm(input_ids=x_few), device),
                    "base eager 8x16")
+            with unfused(gm):
+                record("graphlora eager lora_dtype=auto unfused 8x16", timer(lambda: gm(input_ids=x_few), device),
+                       "base eager 8x16")
             gm.configure_banks(lora_dtype="adapter")
             # nothing contributes (merged, disabled): the base graph runs
             gm.merge_adapter()
@@ -260,6 +284,10 @@ def compiled(gm, base, ids, x_big, x_few, x_mix16, x_mix64, counts, device, reco
     gm.enable_adapters()
     results["compiled recompiles while switching (no requires_grad_ prep)"] = counter.count - before
     record("graphlora compiled 8x16", timer(lambda: cg(input_ids=x_few), device), "base compiled 8x16")
+    with unfused(gm):  # a re-splice: the compiled module compiles these programs once more
+        record("graphlora compiled unfused 8x16", timer(lambda: cg(input_ids=x_few), device), "base compiled 8x16")
+        record(f"graphlora compiled unfused N={counts[-1]}", timer(lambda: cg(input_ids=x_big), device),
+               "base compiled 4x512")
     for label, x, k in (("mixed16", x_mix16, 16), ("mixed64", x_mix64, 64)):
         names = row_names(gm, k)
         record(f"graphlora compiled {label}", timer(lambda: cg(input_ids=x, adapter_names=names), device),
@@ -272,11 +300,16 @@ def compiled(gm, base, ids, x_big, x_few, x_mix16, x_mix64, counts, device, reco
            "base reduce-overhead 8x16")
     record("graphlora reduce-overhead 8x16", timer(lambda: rg(input_ids=x_few), device, warmup=5),
            "base reduce-overhead 8x16")
-    gm.set_adapter("a1")
     with torch.no_grad():
+        eager_default = gm(input_ids=x_few).logits.float()
+        gm.set_adapter("a1")
         eager_a1 = gm(input_ids=x_few).logits.float()
         replay = rg(input_ids=x_few).logits.float()
-    results["reduce-overhead after switch: rel diff to eager"] = ((replay - eager_a1).norm() / eager_a1.norm()).item()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    results["reduce-overhead after switch: rel diff to eager"] = rel(replay, eager_a1)
+    # what a stale replay (still the first adapter) would show: the check discriminates only if
+    # this is well above the line above
+    results["reduce-overhead after switch: rel diff eager a1 vs default"] = rel(eager_default, eager_a1)
     gm.set_adapter("default")
     torch._dynamo.reset()
     try:

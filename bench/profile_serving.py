@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import TARGETS, build, copy_into_peft, randomize_lora  # noqa: E402
+from bench_serving import unfused  # noqa: E402
 
 import graphlora  # noqa: E402
 
@@ -93,6 +94,8 @@ def main() -> None:
             ids = torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device)
             measure_form(f"base {shape}", lambda: base(input_ids=ids, use_cache=False), args.top)
             measure_form(f"graphlora {shape}", lambda: gm(input_ids=ids), args.top)
+            with unfused(gm):
+                measure_form(f"graphlora unfused {shape}", lambda: gm(input_ids=ids), args.top)
             gm.configure_banks(lora_dtype="auto")
             measure_form(f"graphlora lora_dtype=auto {shape}", lambda: gm(input_ids=ids), args.top)
             gm.configure_banks(lora_dtype="adapter")

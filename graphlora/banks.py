@@ -261,6 +261,8 @@ class BankSet(nn.Module):
         #: what :meth:`gather` last saw of them
         self._sources: list[torch.Tensor] = []
         self._gathered: tuple = ()
+        #: sibling sites (one input: q / k / v) -> the buffer holding their ``a_hat`` stacked (:meth:`stack`)
+        self._stacks: dict[tuple[str, ...], str] = {}
 
     def site(self, key: str) -> SiteBank:
         module = self._modules[key]
@@ -304,7 +306,40 @@ class BankSet(nn.Module):
         active = self.active
         for _, bank in self.sites():
             bank.gather(active)
+        for keys, name in self._stacks.items():
+            if all(k in self for k in keys):
+                self._fill(keys, name)
         self._gathered = stamp
+
+    def stack(self, keys: tuple[str, ...]) -> Union[str, None]:
+        r"""The name of a buffer holding the sites' gathered ``a_hat`` stacked by rows
+        (``[\hat A_1; ...; \hat A_n]``), made now and rewritten by every :meth:`gather`: one shrink GEMM
+        serves sibling sites that read one input (:class:`graphlora.passes.fuse_shrink.FuseBankShrink`).
+        ``None`` when a site is not banked, or the sites' factors differ in dtype, device or shape
+        (every bank has the layout's rank and width, so siblings of one ``d_in`` agree)."""
+        if len(keys) < 2 or not all(k in self for k in keys):
+            return None
+        hats = [self.site(k).a_hat for k in keys]
+        if len({(h.dtype, h.device, h.shape) for h in hats}) != 1:
+            return None
+        name = self._stacks.setdefault(tuple(keys), f"a_stack{len(self._stacks)}")
+        self._fill(tuple(keys), name)
+        return name
+
+    @torch.no_grad()
+    def _fill(self, keys: tuple[str, ...], name: str) -> None:
+        """Write the stacked ``a_hat`` of ``keys`` into buffer ``name`` (a new buffer when the shape,
+        dtype or device changed: width, rank or ``lora_dtype``, a move)."""
+        hats = [self.site(k).a_hat for k in keys]
+        rows, like = sum(h.shape[0] for h in hats), hats[0]
+        held = self._buffers.get(name)
+        if held is None or held.shape != (rows, like.shape[1]) or held.dtype != like.dtype or held.device != like.device:
+            with torch.inference_mode(False):
+                self.register_buffer(name, torch.empty(rows, like.shape[1], dtype=like.dtype, device=like.device),
+                                     persistent=False)
+            held = self._buffers[name]
+        assert held is not None
+        torch.cat(hats, out=held)
 
     def forget_gathered(self) -> None:
         """The next :meth:`gather` gathers (new buffers, new active set, a mode change)."""

@@ -48,6 +48,7 @@ from graphlora.passes.eager import lower_graph
 from graphlora.passes.sites import getattr_path
 
 from ._compat import adopt_graph, current_graph, forward_of_graph, has_call_hooks
+from .banks import BANKS
 from .calls import BANK, BASE, MIXED, SWITCH, CallSpec, ProgramKey, describe_call, describe_key
 from .generation import trace_call
 from .modules_to_save import saved_recipe, switch_steps
@@ -195,7 +196,7 @@ class ProgramSet:
         #: gradient checkpointing of the non-mixed programs (``None``: off); enabled on the source model
         #: before inject, it carries over
         self.checkpointing: Union[CheckpointSettings, None] = settings_of_source(source)
-        #: fuse sibling down-projections in training programs (``fuse_shrink.ENABLED`` when the
+        #: fuse sibling down-projections in training and serving programs (``fuse_shrink.ENABLED`` when the
         #: module was made: a later flip of the flag does not change this module's next re-splice)
         self.fuse_shrink: bool = fuse_shrink.ENABLED
         #: ``torch.compile`` options the routing runs programs with (:meth:`compiled`; ``None``: eager)
@@ -388,6 +389,8 @@ class ProgramSet:
         steps += switch_steps(self.state, program.mode == MIXED)  # modules_to_save: parameter switches
         if program.mode == SWITCH and self.fuse_shrink:  # sibling down-projections as one GEMM
             steps.append(fuse_shrink.FuseShrink())
+        if program.mode == BANK and self.fuse_shrink:  # sibling sites' bank shrinks as one GEMM
+            steps.append(fuse_shrink.FuseBankShrink(self._stack))
         release_regions(module)  # checkpoint regions of the graph this one replaces (snapshot keeps them)
         ckpt = self.checkpointing
         if ckpt is not None and program.mode == SWITCH:  # serving programs never checkpoint
@@ -395,6 +398,15 @@ class ProgramSet:
         run_passes(module, steps)  # the runner regenerates the module's code once, whatever changed
         program.module = module
         program.recipe = self._recipe(specs)
+
+    def _stack(self, targets: tuple[str, ...]) -> Union[str, None]:
+        """The ``get_attr`` target of the banks' stacked ``a_hat`` of the sites whose ``a_hat``
+        targets are ``targets`` (:meth:`graphlora.banks.BankSet.stack`), or ``None``."""
+        prefix, suffix = f"{STORE}.{BANKS}.", ".a_hat"
+        if not all(t.startswith(prefix) and t.endswith(suffix) for t in targets):
+            return None
+        name = self.state.store.banks.stack(tuple(t[len(prefix):-len(suffix)] for t in targets))
+        return None if name is None else prefix + name
 
     def set_checkpointing(self, settings: Union[CheckpointSettings, None]) -> None:
         """Turn gradient checkpointing on (``settings``) or off (``None``) and re-splice every program."""

@@ -8,7 +8,10 @@ model has such regions depends on the library version: transformers 5.17's rotar
 under ``@torch.no_grad()`` (5.24's do not), so there the rotary ops, their dtype asserts included,
 live in a nested module and the positions feed the higher-order call.
 
-Also here: :func:`size_hint`, whose torch function moved between releases.
+Also here: :func:`size_hint`, whose torch function moved between releases;
+:func:`wrapper_subclass`, the private constructor a tensor subclass that holds other tensors
+needs (the quantized base weights of :mod:`.quantize`); and ``OpOverload`` /
+``OpOverloadPacket``, the types of ``torch.ops`` targets (in the private ``torch._ops``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,18 @@ from typing import Any, Union
 import torch
 import torch.fx as fx
 
-__all__ = ["called_graph_modules", "nested_graph_modules", "size_hint"]
+__all__ = ["called_graph_modules", "nested_graph_modules", "size_hint", "wrapper_subclass", "OpOverload",
+           "OpOverloadPacket"]
+
+#: the types of ``torch.ops.aten.mul.Tensor`` (an overload) and ``torch.ops.aten.mul`` (a packet)
+OpOverload = torch._ops.OpOverload
+OpOverloadPacket = torch._ops.OpOverloadPacket
+
+
+def wrapper_subclass(cls: type, shape: tuple, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """A new instance of the tensor subclass ``cls`` with no storage of its own (its ``__new__``;
+    ``Tensor._make_wrapper_subclass``), never requiring grad."""
+    return torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=device, requires_grad=False)
 
 
 def size_hint(dim: Union[int, torch.SymInt]) -> int:

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from ._compat import called_graph_modules, size_hint
+from ._compat import OpOverload, called_graph_modules, size_hint
 from .result import GraphPass
 
 __all__ = ["CausalAttention", "causal_sdpa", "PROBE_LENGTHS", "MAX_PROBE_LENGTH"]
@@ -146,7 +146,7 @@ def _hint(dim: Any) -> Union[int, None]:
 def _is_view(node: fx.Node) -> bool:
     """The node's output may alias an input (a view, or ``to`` that may return its input)."""
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not isinstance(target, OpOverload):
         return False
     return any(r.alias_info is not None for r in target._schema.returns)
 
@@ -156,7 +156,7 @@ def _mutates(node: fx.Node) -> bool:
     target = node.target
     if node.op == "output" or target is causal_sdpa:
         return False
-    if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+    if node.op == "call_function" and isinstance(target, OpOverload):
         return target._schema.is_mutable
     subs = called_graph_modules(node)  # a higher-order op (a no_grad / autocast region): look inside
     if subs:
@@ -193,7 +193,7 @@ def _mask_subgraph(mask: fx.Node) -> Union[list[fx.Node], None]:
         if node.op != "call_function":
             return None  # get_attr (stored values), call_module / call_method (opaque)
         target = node.target
-        if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
+        if isinstance(target, OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
             return None
         stack.extend(node.all_input_nodes)  # through a size query too: a placeholder's dummy has the shape
     for node in seen:  # graph inputs are read for their sizes only
@@ -379,7 +379,7 @@ def _replacement(graph: fx.Graph, bound: dict[str, Any]) -> fx.Node:
 
 def _pure(node: fx.Node) -> bool:
     target = node.target
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, OpOverload):
         return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
     return getattr(target, "__module__", None) == "_operator"
 

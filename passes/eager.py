@@ -74,6 +74,7 @@ TWINS: dict[Any, Twin] = {
     aten.le.Tensor: Twin(torch.le),
     aten.cat.default: Twin(torch.cat),
     aten.split_with_sizes.default: Twin(torch.split_with_sizes),
+    aten.chunk.default: Twin(torch.chunk),
     aten.linear.default: Twin(F.linear),
     aten.mm.default: Twin(torch.mm),
     aten.addmm.default: Twin(torch.addmm, frozenset({"beta", "alpha"})),

@@ -1,4 +1,4 @@
-"""Fuse sibling down-projections: low-rank branches that read one input share one GEMM.
+r"""Fuse sibling down-projections: low-rank branches that read one input share one GEMM.
 
 After the splice (:mod:`.splice`) every low-rank branch has its own gated down-projection
 ``h_i = lora_down(x_i, A_i, g_i) = g_i * x_i A_i^T``. In a transformer block several sites read
@@ -31,6 +31,20 @@ visualization reads); the first site names the group, ``meta["graphlora"]["sites
 for ``lora_shrink`` nodes, then drops the ``A_i`` whose slice nobody reads any more.
 
 The pass knows no adapter method: it recognises ``lora_down`` by its target.
+
+**Serving programs.** :class:`FuseBankShrink` does the same for the adapter banks' updates
+``y_i = lora_bank(base_i, x, \hat A_i, \hat B_i)`` (:mod:`graphlora.banks`): sites reading one ``x``
+share one :func:`~.ops.bank_shrink` GEMM on their stacked gathered factors (one buffer the bank set
+keeps, written when the factors are gathered, so no concatenation per call), then each site's
+column block goes through its own expand ``base_i + h_i \hat B_i^\top``::
+
+    p   = bank_shrink(x, [\hat A_1; ...; \hat A_n])  # one cast of x, one GEMM
+    s   = chunk(p, n, -1)                          # n blocks of K R columns
+    y_i = lora_expand_(base_i, s[i], \hat B_i)        # or lora_expand where base_i is shared
+
+The same function per site (``s[i] = x \hat A_i^\top``, a column block of one GEMM); a
+transformer block's seven sites then run five shrinks instead of seven (with float32 adapters
+over a bf16 base, five casts of ``x`` instead of seven).
 """
 
 from __future__ import annotations
@@ -41,12 +55,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .ops import lora_down, lora_shrink
+from .ops import bank_shrink, lora_bank, lora_bank_, lora_down, lora_expand, lora_expand_, lora_shrink
 from .result import GraphPass
 from .sites import getattr_path
 from .specialize import GateReader
 
-__all__ = ["FuseShrink", "freeze_shrink", "ENABLED"]
+__all__ = ["FuseShrink", "FuseBankShrink", "freeze_shrink", "ENABLED"]
 
 aten = torch.ops.aten
 
@@ -159,3 +173,67 @@ def freeze_shrink(gm: fx.GraphModule, node: fx.Node, read: GateReader) -> list[f
     for new, old in enumerate(keep):
         items[old].args = (split, new)
     return [m for i, m in enumerate(mats) if i not in items]
+
+
+# ---------------------------------------------------------------------------- serving programs
+_BANK_UPDATES = {lora_bank: lora_expand, lora_bank_: lora_expand_}
+
+
+class FuseBankShrink(GraphPass):
+    r"""One :func:`~.ops.bank_shrink` GEMM per group of bank updates reading one input (module doc).
+
+    Args:
+        stack: given the ``get_attr`` targets of a group's gathered ``\hat A`` (graph order), the
+            ``get_attr`` target of one buffer holding them stacked by rows, kept current by its
+            owner (:meth:`graphlora.banks.BankSet.stack`); ``None`` leaves the group unfused.
+
+    ``modified`` is False when no two bank updates read the same input.
+    """
+
+    def __init__(self, stack: Any) -> None:
+        self.stack = stack
+
+    def rewrite(self, gm: fx.GraphModule) -> bool:
+        groups: dict[tuple, list[tuple[fx.Node, torch.Tensor]]] = {}
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _BANK_UPDATES or len(node.args) != 4 or node.kwargs:
+                continue
+            _, x, a, _ = node.args
+            mat = _tensor(gm, a)
+            if isinstance(x, fx.Node) and mat is not None:
+                groups.setdefault((x, mat.dtype, mat.device, tuple(mat.shape)), []).append((node, mat))
+        modified = False
+        for group in groups.values():
+            if len(group) > 1:
+                modified |= self._fuse(gm, group)
+        return modified
+
+    def _fuse(self, gm: fx.GraphModule, group: list[tuple[fx.Node, torch.Tensor]]) -> bool:
+        updates = [u for u, _ in group]
+        target = self.stack(tuple(str(u.args[2].target) for u in updates))
+        if target is None:
+            return False
+        graph, first = gm.graph, updates[0]
+        x = first.args[1]
+        a_name = first.args[2].name  # the splice names it ``<site key>_bank_a_hat``
+        tag = a_name[: -len("_bank_a_hat")] if a_name.endswith("_bank_a_hat") else first.name
+        meta = {k: first.meta[k] for k in ("nn_module_stack",) if k in first.meta}
+        with graph.inserting_before(first):
+            stacked = graph.create_node("get_attr", target, (), {}, name=f"{tag}_bank_a_stack")
+            shrink = graph.create_node("call_function", bank_shrink, (x, stacked), {}, name=f"{tag}_bank_shrink")
+            # equal blocks, by count not size: the factors' width K R may grow without a re-splice
+            split = graph.create_node("call_function", aten.chunk.default, (shrink, len(updates), -1), {},
+                                      name=f"{tag}_bank_split")
+            items = [graph.create_node("call_function", operator.getitem, (split, i), {}, name=f"{tag}_bank_h{i}")
+                     for i in range(len(updates))]
+        sites = tuple((u.meta.get("graphlora") or {}).get("site") for u in updates)
+        for n in (stacked, shrink, split, *items):
+            n.meta.update(meta)
+            n.meta["graphlora"] = {"role": "adapter", "site": sites[0], "adapter": "bank", "sites": sites}
+        for update, item in zip(updates, items):
+            base, _, a, b = update.args
+            update.target = _BANK_UPDATES[update.target]
+            update.args = (base, item, b)
+            if not a.users:
+                graph.erase_node(a)
+        return True

@@ -268,41 +268,60 @@ def lora_bank(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
         base: the base op's output ``[..., d_out]``; x: its input ``[..., d_in]``.
         a_hat / b_hat: the gathered factors (unused positions hold zeros).
     """
-    d_out = b_hat.shape[0]
-    h = _bank_shrink(x, a_hat)
-    if h.dtype != base.dtype:  # float32 adapters over an fp16 / bf16 base: add in float32, round once
-        return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h, b_hat.t()).to(base.dtype).view(base.shape)
-    return torch.addmm(base.reshape(-1, d_out), h, b_hat.t()).view(base.shape)
+    return lora_expand(base, bank_shrink(x, a_hat), b_hat)
 
 
-def _bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
-    r"""``x \hat A^\top`` as ``[tokens, K R]`` (``x`` cast to the factors' dtype when it differs)."""
+def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
+    r"""``h = x \hat A^\top`` as ``[tokens, rows]`` (``x`` cast to the factors' dtype when it differs).
+
+    ``a_hat`` is one site's gathered factors, or several sibling sites' stacked
+    (:class:`~graphlora.passes.fuse_shrink.FuseBankShrink`: ``q`` / ``k`` / ``v`` read one ``x``, so one
+    GEMM and one cast serve the three; each site's ``h`` is a column block of the result).
+    """
     h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
     return h.reshape(-1, h.shape[-1])
+
+
+def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
+    r"""``y = \text{base} + h \hat B^\top`` out of place (``h`` ``[tokens, K R]`` from :func:`bank_shrink`).
+
+    Float32 factors over an fp16 / bf16 base add in float32 and round once, as PEFT does
+    (``result + lora(x.float())``, then the cast back).
+    """
+    d_out = b_hat.shape[0]
+    if h.dtype != base.dtype:
+        return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h, b_hat.t()).to(base.dtype).view(base.shape)
+    return torch.addmm(base.reshape(-1, d_out), h, b_hat.t()).view(base.shape)
 
 
 def lora_bank_(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
     r""":func:`lora_bank` adding into ``base`` in place: ``base += (x \hat A^\top) \hat B^\top``.
 
     The splice uses it where nothing else reads ``base`` (the base op's fresh output, no branch
-    reading it: :meth:`~graphlora.passes.splice.SiteBuilder.add_update`): an out-of-place
-    ``addmm`` first copies ``base`` into its result (one more kernel and a pass over
-    ``[tokens, d_out]``), this one accumulates into it (GEMM with ``beta = 1``). Serving programs
-    only: they run without grad. Float32 adapters over an fp16 / bf16 base keep :func:`lora_bank`'s
-    rounding (the sum in float32, rounded once), into the float32 copy. Under ``torch.autocast``
-    (which casts out-of-place ops only) it is :func:`lora_bank`.
+    reading it: :meth:`~graphlora.passes.splice.SiteBuilder.add_update`). Serving programs only:
+    they run without grad. See :func:`lora_expand_`.
+    """
+    return lora_expand_(base, bank_shrink(x, a_hat), b_hat)
+
+
+def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
+    r""":func:`lora_expand` into ``base`` in place: ``base += h \hat B^\top``.
+
+    An out-of-place ``addmm`` first copies ``base`` into its result (one more kernel and a pass
+    over ``[tokens, d_out]``); this one accumulates into it (GEMM with ``beta = 1``). Float32
+    factors over an fp16 / bf16 base: ``u = h \hat B^\top`` in float32, then ``base += u``, which
+    adds in float32 and rounds once into ``base`` (two kernels; the out-of-place form is three:
+    upcast, ``addmm``, downcast). Under ``torch.autocast`` (which casts out-of-place ops only) and
+    for a strided ``base`` it is :func:`lora_expand`.
     """
     # autocast casts out-of-place ops only (and knows no "meta" device: asking raises there)
-    if base.device.type != "meta" and torch.is_autocast_enabled(base.device.type):
-        return lora_bank(base, x, a_hat, b_hat)
-    d_out = b_hat.shape[0]
-    h = _bank_shrink(x, a_hat)
+    if (base.device.type != "meta" and torch.is_autocast_enabled(base.device.type)) or not base.is_contiguous():
+        return lora_expand(base, h, b_hat)
+    flat = base.view(-1, b_hat.shape[0])
     if h.dtype != base.dtype:
-        return base.reshape(-1, d_out).to(h.dtype).addmm_(h, b_hat.t()).to(base.dtype).view(base.shape)
-    flat = base.view(-1, d_out) if base.is_contiguous() else None
-    if flat is None:  # a strided base output: the out-of-place form
-        return torch.addmm(base.reshape(-1, d_out), h, b_hat.t()).view(base.shape)
-    flat.addmm_(h, b_hat.t())
+        flat.add_(torch.mm(h, b_hat.t()))
+    else:
+        flat.addmm_(h, b_hat.t())
     return base
 
 

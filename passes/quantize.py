@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from ._compat import wrapper_subclass
 from .ops import lora_switch
 from .result import GraphPass
 from .sites import Site
@@ -159,7 +160,7 @@ class QuantizedWeight(Tensor):
     def __new__(cls, fmt: str, inner: Mapping[str, Tensor], params: tuple, shape: Sequence[int],
                 dtype: torch.dtype, external: Union[ExternalFormat, None] = None) -> "QuantizedWeight":
         device = external.device if external is not None else next(iter(inner.values())).device
-        return Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=device, requires_grad=False)
+        return wrapper_subclass(cls, tuple(shape), dtype, device)
 
     def __init__(self, fmt: str, inner: Mapping[str, Tensor], params: tuple, shape: Sequence[int],
                  dtype: torch.dtype, external: Union[ExternalFormat, None] = None) -> None:

@@ -217,3 +217,77 @@ def test_delete_and_readd_give_the_same_code():
         assert not [n for n in gm.graph.nodes if (n.meta.get("graphlora") or {}).get("adapter") == "b"]
         gm.add_adapter("b", graphlora.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "up_proj"]))
         assert gm.code == code
+
+
+# ------------------------------------------------------------------------------------------ serving programs
+def _serving(gm):
+    """The module of ``gm``'s serving (``BANK``) program, after one eval call under ``no_grad``."""
+    from graphlora.calls import BANK
+
+    gm.eval()
+    with torch.no_grad():
+        gm(input_ids=IDS)
+    return next(p for p in gm.programs if p.mode == BANK).module
+
+
+def _switch_form(gm):
+    """Logits of the training (switch) form in eval mode: the reference for the serving program."""
+    return gm(input_ids=IDS).logits.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_serving_programs_share_one_bank_shrink_per_input_and_equal_the_switch_form(dtype):
+    """q/k/v and gate/up read one input: one ``bank_shrink`` GEMM on the stacked gathered factors,
+    then each site's expand; o_proj / down_proj keep their own ``lora_bank_``. Two adapters of
+    different ranks, float32 adapters over a bf16 base included (one cast of x per group)."""
+    from graphlora.passes.ops import bank_shrink, lora_bank_, lora_expand_
+
+    gm = _model(dtype)
+    module = _serving(gm)
+    assert len(_nodes(module, bank_shrink)) == 2 * 2  # q/k/v and gate/up, per layer
+    assert len(_nodes(module, lora_expand_)) == 2 * 5 and len(_nodes(module, lora_bank_)) == 2 * 2
+    shrink = _nodes(module, bank_shrink)[0]
+    stacked = shrink.args[1]
+    assert stacked.op == "get_attr" and stacked.target.startswith("graphlora._banks.a_stack")
+    assert shrink.meta["graphlora"]["sites"] == tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")
+    with torch.no_grad():
+        served = gm(input_ids=IDS).logits
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(served, _switch_form(gm), **tol)
+    with fusion(False):
+        plain = _model(dtype)
+    plain.load_state_dict(gm.state_dict())
+    plain_module = _serving(plain)
+    assert not _nodes(plain_module, bank_shrink) and len(_nodes(plain_module, lora_bank_)) == 2 * 7
+    with torch.no_grad():  # the fused GEMM's column blocks are the unfused GEMMs: equal up to rounding
+        torch.testing.assert_close(served, plain(input_ids=IDS).logits, **tol)
+
+
+def test_fused_serving_follows_switches_hot_adds_width_growth_and_training_steps():
+    """The stacked factors are rewritten by every gather: a switch, a third adapter active at once
+    (the factors' width grows, the stack buffer is remade, the graph is not re-spliced), a hot add
+    into a free slot, an optimizer step on a banked adapter."""
+    gm = _model()
+    module = _serving(gm)
+    code = module.code
+    checks = []
+
+    def check():
+        with torch.no_grad():
+            served = gm(input_ids=IDS).logits
+        torch.testing.assert_close(served, _switch_form(gm), rtol=1e-5, atol=1e-5)
+        checks.append(served)
+
+    gm.set_adapter("b")
+    check()
+    gm.add_adapter("c", graphlora.LoraConfig(r=3, target_modules=["k_proj", "gate_proj"], init_lora_weights=False))
+    gm.set_adapter(["default", "b", "c"])  # K = 3
+    check()
+    assert _serving(gm).code == code  # same graph: the chunk count is per site, not per width
+    gm.train()
+    opt = torch.optim.SGD([p for n, p in gm.named_parameters() if ".c." in n or n.endswith(".c")], lr=0.5)
+    _step(gm)
+    opt.step()
+    gm.eval()
+    check()
+    assert not torch.equal(checks[-1], checks[-2])

@@ -188,12 +188,36 @@ def test_the_in_place_bank_update_equals_the_out_of_place_one_bit_for_bit(base_d
     assert torch.equal(lora_bank_(strided, x, a_hat, b_hat), want)
 
 
+@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                      (torch.bfloat16, torch.float32)])
+def test_a_column_block_of_one_stacked_shrink_expands_as_its_own_bank_update(base_dtype, adapter_dtype):
+    """Sibling sites share ``bank_shrink(x, [A_1; A_2])``; each expands its column block (a strided
+    view) in place or out of place, with the result of its own ``lora_bank`` (float32 adapters over
+    bf16: the update in float32, rounded once into the base output)."""
+    from graphlora.passes.ops import bank_shrink, lora_bank, lora_expand, lora_expand_
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 12, generator=gen).to(base_dtype)
+    bases = [torch.randn(2, 5, d, generator=gen).to(base_dtype) for d in (20, 6)]
+    a_hats = [torch.randn(8, 12, generator=gen).to(adapter_dtype) for _ in bases]
+    b_hats = [torch.randn(d, 8, generator=gen).to(adapter_dtype) for d in (20, 6)]
+    blocks = bank_shrink(x, torch.cat(a_hats)).chunk(2, -1)
+    assert not blocks[1].is_contiguous()
+    # rounding only: one GEMM's column block against its own GEMM, mm + add against addmm
+    tol = {"rtol": 1e-5, "atol": 1e-5} if base_dtype == torch.float32 else {"rtol": 1e-2, "atol": 5e-2}
+    for base, a_hat, b_hat, h in zip(bases, a_hats, b_hats, blocks):
+        want = lora_bank(base, x, a_hat, b_hat)
+        for got in (lora_expand(base, h, b_hat), lora_expand_(base.clone(), h, b_hat)):
+            assert got.dtype == base.dtype and got.shape == base.shape
+            torch.testing.assert_close(got, want, **tol)
+
+
 def test_serving_programs_add_into_the_base_output_in_place_and_equal_the_switch_form():
     """The bank update adds into the base op's output in place (nothing else reads it); with a
     DoRA branch on the same site (its residual reads the base output) the update comes after
     that residual's add, so the base output is never overwritten: outputs equal the switch form."""
     from graphlora.calls import BANK
-    from graphlora.passes.ops import lora_bank, lora_bank_
+    from graphlora.passes.ops import lora_bank, lora_bank_, lora_expand, lora_expand_
     from models import randomize_b, token_ids
 
     gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -207,8 +231,9 @@ def test_serving_programs_add_into_the_base_output_in_place_and_equal_the_switch
     want = gm(input_ids=ids).logits.detach()  # grad enabled: the switch form
     torch.testing.assert_close(served, want, atol=1e-5, rtol=1e-5)
     module = next(p for p in gm.programs if p.mode == BANK).module
-    updates = [n.target for n in module.graph.nodes if n.op == "call_function" and n.target in (lora_bank, lora_bank_)]
-    assert len(updates) == 4 and all(t is lora_bank_ for t in updates)
+    kinds = (lora_bank, lora_bank_, lora_expand, lora_expand_)  # q / v share one shrink: their expands
+    updates = [n.target for n in module.graph.nodes if n.op == "call_function" and n.target in kinds]
+    assert len(updates) == 4 and all(t in (lora_bank_, lora_expand_) for t in updates)
 
 
 def test_serving_under_autocast_runs_and_equals_the_switch_form_under_autocast():

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import GraphLoraError
+from ..passes._compat import OpOverload, OpOverloadPacket
 
 __all__ = ["VIEWS", "VizError", "to_networkx", "before_after", "module_of", "block_depth", "group_path", "is_plumbing"]
 
@@ -73,7 +74,7 @@ def _target_name(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, str):
         return target
-    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+    if isinstance(target, OpOverload | OpOverloadPacket):
         return str(target)
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
@@ -86,7 +87,7 @@ def _short_op(node: fx.Node) -> str:
     """A short op label: ``linear``, ``mul``, ``lora_switch``, ``fc1``..."""
     if node.op == "call_function":
         target = node.target
-        if isinstance(target, torch._ops.OpOverload):
+        if isinstance(target, OpOverload):
             return target._opname if hasattr(target, "_opname") else str(target).split(".")[1]
         return getattr(target, "__name__", _target_name(node).rsplit(".", 1)[-1])
     if node.op == "call_method":
