@@ -17,7 +17,8 @@ very same call; ratios against the base model in the same mode from this process
 - ``unfused`` rows: the same calls with one shrink GEMM per site (sibling sites' shrinks not shared,
   ``passes/fuse_shrink.py``), from the same process.
 
-``--part eager`` / ``--part compiled`` split the work into two device calls; ``--tiny`` is a CPU smoke
+``--part eager`` / ``--part compiled`` split the work into two device calls; ``--part ab`` times eager
+base / fused / unfused in turns (:func:`interleaved`); ``--tiny`` is a CPU smoke
 run. Run: ``python bench/bench_serving.py --part all --out bench/serving-h200.json``.
 """
 
@@ -110,7 +111,7 @@ def row_names(gm, k: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--part", default="all", choices=["eager", "compiled", "all"])
+    ap.add_argument("--part", default="all", choices=["eager", "compiled", "all", "ab"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--counts", default="1,4,16,64")
     args = ap.parse_args()
@@ -147,6 +148,11 @@ def main() -> None:
 
     def ids(b: int, s: int) -> torch.Tensor:
         return torch.randint(0, vocab, (b, s), generator=gen).to(device)
+
+    if args.part == "ab":
+        results["ab"] = interleaved(base, ids, big, device)
+        dump()
+        return
 
     x_big, x_few = ids(4, big), ids(8, 16)
     x_mix16, x_mix64 = ids(16, 128 if not args.tiny else 4), ids(64, 128 if not args.tiny else 4)
@@ -231,6 +237,34 @@ def main() -> None:
     for key, value in ms.items():
         ratio = next((v for k, v in ratios.items() if k.startswith(key + " /")), None)
         print(f"| {key} | {value:.3f} | {'' if ratio is None else f'{ratio:.3f}x'} |")
+
+
+def interleaved(base, ids, big: int, device, rounds: int = 7) -> dict:
+    """Eager base / graphlora fused / graphlora unfused (one shrink GEMM per site), timed in turns,
+    ``rounds`` times: host speed drifts within a process, so each round's three timings are taken
+    back to back and the ratios are medians over rounds. Returns label -> per-round ms and ratios."""
+    from graphlora.passes import fuse_shrink
+
+    models = {"base": lambda x: base(input_ids=x, use_cache=False)}
+    for label, on in (("fused", True), ("unfused", False)):
+        fuse_shrink.ENABLED = on
+        gm = graphlora.inject(base, graphlora.LoraConfig(**LORA))
+        randomize(gm, "default", 0)
+        gm.eval()
+        models[label] = gm
+    fuse_shrink.ENABLED = True
+    out: dict = {}
+    for shape, x in (("4x512", ids(4, big)), ("8x16", ids(8, 16))):
+        runs: dict = {label: [] for label in models}
+        for _ in range(rounds):
+            for label, m in models.items():
+                fn = (lambda m=m: m(x)) if label == "base" else (lambda m=m: m(input_ids=x))
+                runs[label].append(timer(fn, device, warmup=3, iters=20))
+        med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+        ratios = {k: sorted(r / b for r, b in zip(v, runs["base"]))[rounds // 2] for k, v in runs.items() if k != "base"}
+        out[shape] = {"ms per round": runs, "median ms": med, "median ratio to base": ratios}
+        print(shape, {k: round(v, 3) for k, v in med.items()}, {k: round(v, 3) for k, v in ratios.items()}, flush=True)
+    return out
 
 
 def decode(gm, base, ids, device, record, mode: str, wrap) -> None:

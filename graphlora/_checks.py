@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -130,6 +130,19 @@ def _placed_like(param: torch.Tensor, weight: torch.Tensor) -> bool:
     return param.device == weight.device and (param.dtype == weight.dtype or upcast)
 
 
+def _first_parameter(module: nn.Module) -> Union[torch.Tensor, None]:
+    """``next(module.parameters(), None)`` without ``named_modules``' bookkeeping (every add looks
+    at one parameter of every loaded adapter on each of its sites)."""
+    for param in module._parameters.values():
+        if param is not None:
+            return param
+    for child in module._modules.values():
+        found = None if child is None else _first_parameter(child)
+        if found is not None:
+            return found
+    return None
+
+
 def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Module, site_names: Iterable[str],
                     action: str, *, loading: bool = False) -> None:
     """Refuse to add or load an adapter when the adapters already on a site have another dtype or
@@ -161,7 +174,7 @@ def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Modul
             )
         branches = store._modules.get(site_key(site))
         for adapter, branch in (branches._modules.items() if branches is not None else ()):
-            first = next(branch.parameters(), None)  # one look per adapter; all of its parameters if it is off
+            first = _first_parameter(branch)  # one look per adapter; all of its parameters if it is off
             if first is None or _placed_like(first, weight):
                 continue
             for name, param in branch.named_parameters():

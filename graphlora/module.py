@@ -29,7 +29,7 @@ import functools
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -218,8 +218,9 @@ class AdaptedGraphModule(fx.GraphModule):
     def _records(self) -> dict:
         return self._programs.records
 
-    def _transaction(self, tensors: Iterable[torch.Tensor] = ()) -> contextlib.AbstractContextManager:
-        return transaction(self, tensors=tensors)
+    def _transaction(self, tensors: Iterable[torch.Tensor] = (),
+                     untouched: Collection[str] = ()) -> contextlib.AbstractContextManager:
+        return transaction(self, tensors=tensors, untouched=untouched)
 
     # ------------------------------------------------------------------ calling
     def recompile(self):
@@ -428,7 +429,7 @@ class AdaptedGraphModule(fx.GraphModule):
             if upcast:
                 _upcast(branch)
             branches[name] = branch
-        with self._transaction():
+        with self._transaction(untouched=tuple(state.configs)):  # the loaded adapters' branches stay as they are
             state.add(adapter_name, config, plan, branches)
             saved_modules.install_extras(state, adapter_name, extras, self._facts.source)
             # into a free bank slot (plain LoRA): a tensor write; set_active syncs

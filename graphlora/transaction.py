@@ -14,8 +14,8 @@ values of ``tensors`` (what the call writes in place: a hotswap's adapter weight
 merge or unmerge rewrites), base weights merged for the first time by the call (from the original
 the merge recorded, so a first merge costs no extra copy), and every program's graph. Switch buffers are then rewritten from the restored state.
 
-What the snapshot costs: dict copies, one shallow ``__dict__`` copy per store module, and clones of
-``tensors`` only. Transactions nest: an inner one (``load_adapter`` calling ``add_adapter``) leaves
+What the snapshot costs: dict copies, one shallow ``__dict__`` copy per store module (none for the
+branches of adapters the call names ``untouched``), and clones of ``tensors`` only. Transactions nest: an inner one (``load_adapter`` calling ``add_adapter``) leaves
 the restoring to the outermost, which snapshotted first.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -34,10 +34,24 @@ from graphlora.passes.sites import getattr_path
 __all__ = ["transaction"]
 
 
-def _module_tree(root: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
-    """Each module under ``root`` with a copy of its ``__dict__`` (its three registries copied too)."""
+def _modules(root: nn.Module, skip: Collection[int]) -> list[nn.Module]:
+    """``root`` and every module under it once (``root.modules()``), not descending into modules
+    whose ``id`` is in ``skip``: a walk over ``_modules`` without ``named_modules``' bookkeeping."""
+    out, seen, stack = [], set(skip), [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+    return out
+
+
+def _module_tree(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Each module with a copy of its ``__dict__`` (its three registries copied too)."""
     out = []
-    for module in root.modules():
+    for module in modules:
         saved = dict(module.__dict__)
         for registry in ("_parameters", "_buffers", "_modules"):
             saved[registry] = dict(saved[registry])
@@ -52,12 +66,16 @@ def _restore_tree(tree: list[tuple[nn.Module, dict[str, Any]]]) -> None:
 
 
 @contextlib.contextmanager
-def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = ()) -> Iterator[None]:
+def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = (), untouched: Collection[str] = ()) -> Iterator[None]:
     """Run the body; on any exception restore ``gm`` (see the module docstring) and re-raise.
 
     Args:
         gm: the :class:`~graphlora.AdaptedGraphModule`.
         tensors: tensors the body writes in place (they are cloned first).
+        untouched: adapters whose branch modules the body leaves as they are (``add_adapter``:
+            every adapter loaded before it). Their modules are not snapshot, so the snapshot costs
+            what the call changes, not what every loaded adapter holds; their switch buffers and
+            ``requires_grad`` follow the restored state anyway (the restore ends with a full sync).
     """
     depth = gm._transaction_depth
     if depth:
@@ -70,8 +88,10 @@ def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = ()) -> Iterator[No
     state = gm.adapter_state
     saved_state = (dict(state.configs), dict(state.plans), dict(state.weights), state.enabled, state.trainable,
                    copy.copy(state.merge), dict(state.merge.originals), dict(state.merge.merged), state.banks.copy())
-    tree = _module_tree(state.store)
-    grads = [(p, p.requires_grad) for p in gm.parameters()]  # the store's included (a child of gm)
+    skip = {id(branch) for _, _, branch in state.store.branches_of(untouched)} if untouched else set()
+    tree = _module_tree(_modules(state.store, skip))
+    grads = [(p, p.requires_grad) for p in dict.fromkeys(  # the store's included (a child of gm)
+        p for m in _modules(gm, skip) for p in m._parameters.values() if p is not None)]
     backups = [(t, t.detach().clone()) for t in tensors]
     programs = gm.programs.snapshot()
     gm._transaction_depth = 1

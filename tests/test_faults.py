@@ -200,3 +200,47 @@ def test_load_failing_half_way_leaves_module_unchanged(monkeypatch, tmp_path, ow
     assert target in gm.adapters
     if name in ("copy_", "read_adapter_dir", "sync"):
         assert calls_seen > 0, f"{name} was never failed: not a step of this load"
+
+
+# ------------------------------------------------------------------------------------ adding
+ADD_STEPS = [
+    (AdapterState, "sync"),
+    ("graphlora.banks", "place_one"),
+    ("graphlora.banks", "write_state"),
+    (ProgramSet, "invalidate"),
+    (torch.Tensor, "copy_"),
+]
+
+
+@pytest.mark.parametrize("owner,name", ADD_STEPS, ids=[n for _, n in ADD_STEPS])
+def test_add_failing_half_way_leaves_module_unchanged(monkeypatch, owner, name):
+    """add_adapter snapshots only what it can change (the loaded adapters' branches are left out of
+    the snapshot): a failure at any call still leaves every adapter's gates, requires_grad, bank
+    slots and outputs as they were, in training mode (where adding flips the others' requires_grad)."""
+    owner = _owner(owner)
+    n = 1
+    while True:
+        model, gm = _module()
+        gm.set_adapter(["default", "b"])
+        x = torch.randn(3, 12)
+        gm.eval()
+        with torch.no_grad():
+            y = gm(x)  # the serving program, from the banks
+        gm.train()
+        before = snapshot(gm, model)
+        with fail_at(monkeypatch, owner, name, n) as calls:
+            try:
+                gm.add_adapter("fresh", LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False))
+            except Boom:
+                failed = True
+            else:
+                failed = False
+        if not failed:
+            break
+        assert_unchanged(before, snapshot(gm, model))
+        gm.eval()
+        with torch.no_grad():
+            assert torch.equal(gm(x), y)
+        n += 1
+    assert calls["n"] >= n - 1 and n > 1, f"{name} was never failed: not a step of this add"
+    assert gm.active_adapters == ["fresh"]
