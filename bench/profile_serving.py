@@ -74,8 +74,12 @@ def main() -> None:
     ap.add_argument("--tokens", default="4x512,8x16")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--host", action="store_true", help="cProfile the host side of each call instead")
+    ap.add_argument("--compiled", action="store_true",
+                    help="profile torch.compile'd base and graphlora (fused / unfused) instead of eager")
     ap.add_argument("--out", default=None)  # accepted for bench/h200_run.sh; the report is stdout
     args = ap.parse_args()
+    if args.compiled:
+        return compiled(args)
     import peft
 
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -103,6 +107,26 @@ def main() -> None:
             measure_form(f"graphlora merged {shape}", lambda: gm(input_ids=ids), args.top)
             gm.unmerge_adapter()
             measure_form(f"peft {shape}", lambda: pm(input_ids=ids, use_cache=False), args.top)
+
+
+def compiled(args) -> None:
+    """Kernels and CUDA time per call of the compiled base and graphlora, fused and unfused sibling
+    shrinks (host-speed independent, unlike the wall times of few-token calls)."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    base, cfg = build(False, device, dtype)
+    gm = graphlora.inject(base, graphlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    randomize_lora(gm, 0)
+    gm.eval()
+    gen = torch.Generator().manual_seed(0)
+    cb, cg = torch.compile(base), torch.compile(gm)
+    with torch.no_grad():
+        for shape in args.tokens.split(","):
+            b, s = (int(v) for v in shape.split("x"))
+            ids = torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device)
+            measure(f"base compiled {shape}", lambda: cb(input_ids=ids, use_cache=False), args.top)
+            measure(f"graphlora compiled {shape}", lambda: cg(input_ids=ids), args.top)
+            with unfused(gm):
+                measure(f"graphlora compiled unfused {shape}", lambda: cg(input_ids=ids), args.top)
 
 
 if __name__ == "__main__":
