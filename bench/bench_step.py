@@ -2,7 +2,8 @@
 
 Model: Llama-7B-shaped, 4 layers, bf16 (``bench_gpu.build``); batch 4 x 1024 tokens, ``labels=ids``;
 LoRA r=16, alpha=32 on q,k,v,o,gate,up,down, the same weights for PEFT. Cases: graphlora with the
-sibling down-projections fused (``passes/fuse_shrink.py``), graphlora without, PEFT. Each is
+sibling down-projections fused (``passes/fuse_shrink.py``), graphlora without, PEFT, and the floor:
+the frozen base with only its activations' gradients computed. Each is
 ``torch.compile``d, run once (compile) and then timed (median of CUDA events after warm-ups of the
 very same call); peak memory is ``max_memory_allocated`` during the timed steps. Run:
 ``python bench/bench_step.py --out step-h200.json`` (``--tiny``: a CPU smoke run).
@@ -25,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each case's step")
     args = ap.parse_args()
     import peft
 
@@ -57,6 +59,8 @@ def main() -> None:
         if device.type == "cuda":
             results["peak_gib"][label] = torch.cuda.max_memory_allocated() / 2**30
         print(label, results["ms"][label], results["peak_gib"].get(label), flush=True)
+        if args.profile and device.type == "cuda":
+            results.setdefault("top kernels", {})[label] = top_kernels(step)
         torch._dynamo.reset()
 
     def graphlora_case(fused: bool):
@@ -77,11 +81,20 @@ def main() -> None:
         copy_into_peft(reference, pm, "default")
         return pm, {"use_cache": False}
 
+    def floor_case():
+        """The frozen base, nothing trainable, the input embeddings requiring grad: the backward
+        computes only the activations' gradients, what any adapter step pays at least."""
+        model = copy.deepcopy(base)
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model, {"use_cache": False}
+
+    case("base frozen (dx only)", floor_case)
     case("graphlora fused", graphlora_case(True))
     case("graphlora unfused", graphlora_case(False))
     case("peft", peft_case)
     fuse_shrink.ENABLED = True
-    for label in ("graphlora fused", "graphlora unfused"):
+    for label in ("graphlora fused", "graphlora unfused", "base frozen (dx only)"):
         results[f"{label} / peft time"] = results["ms"][label] / results["ms"]["peft"]
         if results["peak_gib"]:
             results[f"{label} / peft peak"] = results["peak_gib"][label] / results["peak_gib"]["peft"]
@@ -89,6 +102,23 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)
+
+
+def top_kernels(step, calls: int = 3, top: int = 15) -> list[str]:
+    """The ``top`` CUDA kernels of ``calls`` steps by their own time (ms per step, count per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) / calls / 1e3
+    lines = [f"CUDA {total:.3f} ms/step, {sum(e.count for e in events) / calls:.0f} kernels/step"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        lines.append(f"{e.self_device_time_total / calls / 1e3:8.3f} ms {e.count / calls:5.0f}x {e.key[:100]}")
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 if __name__ == "__main__":
