@@ -1,6 +1,6 @@
 """Triton kernels for the adapter path on CUDA (bf16/fp16); everything else takes plain PyTorch.
 
-Two kernels for the update ``y += h B^T`` (``h = g x A^T``, rank ``r``), which cuBLAS runs far
+Kernels for the update ``y += h B^T`` (``h = g x A^T``, rank ``r``), which cuBLAS runs far
 above its bandwidth floor when the inner dimension is ``r`` (16):
 
 - :func:`lora_add`: ``out = y + h B^T`` in one pass over ``y`` (``addmm(y, h, B^T)`` with a
@@ -9,6 +9,8 @@ above its bandwidth floor when the inner dimension is ``r`` (16):
 - :func:`lora_linear`: the base GEMM with the rank-``r`` update as its epilogue,
   ``y = x W^T + b + h B^T``: after the ``K`` loop over ``x`` and ``W`` the fp32 accumulator gets
   ``h_tile @ B_tile^T`` before the single store, so the adapter costs no pass over ``y`` at all.
+- :func:`expand_into`: ``y += h B^T`` in place with float32 ``h`` and ``B`` over a bf16 / fp16
+  ``y`` (the serving banks' update with PEFT's default float32 adapters).
 
 Every kernel accumulates in fp32 and rounds once on store. Several adapters at one site are
 handled by concatenating their ``h`` and ``B`` along the rank dimension. Tile configurations are
@@ -25,8 +27,11 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-__all__ = ["available", "fused_linear_ok", "lora_add", "lora_linear"]
+__all__ = ["available", "expand_into", "expand_ok", "fused_linear_ok", "lora_add", "lora_linear"]
 
+#: :func:`expand_into` serves calls of at least this many tokens (below, the call is bound by the
+#: host, where a Python kernel launch costs more than it saves)
+EXPAND_MIN_TOKENS = 512
 #: ``lora_add`` tiles: (BM, BN, num_warps).
 ADD_CONFIG = (64, 128, 4)
 #: ``lora_linear`` tiles: (BM, BN, BK, GROUP_M, num_warps, num_stages, flatten, warp_specialize, programs).
@@ -90,11 +95,32 @@ def _triton():
                 acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             o_d.store([om, on], acc.to(o_d.dtype))
 
+    @triton.jit
+    def expand_kernel(y, h, b, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br,
+                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+        # y[M, N] (bf16 / fp16) += h[M, R] @ b[N, R]^T with float32 h and b: an exact float32 dot
+        # (input_precision="ieee", not tf32), the sum with y in float32, one rounding on store
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        mask_m = rm < M
+        mask_n = rn < N
+        ht = tl.load(h + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
+        bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & (rr[None, :] < R), other=0.0)
+        acc = tl.dot(ht, tl.trans(bt), input_precision="ieee")
+        mask = mask_m[:, None] & mask_n[None, :]
+        ptrs = y + rm[:, None] * s_ym + rn[None, :] * s_yn
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc.to(y.dtype.element_ty), mask=mask)
+
     try:  # host-side TMA descriptors (Triton >= 3.3); without them lora_linear is not offered
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         TensorDescriptor = None
-    return SimpleNamespace(triton=triton, add=add_kernel, linear=linear_tma_kernel, descriptor=TensorDescriptor)
+    return SimpleNamespace(triton=triton, add=add_kernel, expand=expand_kernel, linear=linear_tma_kernel,
+                           descriptor=TensorDescriptor)
 
 
 def available(t: Tensor) -> bool:
@@ -154,6 +180,35 @@ def lora_add(y: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor], config: tupl
                 b.stride(0), b.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN, BR=_rank_block(R),
                 num_warps=warps)
     return out
+
+
+def expand_ok(y: Tensor, h: Tensor) -> bool:
+    """Whether :func:`expand_into` serves this ``y`` ``[M, N]`` and float32 ``h``: CUDA, bf16 /
+    fp16 ``y`` with unit last stride, at least :data:`EXPAND_MIN_TOKENS` rows, eager (a Python
+    launch; under ``torch.compile`` Inductor fuses the add itself)."""
+    return (h.dtype == torch.float32 and y.shape[0] >= EXPAND_MIN_TOKENS and y.stride(-1) == 1 and available(y)
+            and not torch.compiler.is_compiling())
+
+
+def expand_into(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG) -> Tensor:
+    r"""``y += h B^\top`` in place for a bf16 / fp16 ``y`` ``[M, N]`` and float32 ``h`` ``[M, R]``,
+    ``B`` ``[N, R]``: the update in float32 (an exact float32 dot), added to ``y`` in float32,
+    rounded once into ``y``.
+
+    The float32 adapters over a bf16 base (PEFT's default) otherwise take ``u = mm(h, B^T)`` (a
+    float32 ``[M, N]`` written and read back) and ``y += u``, TensorIterator's mixed-dtype add,
+    which measured 1.39 ms for the 28 sites of a 4 x 512-token call on an H200, about 2.4x its
+    bandwidth floor (``bench/h200-2026-12-02/profile-serving-kernels-fused.log``). This is one pass
+    over ``y``. ``h`` may be a column block of a wider tensor (any strides).
+    """
+    k = _triton()
+    M, N = y.shape
+    R = h.shape[1]
+    BM, BN, warps = config
+    grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
+    k.expand[grid](y, h, b, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+                   BM=BM, BN=BN, BR=_rank_block(R), num_warps=warps)
+    return y
 
 
 def lora_linear(x: Tensor, w: Tensor, bias: Tensor | None, hs: Sequence[Tensor], bs: Sequence[Tensor],

@@ -311,7 +311,8 @@ def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     over ``[tokens, d_out]``); this one accumulates into it (GEMM with ``beta = 1``). Float32
     factors over an fp16 / bf16 base: ``u = h \hat B^\top`` in float32, then ``base += u``, which
     adds in float32 and rounds once into ``base`` (two kernels; the out-of-place form is three:
-    upcast, ``addmm``, downcast). Under ``torch.autocast`` (which casts out-of-place ops only) and
+    upcast, ``addmm``, downcast); on CUDA with many tokens one Triton pass over ``base``
+    (:func:`.kernels.expand_into`). Under ``torch.autocast`` (which casts out-of-place ops only) and
     for a strided ``base`` it is :func:`lora_expand`.
     """
     # autocast casts out-of-place ops only (and knows no "meta" device: asking raises there)
@@ -319,7 +320,10 @@ def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
         return lora_expand(base, h, b_hat)
     flat = base.view(-1, b_hat.shape[0])
     if h.dtype != base.dtype:
-        flat.add_(torch.mm(h, b_hat.t()))
+        if kernels.expand_ok(flat, h):  # CUDA, many tokens: one pass over the output (Triton)
+            kernels.expand_into(flat, h, b_hat)
+        else:
+            flat.add_(torch.mm(h, b_hat.t()))
     else:
         flat.addmm_(h, b_hat.t())
     return base
