@@ -28,7 +28,7 @@ def main() -> None:
             wide = torch.randn(tokens, 96, device=dev, generator=gen)
             h = wide[:, 32:64]  # a column block, as the fused siblings' shrink gives
             b = torch.randn(d_out, 32, device=dev, generator=gen) * 0.05
-            assert kernels.expand_ok(y, h)
+            assert kernels.expand_ok(y, h, b)
             want = y.clone().add_(torch.mm(h, b.t()))
             got = kernels.expand_into(y.clone(), h, b)
             exact = y.float() + (h.double() @ b.double().t()).float()

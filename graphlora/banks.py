@@ -263,6 +263,8 @@ class BankSet(nn.Module):
         self._gathered: tuple = ()
         #: sibling sites (one input: q / k / v) -> the buffer holding their ``a_hat`` stacked (:meth:`stack`)
         self._stacks: dict[tuple[str, ...], str] = {}
+        #: the stacks some program reads (:meth:`set_live`; ``None``: all): only these are refilled
+        self._live: Union[frozenset[str], None] = None
 
     def site(self, key: str) -> SiteBank:
         module = self._modules[key]
@@ -306,10 +308,20 @@ class BankSet(nn.Module):
         active = self.active
         for _, bank in self.sites():
             bank.gather(active)
+        live = self._live
         for keys, name in self._stacks.items():
-            if all(k in self for k in keys):
+            if (live is None or name in live) and all(k in self for k in keys):
                 self._fill(keys, name)
         self._gathered = stamp
+
+    def set_live(self, names: frozenset[str]) -> None:
+        """Refill only the stacks ``names`` from now on (what the current programs read: a stack of
+        a deleted adapter's sites, or of a program re-spliced without it, costs nothing); one that
+        becomes live again is refilled by the next :meth:`gather`. The buffers stay registered: a
+        transaction's restore may bring back a program that reads one."""
+        if self._live is not None and not names <= self._live:
+            self._gathered = ()
+        self._live = frozenset(names)
 
     def stack(self, keys: tuple[str, ...]) -> Union[str, None]:
         r"""The name of a buffer holding the sites' gathered ``a_hat`` stacked by rows
@@ -421,7 +433,9 @@ def place(banks: BankSet, layout: BankLayout, bankable: Mapping[str, Mapping[str
         elif (banks.site(key).capacity, banks.site(key).rank) != (capacity, rank):
             banks.add_module(key, banks.site(key).resized(capacity, rank, layout.width))
     bind(banks, layout, bankable, keys)
-    recast = [bank for _, bank in banks.sites() if bank.hat_dtype != layout.lora_dtype]
+    # a cast of the module (``.to(torch.bfloat16)``) casts the gathered buffers too: a set lora_dtype keeps its dtype
+    recast = [bank for _, bank in banks.sites() if bank.hat_dtype != layout.lora_dtype
+              or (bank.hat_dtype is not None and bank.a_hat.dtype != bank.hat_dtype)]
     for bank in recast:
         bank.set_hat_dtype(layout.lora_dtype)
     if recast:

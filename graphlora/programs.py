@@ -398,6 +398,16 @@ class ProgramSet:
         run_passes(module, steps)  # the runner regenerates the module's code once, whatever changed
         program.module = module
         program.recipe = self._recipe(specs)
+        self._track_stacks(module)
+
+    def _track_stacks(self, extra: Union[fx.GraphModule, None] = None) -> None:
+        """Tell the banks which stacked factors the programs (and ``extra``, one being built) read."""
+        prefix = f"{STORE}.{BANKS}."
+        modules = [p.module for p in self._programs.values() if p.module is not None]
+        graphs = {id(m): current_graph(m) for m in (*modules, *([extra] if extra is not None else []))}
+        self.state.store.banks.set_live(frozenset(
+            str(n.target)[len(prefix):] for g in graphs.values() for n in g.nodes
+            if n.op == "get_attr" and str(n.target).startswith(prefix + "a_stack")))
 
     def _stack(self, targets: tuple[str, ...]) -> Union[str, None]:
         """The ``get_attr`` target of the banks' stacked ``a_hat`` of the sites whose ``a_hat``
@@ -438,6 +448,7 @@ class ProgramSet:
         if current_graph(self.root) is not graph:
             adopt_graph(self.root, graph)
             self.root.recompile()
+        self._track_stacks()
 
     # ------------------------------------------------------------------ moves
     def after_move(self, fn: Any, replaced: Mapping[int, torch.Tensor]) -> None:

@@ -19,6 +19,10 @@ parameters (made on every call, ``r x d_in`` each) slices ``dA`` back to each ``
 is ``dp [A_1; ...; A_n]``, one GEMM of inner size ``sum r_i`` (summed in another order than ``n``
 GEMMs and adds, so equal up to rounding).
 
+**In-place writes.** A group is fused only when nothing between its first and last member may
+write a tensor in place (an fx-traced model's ``h.mul_(2)`` between ``q`` and ``k`` would change
+what ``k`` reads); export graphs are functional.
+
 **Dropout.** A branch with adapter dropout reads its own ``dropout(x)`` node, so it is never in a
 group: PEFT draws one mask per site, and fusing would share one. Sites of different ranks are
 fused alike (the split sizes follow the ranks; no padding). Each adapter has its own groups, so
@@ -79,6 +83,45 @@ def _tensor(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
 
 
+#: the adapter ops that write in place, and what: only their first argument (a site's base
+#: output), never a shrink's input
+_OWN_INPLACE = {lora_bank_, lora_expand_}
+
+
+def _may_mutate(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may write a tensor in place (conservatively): an in-place method or
+    function (``mul_``, ``setitem``, ``inplace=True``, ``out=``), a mutable aten overload, or a
+    leaf module that is not one of torch's own or says ``inplace``. Export graphs are functional
+    (none of these); an fx graph keeps the model's in-place ops."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_") or node.target == "__setitem__"
+    if node.op == "call_function":
+        target = node.target
+        if target in _OWN_INPLACE:
+            return False
+        if target is operator.setitem or "out" in node.kwargs or node.kwargs.get("inplace"):
+            return True
+        schema = getattr(target, "_schema", None)
+        if schema is not None:
+            return bool(schema.is_mutable)
+        name = getattr(target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return bool(getattr(module, "inplace", False)) or not type(module).__module__.startswith("torch.nn")
+    return False
+
+
+def _fusable(gm: fx.GraphModule, members: list[fx.Node], order: dict[fx.Node, int]) -> bool:
+    """Whether ``members`` (graph order) can read their input once, at the first of them: nothing
+    between the first and the last may write a tensor in place (it could be the input or a view
+    of it, which the later members would then read changed)."""
+    start, end = order[members[0]], order[members[-1]]
+    nodes = list(gm.graph.nodes)[start + 1:end]
+    inside = set(members)
+    return not any(_may_mutate(gm, n) for n in nodes if n not in inside)
+
+
 def _groups(gm: fx.GraphModule) -> list[list[tuple[fx.Node, torch.Tensor]]]:
     """``lora_down`` nodes (with their ``A``) grouped by input node, adapter, ``A``'s dtype, device and width."""
     groups: dict[tuple, list[tuple[fx.Node, torch.Tensor]]] = {}
@@ -91,7 +134,8 @@ def _groups(gm: fx.GraphModule) -> list[list[tuple[fx.Node, torch.Tensor]]]:
             continue
         adapter = (node.meta.get("graphlora") or {}).get("adapter")
         groups.setdefault((x, adapter, mat.dtype, mat.device, mat.shape[1]), []).append((node, mat))
-    return [g for g in groups.values() if len(g) > 1]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return [g for g in groups.values() if len(g) > 1 and _fusable(gm, [d for d, _ in g], order)]
 
 
 def _meta(first: fx.Node, downs: list[fx.Node]) -> dict:
@@ -203,8 +247,9 @@ class FuseBankShrink(GraphPass):
             if isinstance(x, fx.Node) and mat is not None:
                 groups.setdefault((x, mat.dtype, mat.device, tuple(mat.shape)), []).append((node, mat))
         modified = False
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for group in groups.values():
-            if len(group) > 1:
+            if len(group) > 1 and _fusable(gm, [u for u, _ in group], order):
                 modified |= self._fuse(gm, group)
         return modified
 

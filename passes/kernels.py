@@ -32,6 +32,8 @@ __all__ = ["available", "expand_into", "expand_ok", "fused_linear_ok", "lora_add
 #: :func:`expand_into` serves calls of at least this many tokens (below, the call is bound by the
 #: host, where a Python kernel launch costs more than it saves)
 EXPAND_MIN_TOKENS = 512
+#: ... and summed ranks (``K R``) up to this: ``[64 + 128, 64]`` float32 tiles, 48 KiB of shared memory
+EXPAND_MAX_RANK = 64
 #: ``lora_add`` tiles: (BM, BN, num_warps).
 ADD_CONFIG = (64, 128, 4)
 #: ``lora_linear`` tiles: (BM, BN, BK, GROUP_M, num_warps, num_stages, flatten, warp_specialize, programs).
@@ -182,12 +184,19 @@ def lora_add(y: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor], config: tupl
     return out
 
 
-def expand_ok(y: Tensor, h: Tensor) -> bool:
-    """Whether :func:`expand_into` serves this ``y`` ``[M, N]`` and float32 ``h``: CUDA, bf16 /
-    fp16 ``y`` with unit last stride, at least :data:`EXPAND_MIN_TOKENS` rows, eager (a Python
-    launch; under ``torch.compile`` Inductor fuses the add itself)."""
-    return (h.dtype == torch.float32 and y.shape[0] >= EXPAND_MIN_TOKENS and y.stride(-1) == 1 and available(y)
-            and not torch.compiler.is_compiling())
+def expand_ok(y: Tensor, h: Tensor, b: Tensor) -> bool:
+    """Whether :func:`expand_into` serves this ``y`` ``[M, N]`` and float32 ``h`` / ``B``: CUDA,
+    bf16 / fp16 ``y`` with unit last stride, at least :data:`EXPAND_MIN_TOKENS` rows, a rank of at
+    most :data:`EXPAND_MAX_RANK` (its float32 tiles in shared memory), int32 offsets, eager (a
+    Python launch; under ``torch.compile`` Inductor fuses the add itself)."""
+    return (h.dtype == torch.float32 and b.dtype == torch.float32 and y.shape[0] >= EXPAND_MIN_TOKENS
+            and h.shape[1] <= EXPAND_MAX_RANK and y.stride(-1) == 1 and available(y)
+            and max(_span(y), _span(h), _span(b)) < 2 ** 31 and not torch.compiler.is_compiling())
+
+
+def _span(t: Tensor) -> int:
+    """The largest element offset a 2-D ``t`` reaches (the kernel computes offsets in int32)."""
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
 
 
 def expand_into(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG) -> Tensor:

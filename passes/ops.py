@@ -285,12 +285,14 @@ def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
 def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     r"""``y = \text{base} + h \hat B^\top`` out of place (``h`` ``[tokens, K R]`` from :func:`bank_shrink`).
 
-    Float32 factors over an fp16 / bf16 base add in float32 and round once, as PEFT does
-    (``result + lora(x.float())``, then the cast back).
+    Factors of another dtype than the base: ``u = h \hat B^\top`` in theirs, the sum in the
+    wider of the two, rounded once to the base's: float32 factors over a bf16 base add in float32,
+    as PEFT does (``result + lora(x.float())``, then the cast back); bf16 factors over a float32
+    base (``configure_banks(lora_dtype=torch.bfloat16)``) never round the base output.
     """
     d_out = b_hat.shape[0]
-    if h.dtype != base.dtype:
-        return torch.addmm(base.reshape(-1, d_out).to(h.dtype), h, b_hat.t()).to(base.dtype).view(base.shape)
+    if h.dtype != base.dtype:  # the sum in the wider dtype (type promotion), rounded once to the base's
+        return torch.add(base.reshape(-1, d_out), torch.mm(h, b_hat.t())).to(base.dtype).view(base.shape)
     return torch.addmm(base.reshape(-1, d_out), h, b_hat.t()).view(base.shape)
 
 
@@ -320,7 +322,7 @@ def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
         return lora_expand(base, h, b_hat)
     flat = base.view(-1, b_hat.shape[0])
     if h.dtype != base.dtype:
-        if kernels.expand_ok(flat, h):  # CUDA, many tokens: one pass over the output (Triton)
+        if kernels.expand_ok(flat, h, b_hat):  # CUDA, many tokens: one pass over the output (Triton)
             kernels.expand_into(flat, h, b_hat)
         else:
             flat.add_(torch.mm(h, b_hat.t()))

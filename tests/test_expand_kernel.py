@@ -63,8 +63,10 @@ def test_the_cpu_and_small_calls_keep_the_pytorch_form():
     from graphlora.passes import kernels
 
     y = torch.zeros(4096, 64, dtype=torch.bfloat16)
-    assert not kernels.expand_ok(y, torch.zeros(4096, 16))  # not CUDA
-    assert not kernels.expand_ok(y, torch.zeros(4096, 16, dtype=torch.bfloat16))  # not float32 factors
+    b = torch.zeros(64, 16)
+    assert not kernels.expand_ok(y, torch.zeros(4096, 16), b)  # not CUDA
+    assert not kernels.expand_ok(y, torch.zeros(4096, 16, dtype=torch.bfloat16), b)  # not float32 factors
+    assert kernels._span(torch.zeros(3, 5)[:, 1:3]) == 2 * 5 + 1 + 1
 
 
 if __name__ == "__main__":  # the interpreter run: python tests/test_expand_kernel.py OUT.pt (TRITON_INTERPRET=1)

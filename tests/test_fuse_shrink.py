@@ -291,3 +291,73 @@ def test_fused_serving_follows_switches_hot_adds_width_growth_and_training_steps
     gm.eval()
     check()
     assert not torch.equal(checks[-1], checks[-2])
+
+
+class _InPlaceBetween(torch.nn.Module):
+    """Two linears read ``h``; ``h`` is doubled in place between them (an fx graph keeps it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = x * 1.0
+        y = self.a(h)
+        h.mul_(2.0)
+        return y + self.b(h)
+
+
+def test_siblings_with_an_in_place_write_between_them_are_not_fused():
+    """Fusing would read ``h`` once, before the write: the second site would see the old ``h``.
+    Training and serving programs both keep one shrink per site there; outputs equal the math."""
+    from graphlora.passes.ops import bank_shrink
+
+    torch.manual_seed(0)
+    model = _InPlaceBetween().eval()
+    gm = graphlora.inject(model, graphlora.LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    models.randomize_b(gm)
+    x = torch.randn(3, 8)
+    assert not _nodes(gm, lora_shrink)
+    module = _serving_module_for(gm, x)
+    assert not _nodes(module, bank_shrink)
+    (ka, _, a), (kb, _, b) = sorted(gm.graphlora.branches(), key=lambda t: t[0])
+    with torch.no_grad():
+        h = x * 1.0
+        want = model.a(h) + a.scaling * h @ a.lora_A.weight.t() @ a.lora_B.weight.t()
+        want = want + model.b(2 * h) + b.scaling * (2 * h) @ b.lora_A.weight.t() @ b.lora_B.weight.t()
+        served = gm(x)
+    torch.testing.assert_close(served, want)
+    torch.testing.assert_close(gm(x).detach(), want)
+
+
+def _serving_module_for(gm, x):
+    from graphlora.calls import BANK
+
+    gm.eval()
+    with torch.no_grad():
+        gm(x)
+    return next(p for p in gm.programs if p.mode == BANK).module
+
+
+def test_stacks_no_program_reads_are_not_refilled():
+    """Deleting the adapter that made q/k/v siblings leaves q/v siblings (a new stack); the old
+    stack is no longer refilled by gathers, and is again once a program reads it."""
+    gm = graphlora.inject(models.tiny_llama(), graphlora.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                    init_lora_weights=False))
+    gm.add_adapter("k", graphlora.LoraConfig(r=4, target_modules=["k_proj"], init_lora_weights=False))
+    gm.set_adapter(["default", "k"])
+    _serving(gm)
+    banks = gm.graphlora._banks
+    first = set(banks._live)
+    assert len(first) == 2  # q/k/v of each layer
+    gm.delete_adapter("k")
+    gm.set_adapter("default")
+    _serving(gm)
+    assert banks._live and not (banks._live & first)  # q/v stacks now, the q/k/v ones not refilled
+    gm.add_adapter("k", graphlora.LoraConfig(r=4, target_modules=["k_proj"], init_lora_weights=False))
+    gm.set_adapter(["default", "k"])
+    _serving(gm)
+    assert set(banks._live) == first
+    with torch.no_grad():
+        served = gm(input_ids=IDS).logits
+    torch.testing.assert_close(served, _switch_form(gm), rtol=1e-5, atol=1e-5)

@@ -268,3 +268,18 @@ def test_the_in_place_update_leaves_what_a_submodule_hook_saw_alone():
         gm(torch.randn(3, 12))
     (x, out), = seen
     assert torch.equal(out, F.linear(x, model.fc1.weight, model.fc1.bias))
+
+
+def test_an_update_in_a_narrower_dtype_never_rounds_the_base_output():
+    """bf16 factors over a float32 base (``configure_banks(lora_dtype=torch.bfloat16)``): the
+    update is added in float32, in place or not; the base output is never rounded to bf16."""
+    from graphlora.passes.ops import lora_expand, lora_expand_
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 32, generator=gen) * 100
+    h = torch.randn(64, 8, generator=gen).bfloat16()
+    b = (torch.randn(32, 8, generator=gen) * 0.01).bfloat16()
+    exact = base + h.float() @ b.float().t()
+    for got in (lora_expand(base, h, b), lora_expand_(base.clone(), h, b)):
+        assert got.dtype == torch.float32
+        assert (got - exact).abs().max() < 1e-3  # bf16 rounding of the base (values ~100) would be ~0.5
