@@ -55,10 +55,7 @@ def _triton():
 
     @triton.jit
     def add_kernel(y, h, b, out, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br, s_om, s_on,
-                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
-        # out[M, N] = y + h[M, R] @ b[N, R]^T, accumulated in float32, one rounding on store (out may
-        # be y: each element is read and written by one program). IEEE: float32 h and b, an exact
-        # float32 dot (not tf32), for expand_into
+                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -68,10 +65,7 @@ def _triton():
         mask_n = rn < N
         ht = tl.load(h + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
         bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & (rr[None, :] < R), other=0.0)
-        if IEEE:
-            acc = tl.dot(ht, tl.trans(bt), input_precision="ieee")
-        else:
-            acc = tl.dot(ht, tl.trans(bt))
+        acc = tl.dot(ht, tl.trans(bt))
         mask = mask_m[:, None] & mask_n[None, :]
         yt = tl.load(y + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
         acc += yt.to(tl.float32)
@@ -103,11 +97,32 @@ def _triton():
                 acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             o_d.store([om, on], acc.to(o_d.dtype))
 
+    @triton.jit
+    def expand_kernel(y, h, b, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br,
+                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+        # y[M, N] (bf16 / fp16) += h[M, R] @ b[N, R]^T with float32 h and b: an exact float32 dot
+        # (input_precision="ieee", not tf32), the sum with y in float32, one rounding on store
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        mask_m = rm < M
+        mask_n = rn < N
+        ht = tl.load(h + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
+        bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & (rr[None, :] < R), other=0.0)
+        acc = tl.dot(ht, tl.trans(bt), input_precision="ieee")
+        mask = mask_m[:, None] & mask_n[None, :]
+        ptrs = y + rm[:, None] * s_ym + rn[None, :] * s_yn
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc.to(y.dtype.element_ty), mask=mask)
+
     try:  # host-side TMA descriptors (Triton >= 3.3); without them lora_linear is not offered
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         TensorDescriptor = None
-    return SimpleNamespace(triton=triton, add=add_kernel, linear=linear_tma_kernel, descriptor=TensorDescriptor)
+    return SimpleNamespace(triton=triton, add=add_kernel, expand=expand_kernel, linear=linear_tma_kernel,
+                           descriptor=TensorDescriptor)
 
 
 def available(t: Tensor) -> bool:
@@ -165,7 +180,7 @@ def lora_add(y: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor], config: tupl
     grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
     k.add[grid](y, h, b, out, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
                 b.stride(0), b.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN, BR=_rank_block(R),
-                IEEE=False, num_warps=warps)
+                num_warps=warps)
     return out
 
 
@@ -200,8 +215,8 @@ def expand_into(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG) -> 
     R = h.shape[1]
     BM, BN, warps = config
     grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
-    k.add[grid](y, h, b, y, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
-                y.stride(0), y.stride(1), BM=BM, BN=BN, BR=_rank_block(R), IEEE=True, num_warps=warps)
+    k.expand[grid](y, h, b, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+                   BM=BM, BN=BN, BR=_rank_block(R), num_warps=warps)
     return y
 
 
