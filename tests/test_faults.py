@@ -166,40 +166,52 @@ def _owner(owner):
     return owner
 
 
-@pytest.mark.parametrize("mode", ["new-name", "hotswap", "hotswap-new-dropout"])
-@pytest.mark.parametrize("owner,name", LOAD_STEPS, ids=[n for _, n in LOAD_STEPS])
-def test_load_failing_half_way_leaves_module_unchanged(monkeypatch, tmp_path, owner, name, mode):
-    owner = _owner(owner)
-    directory = _saved_variant(tmp_path, 0.25 if mode == "hotswap-new-dropout" else 0.0)
-    target = "fresh" if mode == "new-name" else "default"
-    calls_seen = 0
+def _fail_each_call(monkeypatch, owner, name, prepare, act, serve_eval: bool = False):
+    """Run ``act(gm)`` on a fresh ``prepare()``d module with the 1st, 2nd, ... call of
+    ``owner.name`` failing, until a run makes every call: after each failure the module (snapshot
+    and outputs) is as before. Returns (the last module, calls made by the last run, failures seen)."""
     n = 1
     while True:
         model, gm = _module()
-        gm.set_adapter_weights({"default": 0.5, "b": 2.0})
+        prepare(gm)
         x = torch.randn(3, 12)
+        training = gm.training
+        if serve_eval:
+            gm.eval()  # the serving program, from the banks
         with torch.no_grad():
             y = gm(x)
+        gm.train(training)
         before = snapshot(gm, model)
         with fail_at(monkeypatch, owner, name, n) as calls:
             try:
-                gm.load_adapter(directory, target)
+                act(gm)
             except Boom:
                 failed = True
             else:
                 failed = False
         if not failed:
-            break
+            return gm, calls["n"], n - 1
         assert_unchanged(before, snapshot(gm, model))
+        if serve_eval:
+            gm.eval()
         with torch.no_grad():
             assert torch.equal(gm(x), y)
-        calls_seen = n
         n += 1
+
+
+@pytest.mark.parametrize("mode", ["new-name", "hotswap", "hotswap-new-dropout"])
+@pytest.mark.parametrize("owner,name", LOAD_STEPS, ids=[n for _, n in LOAD_STEPS])
+def test_load_failing_half_way_leaves_module_unchanged(monkeypatch, tmp_path, owner, name, mode):
+    directory = _saved_variant(tmp_path, 0.25 if mode == "hotswap-new-dropout" else 0.0)
+    target = "fresh" if mode == "new-name" else "default"
+    gm, calls, failures = _fail_each_call(
+        monkeypatch, _owner(owner), name, lambda gm: gm.set_adapter_weights({"default": 0.5, "b": 2.0}),
+        lambda gm: gm.load_adapter(directory, target))
     # the last run made every call without failing; the loaded adapter works
-    assert calls["n"] >= calls_seen
+    assert calls >= failures
     assert target in gm.adapters
     if name in ("copy_", "read_adapter_dir", "sync"):
-        assert calls_seen > 0, f"{name} was never failed: not a step of this load"
+        assert failures > 0, f"{name} was never failed: not a step of this load"
 
 
 # ------------------------------------------------------------------------------------ adding
@@ -217,30 +229,9 @@ def test_add_failing_half_way_leaves_module_unchanged(monkeypatch, owner, name):
     """add_adapter snapshots only what it can change (the loaded adapters' branches are left out of
     the snapshot): a failure at any call still leaves every adapter's gates, requires_grad, bank
     slots and outputs as they were, in training mode (where adding flips the others' requires_grad)."""
-    owner = _owner(owner)
-    n = 1
-    while True:
-        model, gm = _module()
-        gm.set_adapter(["default", "b"])
-        x = torch.randn(3, 12)
-        gm.eval()
-        with torch.no_grad():
-            y = gm(x)  # the serving program, from the banks
-        gm.train()
-        before = snapshot(gm, model)
-        with fail_at(monkeypatch, owner, name, n) as calls:
-            try:
-                gm.add_adapter("fresh", LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False))
-            except Boom:
-                failed = True
-            else:
-                failed = False
-        if not failed:
-            break
-        assert_unchanged(before, snapshot(gm, model))
-        gm.eval()
-        with torch.no_grad():
-            assert torch.equal(gm(x), y)
-        n += 1
-    assert calls["n"] >= n - 1 and n > 1, f"{name} was never failed: not a step of this add"
+    gm, calls, failures = _fail_each_call(
+        monkeypatch, _owner(owner), name, lambda gm: gm.set_adapter(["default", "b"]),
+        lambda gm: gm.add_adapter("fresh", LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False)),
+        serve_eval=True)
+    assert calls >= failures and failures > 0, f"{name} was never failed: not a step of this add"
     assert gm.active_adapters == ["fresh"]
