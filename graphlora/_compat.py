@@ -115,6 +115,38 @@ def forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
                 object.__setattr__(module, "forward", previous)
 
 
+@contextlib.contextmanager
+def pre_hooks_applied(module: torch.nn.Module, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict]]:
+    """Run ``module``'s own forward pre-hooks on ``(args, kwargs)`` now, as ``nn.Module.__call__``
+    would (a hook registered ``with_kwargs`` gets and may replace both; another gets the positional
+    arguments and may replace them), and yield the arguments they give. Inside the block the
+    module has no pre-hooks, so calling it does not run them a second time; they are put back on
+    exit (the same registry object: removal handles keep working). Blocks are serialized with
+    :func:`forward_replaced`'s lock. Global pre-hooks (``register_module_forward_pre_hook``) are
+    left to ``nn.Module.__call__``."""
+    with _LENT_FORWARD:
+        hooks = module._forward_pre_hooks
+        with_kwargs = module._forward_pre_hooks_with_kwargs
+        for hook_id, hook in list(hooks.items()):
+            if hook_id in with_kwargs:
+                result = hook(module, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError("forward pre-hook must return None or a tuple of (new_args, new_kwargs), "
+                                           f"but got {result}.")
+                    args, kwargs = result
+            else:
+                result = hook(module, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        saved = dict(hooks)
+        hooks.clear()
+        try:
+            yield args, dict(kwargs)
+        finally:
+            hooks.update(saved)
+
+
 def layer_checkpointing(layers: "torch.nn.ModuleList") -> tuple[list[bool], dict[str, Any]]:
     """What transformers' ``gradient_checkpointing_enable`` left on a model's layers: one flag per
     layer (its ``gradient_checkpointing``) and the keyword arguments of its checkpoint function

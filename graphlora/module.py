@@ -44,7 +44,8 @@ from . import modules_to_save as saved_modules
 from . import peft_io
 from . import surface
 from ._checks import check_fx_call, check_placement
-from ._compat import current_graph, forward_replaced, has_call_hooks, is_pretrained_model, under_outer_compile
+from ._compat import (current_graph, forward_replaced, has_call_hooks, is_pretrained_model, pre_hooks_applied,
+                      under_outer_compile)
 from .calls import BANK, BASE, MIXED, SWITCH, CallSpec
 from .capture import Captured
 from .checkpointing import settings_for
@@ -239,8 +240,17 @@ class AdaptedGraphModule(fx.GraphModule):
 
         The routing runs as plain Python even under ``torch.compile`` (this frame and ``_route``
         are skipped by dynamo): only the program graphs it calls are compiled, so switching
-        adapters or changing row names never recompiles.
+        adapters or changing row names never recompiles. Forward pre-hooks registered on this
+        module run first, so the program is chosen for the arguments they give.
         """
+        if self._forward_pre_hooks:
+            with pre_hooks_applied(self, args, kwargs) as (args, kwargs):
+                return self._serve(args, kwargs)
+        return self._serve(args, kwargs)
+
+    @torch.compiler.disable(recursive=False)
+    def _serve(self, args: tuple, kwargs: dict) -> Any:
+        """Route the call (:meth:`_route`) and run the program, this module's hooks around it."""
         target, args, kwargs = self._route(args, kwargs, under_outer_compile())
         try:
             if target is self:

@@ -202,3 +202,31 @@ def test_a_hook_that_calls_the_module_again_and_an_assigned_forward_both_survive
         outer = _serve(gm, ids)
     assert torch.equal(inner[0], outer)
     assert vars(gm)["forward"] is wrapper
+
+
+def test_a_pre_hook_that_changes_the_arguments_runs_once_before_the_program_is_chosen(gm, modes):
+    """A forward pre-hook adding ``labels`` (a new call signature) is seen by the routing: the call
+    gets the program for the hooked arguments and returns the loss; the hook runs once per call,
+    positional-only hooks too, and its removal handle still removes it."""
+    ids = token_ids()
+    calls = []
+
+    def add_labels(module, args, kwargs):
+        calls.append("kwargs")
+        return args, {**kwargs, "labels": kwargs["input_ids"]}
+
+    def count(module, args):
+        calls.append("args")
+
+    handles = [gm.register_forward_pre_hook(add_labels, with_kwargs=True), gm.register_forward_pre_hook(count)]
+    gm.train()
+    out = gm(input_ids=ids)
+    assert calls == ["kwargs", "args"]
+    assert out.loss is not None and torch.isfinite(out.loss)
+    for handle in handles:
+        handle.remove()
+    gm.eval()
+    with torch.no_grad():
+        plain = gm(input_ids=ids)
+    assert calls == ["kwargs", "args"] and getattr(plain, "loss", None) is None
+    assert not gm._forward_pre_hooks
