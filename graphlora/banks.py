@@ -59,7 +59,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import ConfigError
 
-__all__ = ["BankLayout", "BankSet", "SiteBank", "BANKS", "DEFAULT_CAPACITY"]
+__all__ = ["BankLayout", "BankSet", "SiteBank", "BANKS", "DEFAULT_CAPACITY", "STACK_PREFIX"]
 
 #: optimizer steps taken in this process (a fused optimizer writes parameters without bumping their
 #: version counters: :meth:`BankSet.gather` re-gathers after any step)
@@ -74,6 +74,8 @@ register_optimizer_step_post_hook(_count_step)
 
 #: the bank set's name on the adapter store (``graphlora._banks``)
 BANKS = "_banks"
+#: the stacked factors' buffer names on the bank set: ``a_stack0``, ``a_stack1``, ... (:meth:`BankSet.stack`)
+STACK_PREFIX = "a_stack"
 #: slots reserved when the first bankable adapter arrives
 DEFAULT_CAPACITY = 4
 #: adapters that can be active at once before the serving graphs' shapes change: two (the extra
@@ -334,7 +336,7 @@ class BankSet(nn.Module):
         hats = [self.site(k).a_hat for k in keys]
         if len({(h.dtype, h.device, h.shape) for h in hats}) != 1:
             return None
-        name = self._stacks.setdefault(tuple(keys), f"a_stack{len(self._stacks)}")
+        name = self._stacks.setdefault(tuple(keys), f"{STACK_PREFIX}{len(self._stacks)}")
         self._fill(tuple(keys), name)
         return name
 

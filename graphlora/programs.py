@@ -48,7 +48,7 @@ from graphlora.passes.eager import lower_graph
 from graphlora.passes.sites import getattr_path
 
 from ._compat import adopt_graph, current_graph, forward_of_graph, has_call_hooks
-from .banks import BANKS
+from .banks import BANKS, STACK_PREFIX
 from .calls import BANK, BASE, MIXED, SWITCH, CallSpec, ProgramKey, describe_call, describe_key
 from .generation import trace_call
 from .modules_to_save import saved_recipe, switch_steps
@@ -407,7 +407,7 @@ class ProgramSet:
         graphs = {id(m): current_graph(m) for m in (*modules, *([extra] if extra is not None else []))}
         self.state.store.banks.set_live(frozenset(
             str(n.target)[len(prefix):] for g in graphs.values() for n in g.nodes
-            if n.op == "get_attr" and str(n.target).startswith(prefix + "a_stack")))
+            if n.op == "get_attr" and str(n.target).startswith(prefix + STACK_PREFIX)))
 
     def _stack(self, targets: tuple[str, ...]) -> Union[str, None]:
         """The ``get_attr`` target of the banks' stacked ``a_hat`` of the sites whose ``a_hat``

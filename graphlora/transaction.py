@@ -15,8 +15,9 @@ merge or unmerge rewrites), base weights merged for the first time by the call (
 the merge recorded, so a first merge costs no extra copy), and every program's graph. Switch buffers are then rewritten from the restored state.
 
 What the snapshot costs: dict copies, one shallow ``__dict__`` copy per store module (none for the
-branches of adapters the call names ``untouched``), and clones of ``tensors`` only. Transactions nest: an inner one (``load_adapter`` calling ``add_adapter``) leaves
-the restoring to the outermost, which snapshotted first.
+branches of adapters the call names ``untouched``), and clones of ``tensors`` only. Transactions
+nest: an inner one (``load_adapter`` calling ``add_adapter``) leaves the restoring to the
+outermost, which snapshotted first.
 """
 
 from __future__ import annotations

@@ -112,14 +112,20 @@ def _may_mutate(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _fusable(gm: fx.GraphModule, members: list[fx.Node], order: dict[fx.Node, int]) -> bool:
-    """Whether ``members`` (graph order) can read their input once, at the first of them: nothing
-    between the first and the last may write a tensor in place (it could be the input or a view
-    of it, which the later members would then read changed)."""
-    start, end = order[members[0]], order[members[-1]]
-    nodes = list(gm.graph.nodes)[start + 1:end]
-    inside = set(members)
-    return not any(_may_mutate(gm, n) for n in nodes if n not in inside)
+class _Order:
+    """The graph's nodes in order, listed once per pass (a group asks about the nodes between its members)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm, self.nodes = gm, list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+
+    def fusable(self, members: list[fx.Node]) -> bool:
+        """Whether ``members`` (graph order) can read their input once, at the first of them:
+        nothing between the first and the last may write a tensor in place (it could be the input
+        or a view of it, which the later members would then read changed)."""
+        inside = set(members)
+        between = self.nodes[self.index[members[0]] + 1:self.index[members[-1]]]
+        return not any(_may_mutate(self.gm, n) for n in between if n not in inside)
 
 
 def _groups(gm: fx.GraphModule) -> list[list[tuple[fx.Node, torch.Tensor]]]:
@@ -134,8 +140,8 @@ def _groups(gm: fx.GraphModule) -> list[list[tuple[fx.Node, torch.Tensor]]]:
             continue
         adapter = (node.meta.get("graphlora") or {}).get("adapter")
         groups.setdefault((x, adapter, mat.dtype, mat.device, mat.shape[1]), []).append((node, mat))
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return [g for g in groups.values() if len(g) > 1 and _fusable(gm, [d for d, _ in g], order)]
+    order = _Order(gm)
+    return [g for g in groups.values() if len(g) > 1 and order.fusable([d for d, _ in g])]
 
 
 def _meta(first: fx.Node, downs: list[fx.Node]) -> dict:
@@ -247,9 +253,9 @@ class FuseBankShrink(GraphPass):
             if isinstance(x, fx.Node) and mat is not None:
                 groups.setdefault((x, mat.dtype, mat.device, tuple(mat.shape)), []).append((node, mat))
         modified = False
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        order = _Order(gm)  # taken before any rewrite: a fused group inserts nodes only before its own first member
         for group in groups.values():
-            if len(group) > 1 and _fusable(gm, [u for u, _ in group], order):
+            if len(group) > 1 and order.fusable([u for u, _ in group]):
                 modified |= self._fuse(gm, group)
         return modified
 
