@@ -35,15 +35,35 @@ def dynamic_dims(value: Any) -> Any:
     return None
 
 
+def unaliased(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with each tensor that shares storage with an earlier one replaced by a copy.
+
+    ``torch.export`` sees two inputs holding one tensor (``model(input_ids=ids, labels=ids)``, the
+    usual causal-LM call) as one input and traces the program to read either for both: a later call
+    with different ``labels`` would then embed the labels. Copies trace two inputs, equal values.
+    """
+    seen: set[int] = set()
+    out = {}
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            storage = value.untyped_storage().data_ptr()
+            if storage in seen:
+                value = value.clone()
+            seen.add(storage)
+        out[name] = value
+    return out
+
+
 def export_module(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
     """``torch.export`` (non-strict) with dynamic batch/sequence dims; the unlifted module.
 
-    The returned module shares the model's parameter tensors (no copy).
+    The returned module shares the model's parameter tensors (no copy). Inputs that alias each
+    other are traced as separate inputs (:func:`unaliased`).
     """
     from torch.export import export
 
     shapes = {name: dynamic_dims(value) for name, value in kwargs.items()}
-    program = export(model, (), dict(kwargs), dynamic_shapes=shapes, strict=False)
+    program = export(model, (), unaliased(kwargs), dynamic_shapes=shapes, strict=False)
     return program.module()
 
 
@@ -94,6 +114,7 @@ except ImportError:  # pragma: no cover - other torch builds
 #: serializes :func:`forward_replaced` blocks (re-entrant: a hook may call the module again)
 _LENT_FORWARD = threading.RLock()
 _ABSENT = object()
+_LENT_NAME = "_glora_lent_forward"  # the instance forward a forward_replaced block lent, if any
 
 
 @contextlib.contextmanager
@@ -105,14 +126,27 @@ def forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
     calls the module again) and other threads wait for the block to end (one lent forward at a time)."""
     with _LENT_FORWARD:
         previous = module.__dict__.get("forward", _ABSENT)
+        lent_before = module.__dict__.get(_LENT_NAME)
         object.__setattr__(module, "forward", forward)
+        object.__setattr__(module, _LENT_NAME, forward)
         try:
             yield
         finally:
+            object.__setattr__(module, _LENT_NAME, lent_before)
             if previous is _ABSENT:
                 object.__delattr__(module, "forward")
             else:
                 object.__setattr__(module, "forward", previous)
+
+
+def assigned_forward(module: torch.nn.Module) -> Any:
+    """The ``forward`` someone assigned on ``module``'s instance (accelerate's autocast wrapper,
+    TRL's fused LM head), or ``None``: none is assigned, or the instance one is lent by
+    :func:`forward_replaced`."""
+    forward = module.__dict__.get("forward")
+    if forward is None or forward is module.__dict__.get(_LENT_NAME):
+        return None
+    return forward
 
 
 @contextlib.contextmanager
@@ -388,7 +422,8 @@ def pytree_shapes(value: Any, dims: Any) -> Any:
 
 
 def export_with_shapes(model: torch.nn.Module, kwargs: Mapping[str, Any], shapes: Mapping[str, Any]) -> fx.GraphModule:
-    """``torch.export`` (non-strict) with the given ``dynamic_shapes``; the unlifted module."""
+    """``torch.export`` (non-strict) with the given ``dynamic_shapes``; the unlifted module (inputs
+    that alias each other traced as separate inputs, :func:`unaliased`)."""
     from torch.export import export
 
-    return export(model, (), dict(kwargs), dynamic_shapes=dict(shapes), strict=False).module()
+    return export(model, (), unaliased(kwargs), dynamic_shapes=dict(shapes), strict=False).module()

@@ -34,6 +34,23 @@ def test_a_first_call_with_labels_leaves_the_module_tree_unchanged():
     assert _keys(gm) == before
 
 
+def test_a_first_call_with_one_tensor_as_ids_and_labels_traces_two_inputs():
+    """``gm(input_ids=ids, labels=ids)`` first: ``torch.export`` would trace one input for both,
+    and a later call with other labels would embed the labels. The program keeps them apart."""
+    gm = _llama()
+    ids, other = token_ids(2, 7, seed=1), token_ids(2, 7, seed=5)
+    gm(input_ids=ids, labels=ids)
+    got = gm(input_ids=ids, labels=other)
+    with gm.disable_adapter():
+        assert gm(input_ids=ids, labels=other).loss != gm(input_ids=other, labels=other).loss
+    with torch.no_grad():  # the source model with the adapter's weights merged in
+        gm.merge_adapter()
+        want = gm.get_base_model()(input_ids=ids, labels=other)
+        gm.unmerge_adapter()
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_a_first_call_with_attention_mask_leaves_the_module_tree_unchanged():
     gm = _llama()
     before = _keys(gm)
