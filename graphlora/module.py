@@ -44,8 +44,8 @@ from . import modules_to_save as saved_modules
 from . import peft_io
 from . import surface
 from ._checks import check_fx_call, check_placement
-from ._compat import (current_graph, forward_replaced, has_call_hooks, is_pretrained_model, pre_hooks_applied,
-                      under_outer_compile)
+from ._compat import (assigned_forward, current_graph, forward_replaced, has_call_hooks, is_pretrained_model,
+                      pre_hooks_applied, under_outer_compile)
 from .calls import BANK, BASE, MIXED, SWITCH, CallSpec
 from .capture import Captured
 from .checkpointing import settings_for
@@ -101,6 +101,8 @@ def _fresh_forward(cls: type) -> None:
     generated = cls.forward
 
     def forward(self: "AdaptedGraphModule", *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get(_ROUTE_FORWARD):  # an assigned forward calls this one: route the call
+            return self._run(args, kwargs)
         programs = self.__dict__.get("_programs")
         if programs is not None and programs.primary.version != programs.version:
             _refresh_primary(self)
@@ -110,6 +112,20 @@ def _fresh_forward(cls: type) -> None:
 
     functools.update_wrapper(forward, generated)
     cls.forward = forward
+
+
+#: set on the instance while an assigned ``forward`` runs (see ``AdaptedGraphModule.__call__``)
+_ROUTE_FORWARD = "_glora_route_forward"
+
+
+@contextlib.contextmanager
+def _flag(module: nn.Module, value: bool) -> Iterator[None]:
+    before = module.__dict__.get(_ROUTE_FORWARD, False)
+    object.__setattr__(module, _ROUTE_FORWARD, value)
+    try:
+        yield
+    finally:
+        object.__setattr__(module, _ROUTE_FORWARD, before)
 
 
 def _rebind_banks(module: "AdaptedGraphModule", incompatible: Any) -> None:
@@ -192,6 +208,13 @@ class AdaptedGraphModule(fx.GraphModule):
         except AttributeError as exc:
             return surface.missing_attribute(self, name, exc)
 
+    @property
+    def base_model(self) -> "surface.AdaptedBackbone":
+        """The backbone with the adapters (transformers' ``base_model``: ``model.model`` of a
+        ``LlamaForCausalLM``): calling it gives ``last_hidden_state`` through this module's programs
+        (see :class:`surface.AdaptedBackbone`); other attributes are the source backbone's."""
+        return surface.AdaptedBackbone(self)
+
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """transformers' ``num_parameters`` over this module: base and adapter parameters."""
         return surface.num_parameters(self, only_trainable, exclude_embeddings)
@@ -242,7 +265,14 @@ class AdaptedGraphModule(fx.GraphModule):
         are skipped by dynamo): only the program graphs it calls are compiled, so switching
         adapters or changing row names never recompiles. Forward pre-hooks registered on this
         module run first, so the program is chosen for the arguments they give.
+
+        A ``forward`` assigned on the instance (accelerate's autocast wrapper, TRL's fused LM head,
+        which call the ``forward`` they replaced) runs as ``nn.Module.__call__`` runs it, inside
+        this module's hooks; the class ``forward`` it calls routes as this method does.
         """
+        if assigned_forward(self) is not None:
+            with _flag(self, True):
+                return super().__call__(*args, **kwargs)
         if self._forward_pre_hooks:
             with pre_hooks_applied(self, args, kwargs) as (args, kwargs):
                 return self._serve(args, kwargs)
@@ -263,6 +293,17 @@ class AdaptedGraphModule(fx.GraphModule):
             if self._calls.frontend == "fx":
                 check_fx_call(self.forward, args, kwargs, exc)
             raise
+
+    @torch.compiler.disable
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        """Route and run the program, without this module's hooks or an assigned ``forward``: the
+        class ``forward`` called from an assigned one (``nn.Module.__call__`` runs the hooks around
+        that), and ``gm.base_model(...)``."""
+        with _flag(self, False):
+            target, args, kwargs = self._route(args, kwargs, under_outer_compile())
+            if target is self:
+                return type(self).forward(self, *args, **kwargs)
+            return target(*args, **kwargs)
 
     @torch.compiler.disable
     def _route(self, args: tuple, kwargs: dict, compiling: bool = False) -> tuple[Any, tuple, dict]:

@@ -33,6 +33,7 @@ dtype (PEFT's ``autocast_adapter_dtype=False``), since the switch ops and Triton
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any, Union
@@ -43,7 +44,7 @@ from torch import nn
 from ._compat import is_pretrained_model
 from .errors import AdapterStateError
 
-__all__ = ["NOT_FORWARDED", "missing_attribute", "num_parameters", "save_pretrained", "merged_source",
+__all__ = ["NOT_FORWARDED", "AdaptedBackbone", "missing_attribute", "num_parameters", "save_pretrained", "merged_source",
            "reduce", "rebuild"]
 
 #: Source-model attributes ``gm`` does not forward: they would run or publish the model without its adapters.
@@ -81,6 +82,48 @@ def missing_attribute(gm: nn.Module, name: str, error: AttributeError) -> Any:
         f"{describe(gm)} has no attribute {name!r}, and neither has its source "
         f"{type(facts.source).__name__}."
     ) from None
+
+
+class AdaptedBackbone:
+    """``gm.base_model``: the source model's backbone (transformers' ``base_model``, the
+    ``LlamaModel`` of a ``LlamaForCausalLM``) run with ``gm``'s adapters.
+
+    The source backbone itself has no adapters (they live in ``gm``'s graphs), so calling it would
+    silently drop them; TRL's fused LM head calls ``model.base_model(...)`` for the hidden states it
+    projects. A call runs ``gm`` with ``output_hidden_states=True`` (and ``logits_to_keep=1`` where
+    the source takes it, so the head projects one position) and returns a
+    ``BaseModelOutputWithPast`` whose ``last_hidden_state`` is ``hidden_states[-1]``, the
+    backbone's output after its final norm in transformers' decoder models. Attributes other than
+    the call are the source backbone's (``config``, ``embed_tokens``, ``layers``: no adapters there).
+    """
+
+    def __init__(self, gm: Any):
+        self._gm = gm
+
+    def _source(self) -> nn.Module:
+        source = self._gm.get_base_model()
+        return getattr(source, "base_model", source)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return getattr(self._source(), name)
+
+    def __repr__(self) -> str:
+        return f"AdaptedBackbone({type(self._source()).__name__} with the adapters of {describe(self._gm)})"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        hidden = kwargs.pop("output_hidden_states", None)
+        kwargs.pop("return_dict", None)
+        if "logits_to_keep" in inspect.signature(type(self._gm.get_base_model()).forward).parameters:
+            kwargs.setdefault("logits_to_keep", 1)
+        # the program itself: gm's hooks and an assigned forward wrap gm's calls, not its backbone's
+        out = self._gm._run(args, {**kwargs, "output_hidden_states": True, "return_dict": True})
+        return BaseModelOutputWithPast(
+            last_hidden_state=out.hidden_states[-1], past_key_values=getattr(out, "past_key_values", None),
+            hidden_states=out.hidden_states if hidden else None, attentions=getattr(out, "attentions", None))
 
 
 def _embedding_ids(model: nn.Module) -> set[int]:

@@ -204,6 +204,30 @@ def test_a_hook_that_calls_the_module_again_and_an_assigned_forward_both_survive
     assert vars(gm)["forward"] is wrapper
 
 
+def test_an_assigned_forward_runs_once_inside_the_hooks_and_its_inner_call_routes(gm):
+    """``gm.forward = wrapper`` (accelerate's autocast, TRL's fused LM head) is what a call runs, as
+    on any nn.Module: once per call, inside gm's hooks; the forward it replaced routes the
+    arguments it is given (here ``labels``, a signature of its own)."""
+    ids = token_ids()
+    replaced = gm.forward
+    order = []
+
+    def wrapper(*args, **kwargs):
+        order.append("wrapper")
+        out = replaced(*args, labels=kwargs["input_ids"], **kwargs)
+        return out.loss
+
+    gm.register_forward_pre_hook(lambda module, args: order.append("pre"))
+    gm.register_forward_hook(lambda module, args, out: order.append("post"))
+    gm.forward = wrapper
+    gm.train()
+    loss = gm(input_ids=ids)
+    assert order == ["pre", "wrapper", "post"]
+    del gm.forward
+    torch.testing.assert_close(loss, gm(input_ids=ids, labels=ids).loss)
+    assert "forward" not in vars(gm) and order[3:] == ["pre", "post"]
+
+
 def test_a_pre_hook_that_changes_the_arguments_runs_once_before_the_program_is_chosen(gm, modes):
     """A forward pre-hook adding ``labels`` (a new call signature) is seen by the routing: the call
     gets the program for the hooked arguments and returns the loss; the hook runs once per call,
