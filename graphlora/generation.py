@@ -76,7 +76,7 @@ from ._compat import (cache_dynamic_shapes, dynamic_dims, export_with_shapes, is
 from .errors import ConfigError
 
 __all__ = ["generate", "describe_cache", "is_cache_call", "trace_call", "example_cache_inputs",
-           "ready_static_cache"]
+           "ready_static_cache", "static_cache_rollback"]
 
 #: Synthetic decode trace: batch, past length, new tokens (none 0 or 1: torch.export keeps them dynamic).
 TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 3, 2
@@ -117,6 +117,24 @@ def _is_static(cache: Any) -> bool:
     from transformers.cache_utils import StaticCache
 
     return isinstance(cache, StaticCache)
+
+
+@contextlib.contextmanager
+def static_cache_rollback(kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """Put back the attributes of every not yet initialized ``StaticCache`` layer in ``kwargs`` if the
+    body raises: a call that is refused (a sliding-window cache) or fails to trace leaves the
+    caller's cache as it was, with no tensors, instead of allocated by :func:`ready_static_cache`."""
+    saved = [(layer, dict(vars(layer))) for cache in kwargs.values() if _is_static(cache)
+             for layer in cache.layers if not layer.is_initialized]
+    try:
+        yield
+    except BaseException:
+        for layer, attributes in saved:
+            for name in set(vars(layer)) - set(attributes):
+                delattr(layer, name)
+            for name, value in attributes.items():
+                setattr(layer, name, value)
+        raise
 
 
 def ready_static_cache(model: nn.Module, kwargs: Mapping[str, Any]) -> None:

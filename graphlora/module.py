@@ -51,7 +51,7 @@ from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
-from .generation import ready_static_cache
+from .generation import ready_static_cache, static_cache_rollback
 from .methods import rule_for
 from .mixed import write_row_index
 from .planning import ModelFacts, check_known, check_new_name, plan_adapter
@@ -312,11 +312,13 @@ class AdaptedGraphModule(fx.GraphModule):
         names = kwargs.pop("adapter_names", None)
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
-            ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made
-        key = self._calls.key(kwargs, self._mode(names, compiling))
-        if names is not None:
-            write_row_index(self._adapters, names, args, kwargs, self.training)
-        module = self._programs.module_for(key, kwargs)
+        with static_cache_rollback(kwargs):  # a refused or failed trace leaves the caller's cache unallocated
+            if self._calls.frontend == "export":
+                ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made
+            key = self._calls.key(kwargs, self._mode(names, compiling))
+            if names is not None:
+                write_row_index(self._adapters, names, args, kwargs, self.training)
+            module = self._programs.module_for(key, kwargs)
         return module, args, (self._calls.graph_inputs(kwargs) if self._calls.frontend == "export" else kwargs)
 
     def _mode(self, names: Any = None, compiling: bool = False) -> str:

@@ -184,6 +184,9 @@ def test_sliding_static_cache_is_refused_with_the_fix(trio):
     with torch.no_grad(), pytest.raises(SignatureError, match="cache_implementation"):
         gm(input_ids=token_ids(2, 3), use_cache=True, **{_cache_name(gm.get_base_model()): cache})
     assert len(gm.programs) == count
+    # the caller's cache is as it was: the refused call allocated nothing in it
+    assert not any(layer.is_initialized for layer in cache.layers)
+    assert all(layer.keys is None and layer.values is None for layer in cache.layers)
 
 
 def test_compiled_gm_takes_and_returns_a_dynamic_cache(trio):
