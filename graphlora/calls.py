@@ -16,7 +16,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .capture import call_key, forward_params
+from .capture import call_key, forward_params, is_constant
 from .errors import SignatureError
 
 __all__ = ["CallSpec", "ProgramKey", "describe_key", "SWITCH", "BANK", "MIXED", "BASE", "MODES", "CACHE_NAMES"]
@@ -80,12 +80,13 @@ class CallSpec:
                    frozenset(names) | keyword, aliases)
 
     def graph_inputs(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """A bound call's arguments the traced graph takes: those ``forward`` reaches only through
-        ``**kwargs`` (``output_hidden_states=True``, ...) are constants of the program, not inputs."""
+        """A bound call's arguments the traced graph takes: constants ``forward`` reaches only
+        through ``**kwargs`` (``output_hidden_states=True``, ...) are baked into the program, not
+        inputs (:func:`graphlora.capture.split_var_keyword`)."""
         if not self.var_keyword:
             return dict(kwargs)
         named = self.named
-        return {k: v for k, v in kwargs.items() if k in named}
+        return {k: v for k, v in kwargs.items() if k in named or not is_constant(v)}
 
     def normalize(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """``kwargs`` with ``None``-for-default dropped and graphlora's defaults added."""

@@ -65,7 +65,7 @@ def forward_params(model: torch.nn.Module) -> tuple[tuple[str, ...], dict[str, A
 def _describe(value: Any) -> Any:
     if isinstance(value, torch.Tensor):  # not the device: graphs follow the module's device
         return ("tensor", value.dtype, value.dim())
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if is_constant(value):
         return ("const", value)
     if is_cache(value):  # a KV cache: its type, layers and filled leaves (one program per pytree spec)
         from .generation import describe_cache
@@ -167,53 +167,51 @@ def trace_export(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     """
     from .repeat import trace_repeated
 
-    kwargs, fixed = split_var_keyword(model, kwargs)
-    kwargs = widen_for_trace(kwargs)
-    with _fixed_keywords(model, fixed):
-        return trace_repeated(model, kwargs, _export_eval) or _export_eval(model, kwargs)
+    inputs, fixed = split_var_keyword(model, kwargs)
+    inputs = widen_for_trace(inputs)
+    with var_keyword_inputs(model, fixed, inputs):
+        return trace_repeated(model, inputs, _export_eval) or _export_eval(model, inputs)
+
+
+def is_constant(value: Any) -> bool:
+    """A value a program bakes in (``None``, bool, int, float, str): part of its key, not an input."""
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def split_var_keyword(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``kwargs`` split into those ``model.forward`` names and those that reach it only through
-    ``**kwargs`` (transformers' ``output_hidden_states``, ``output_attentions``, ``return_dict``).
+    """``kwargs`` split into the traced graph's inputs and the constants it bakes in.
 
-    The second part is traced as constants (each value its own program) and is not an input of
-    the traced graph.
-
-    Raises:
-        TraceError: a value reaching ``forward`` only through ``**kwargs`` is not a constant
-            (``None``, bool, int, float, str): a tensor there cannot be a graph input.
+    Inputs: those ``model.forward`` names, and tensors (or pytrees of them) that reach it only
+    through ``**kwargs`` (``cache_position=`` on transformers 5.24, whose forward no longer names
+    it). Constants: the rest of what reaches it through ``**kwargs`` (``output_hidden_states``,
+    ``output_attentions``, ``return_dict``), each value its own program.
     """
     params = inspect.signature(model.forward).parameters
     named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    fixed = {k: v for k, v in kwargs.items() if k not in named}
-    tensors = sorted(k for k, v in fixed.items() if _describe(v)[0] != "const")
-    if tensors:
-        raise TraceError(
-            f"{', '.join(tensors)} reach {type(model).__name__}.forward only through **kwargs, where the "
-            "torch.export capture takes constants only (output_hidden_states=True, return_dict=False, ...), "
-            f"not {', '.join(type(fixed[k]).__name__ for k in tensors)} values; call without them, or trace a "
-            "wrapper module whose forward names them as parameters."
-        )
-    return {k: v for k, v in kwargs.items() if k in named}, fixed
+    fixed = {k: v for k, v in kwargs.items() if k not in named and is_constant(v)}
+    return {k: v for k, v in kwargs.items() if k not in fixed}, fixed
 
 
 @contextlib.contextmanager
-def _fixed_keywords(model: torch.nn.Module, fixed: Mapping[str, Any]) -> Iterator[None]:
+def var_keyword_inputs(model: torch.nn.Module, fixed: Mapping[str, Any], inputs: Mapping[str, Any]) -> Iterator[None]:
     """Inside: ``model.forward`` passes ``fixed`` on to the real forward, and its signature has no
-    ``**kwargs`` (what ``torch.export`` binds inputs to). The instance's own ``forward`` (if any)
-    is put back after."""
-    if not fixed:
+    ``**kwargs`` (what ``torch.export`` binds inputs to): the ``inputs`` it does not name become
+    keyword-only parameters, so a tensor given through ``**kwargs`` is a graph input like any other.
+    The instance's own ``forward`` (if any) is put back after."""
+    original = model.forward
+    sig = inspect.signature(original)
+    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    extra = [name for name in inputs if name not in sig.parameters]
+    if not fixed and not extra:
         yield
         return
     had = "forward" in vars(model)
-    original = model.forward
-    sig = inspect.signature(original)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         return original(*args, **kwargs, **fixed)
 
-    forward.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD])
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra]
+    forward.__signature__ = sig.replace(parameters=params)
     model.forward = forward
     try:
         yield

@@ -269,7 +269,7 @@ def _encoder_decoder(model: nn.Module) -> bool:
 def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphModule:
     from torch.export import Dim
 
-    from .capture import widen_for_trace
+    from .capture import split_var_keyword, var_keyword_inputs, widen_for_trace
 
     register_cache_pytree()
     name, cache = _cache_item(kwargs)
@@ -296,10 +296,12 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
             shapes[name] = dynamic_dims(value)
         else:  # encoder_outputs and other pytrees of tensors: batch and length of each leaf
             shapes[name] = pytree_shapes(value, {0: Dim.AUTO, 1: Dim.AUTO})
+    inputs, fixed = split_var_keyword(model, example)  # output_hidden_states=True ... are baked in
     was_training = model.training
     model.eval()
     try:
-        gm = export_with_shapes(model, example, shapes)
+        with var_keyword_inputs(model, fixed, inputs):
+            gm = export_with_shapes(model, inputs, {k: v for k, v in shapes.items() if k in inputs})
     finally:
         model.train(was_training)
     gm.training = False  # traced in eval mode (see graphlora.capture)

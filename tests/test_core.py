@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from models import FunctionalMLP, main_output, randomize_b, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
 import graphlora
@@ -338,14 +339,38 @@ def test_switching_while_merged_unmerges_and_mixed_batches_are_refused():
         assert torch.equal(gm(ids).logits, base(ids, use_cache=False).logits)
 
 
-def test_constants_through_var_keyword_are_traced_tensors_there_get_a_clear_error_and_the_config_route_works():
+class _ScaledByKeyword(nn.Module):
+    """A forward that reads a tensor only through ``**kwargs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, **kwargs):
+        return self.fc(x) * kwargs["scale"]
+
+
+def test_constants_through_var_keyword_are_traced_tensors_there_are_inputs_and_the_config_route_works():
     model = tiny_llama()
+    base = copy.deepcopy(model)
     gm = graphlora.inject(model, LoraConfig(r=2, target_modules=["q_proj"]))
     code = gm.code
     assert len(gm(input_ids=token_ids(2, 5), output_hidden_states=True).hidden_states) == 3  # its own program
-    with pytest.raises(graphlora.SignatureError, match=r"extra_mask reach.*only through \*\*kwargs.*constants only"):
-        gm(input_ids=token_ids(2, 5), extra_mask=torch.ones(2, 5))
+    # cache_position= reaches transformers 5.24's forward only through **kwargs (5.17 names it): the model takes it
+    ids, position = token_ids(2, 5), torch.arange(5)
+    with torch.no_grad():
+        assert torch.equal(gm(input_ids=ids, cache_position=position).logits,
+                           base(input_ids=ids, cache_position=position, use_cache=False).logits)
     assert gm.code == code
+    # a tensor there is a graph input, not a constant of the trace: one program serves other values
+    module = _ScaledByKeyword()
+    x = torch.randn(3, 4)
+    gm = graphlora.inject(copy.deepcopy(module), LoraConfig(r=2, target_modules=["fc"]),
+                          example_inputs={"x": x, "scale": torch.ones(3, 4)})
+    count = len(gm.programs)
+    for scale in (torch.full((3, 4), 2.0), torch.randn(3, 4)):
+        torch.testing.assert_close(gm(x, scale=scale), module(x, scale=scale))
+    assert len(gm.programs) == count
     model = tiny_llama()
     model.config.output_hidden_states = True
     out = graphlora.inject(model, LoraConfig(r=2, target_modules=["q_proj"]))(input_ids=token_ids(2, 5))

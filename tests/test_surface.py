@@ -4,6 +4,7 @@ the source model, save_pretrained / unload / merge_and_unload, call-time flags, 
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import pickle
 import warnings
@@ -88,6 +89,28 @@ def test_call_time_flags_work_as_on_the_model(gm):
         torch.testing.assert_close(as_tuple[0], theirs.logits)
     # the adapters apply in these programs too
     torch.testing.assert_close(gm(input_ids=IDS, return_dict=False)[0], run(gm, IDS))
+
+
+def test_call_time_flags_work_with_a_kv_cache_and_in_generate(gm):
+    """``use_cache=True`` with ``output_hidden_states`` / ``return_dict=False`` (the constants are baked
+    into the cache programs too), and ``generate(output_hidden_states=True)``, as on the model."""
+    source = gm.get_base_model()
+    cache = next(n for n in ("cache", "past_key_values") if n in inspect.signature(source.forward).parameters)
+    with torch.no_grad():
+        out = gm(input_ids=IDS[:, :-1], use_cache=True, output_hidden_states=True)
+        assert len(out.hidden_states) == 2
+        step = gm(input_ids=IDS[:, -1:], use_cache=True, return_dict=False, **{cache: getattr(out, cache)})
+    assert isinstance(step, tuple)
+    torch.testing.assert_close(step[0], run(gm, IDS)[:, -1:], rtol=1e-5, atol=1e-5)
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_hidden_states=True, return_dict_in_generate=True,
+                  pad_token_id=0)
+    with gm.disable_adapter(), torch.no_grad():
+        ours, theirs = gm.generate(IDS, **kwargs), source.generate(IDS, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_output_attentions_equal_the_eager_models():
