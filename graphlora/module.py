@@ -38,6 +38,7 @@ from torch import nn
 
 from graphlora.passes import locate_sites
 from graphlora.passes.sites import getattr_path
+from graphlora.passes.detach_reads import refresh_detached
 
 from . import merge as merging
 from . import modules_to_save as saved_modules
@@ -324,8 +325,10 @@ class AdaptedGraphModule(fx.GraphModule):
     def _mode(self, names: Any = None, compiling: bool = False) -> str:
         """Which program mode serves this call: a mixed batch (``adapter_names``); with grad
         disabled and no adapter contributing (disabled, merged), the base graph, so that a merged
-        or disabled module costs what the base model costs; the banks (eval mode under ``no_grad``
-        / ``inference_mode``, with a banked adapter); else the switch form.
+        or disabled module costs what the base model costs; the serving form (eval mode under
+        ``no_grad`` / ``inference_mode``: LoRA from the banks, the other methods' branches and
+        ``modules_to_save`` reading detached aliases, so no ``requires_grad`` flip of
+        ``set_adapter`` recompiles); else the switch form.
 
         The base graph is for eager calls only: under a compiled caller (``compiling``, or generate's
         compiled decode) it would be one more graph to compile, and switching must never compile."""
@@ -335,7 +338,7 @@ class AdaptedGraphModule(fx.GraphModule):
             return SWITCH
         if not self._adapters.contributes and not compiling and not self._programs.compiling:
             return BASE
-        if not self.training and self._adapters.banks.slots:
+        if not self.training:
             return BANK
         return SWITCH
 
@@ -365,6 +368,7 @@ class AdaptedGraphModule(fx.GraphModule):
         for program in programs if programs is not None else ():
             if program.module is not None and program.module is not self:
                 program.module.train(mode)  # its local modules (dropout of a later trace) follow too
+                refresh_detached(program.module)  # a parameter replaced (param.data =) is read anew
         return self
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(), to_empty()

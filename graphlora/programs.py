@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from graphlora.passes import (CheckpointBlocks, RetargetDevice, Site, SpliceAdapters, locate_sites,
+from graphlora.passes import (CheckpointBlocks, DetachedReads, RetargetDevice, Site, SpliceAdapters, locate_sites,
                               release_regions, run_passes)
 from graphlora.passes.checkpoint import REGION_PREFIX
 from graphlora.passes import fuse_shrink
@@ -391,6 +391,8 @@ class ProgramSet:
             steps.append(fuse_shrink.FuseShrink())
         if program.mode == BANK and self.fuse_shrink:  # sibling sites' bank shrinks as one GEMM
             steps.append(fuse_shrink.FuseBankShrink(self._stack))
+        if program.mode in (BANK, BASE):  # grad-free: set_adapter's requires_grad flips never recompile
+            steps.append(DetachedReads(STORE))
         release_regions(module)  # checkpoint regions of the graph this one replaces (snapshot keeps them)
         ckpt = self.checkpointing
         if ckpt is not None and program.mode == SWITCH:  # serving programs never checkpoint

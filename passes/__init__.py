@@ -20,6 +20,9 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
   values into the graph (the specialize pass).
 - :class:`RetargetDevice(old, new) <RetargetDevice>` (:mod:`.device`) — move the devices a trace
   baked into the graph (nested higher-order-op graphs included).
+- :class:`DetachedReads(prefix) <DetachedReads>` (:mod:`.detach_reads`) — a grad-free graph reads
+  the parameters under ``prefix`` through detached aliases (no ``requires_grad`` for dynamo to
+  guard on).
 - :class:`CheckpointBlocks(prefix, every_n_layers, options) <CheckpointBlocks>` (:mod:`.checkpoint`) —
   each block's nodes as one activation-checkpointed call (training mode only).
 - :class:`ReplicateBlock(prefix, count, source) <ReplicateBlock>` (:mod:`.replicate`) — a graph
@@ -41,6 +44,7 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
 from .attention import CausalAttention, causal_sdpa
 from .checkpoint import CheckpointBlocks, release_regions
 from .cleanup import StripTensorAsserts
+from .detach_reads import DetachedReads
 from .device import RetargetDevice
 from .dropout import FollowTrainMode
 from .pipeline import base_passes, run_passes
@@ -60,6 +64,7 @@ __all__ = [
     "run_passes",
     "base_passes",
     "FollowTrainMode",
+    "DetachedReads",
     "StripTensorAsserts",
     "CausalAttention",
     "causal_sdpa",

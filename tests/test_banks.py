@@ -121,6 +121,69 @@ def test_eval_switching_and_hot_add_under_fullgraph_compile_never_recompile():
     assert backend.compiles == 1, f"recompiled {backend.compiles - 1} times"
 
 
+def _non_lora_config(method: str):
+    if method == "ia3":
+        return graphlora.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                   init_ia3_weights=False)
+    if method == "loha":
+        return graphlora.LoHaConfig(r=4, target_modules=TARGETS, init_weights=False)
+    if method == "lokr":
+        return graphlora.LoKrConfig(r=4, target_modules=TARGETS, init_weights=False)
+    if method == "dora":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False)
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, modules_to_save=["lm_head"],
+                      init_lora_weights=False)
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "loha", "lokr", "modules_to_save"])
+def test_eval_switching_of_every_method_under_fullgraph_compile_never_recompiles(method):
+    """``set_adapter`` flips ``requires_grad`` (PEFT's rules) and dynamo guards on it: the serving form
+    reads the other methods' parameters (and ``modules_to_save`` copies) through detached aliases,
+    so switching among three adapters, disabling and enabling compile once, with the switch form's
+    outputs."""
+    gm = graphlora.inject(tiny_llama(), _non_lora_config(method))
+    for name in ("a1", "a2"):
+        gm.add_adapter(name, _non_lora_config(method))
+    if method == "modules_to_save":  # give each adapter's lm_head copy its own weights
+        for i, name in enumerate(("default", "a1", "a2")):
+            gm.set_adapter(name)
+            with torch.no_grad():
+                for n, p in gm.graphlora.named_parameters():
+                    if "lm_head" in n and f".{name}." in f".{n}.":
+                        p.add_(0.1 * (i + 1))
+    gm.set_adapter("default")
+    gm.eval()
+    ids = token_ids()
+    backend = CountingBackend()
+    compiled = torch.compile(gm, backend=backend, fullgraph=True)
+    outputs = []
+    for step in (lambda: None, lambda: gm.set_adapter("a1"), lambda: gm.set_adapter("a2"), gm.disable_adapters,
+                 gm.enable_adapters, lambda: gm.set_adapter("default")):
+        step()
+        with torch.no_grad():
+            out = main_output(compiled(ids))
+        torch.testing.assert_close(out, _switch(gm, ids), atol=1e-6, rtol=1e-5)
+        outputs.append(out)
+    assert backend.compiles == 1, f"recompiled {backend.compiles - 1} times"
+    assert not torch.allclose(outputs[1], outputs[2])  # the adapters differ, and the serving form follows
+    torch.testing.assert_close(outputs[5], outputs[0])
+    with torch.no_grad():  # disabled: the base model
+        torch.testing.assert_close(outputs[3], main_output(tiny_llama()(ids, use_cache=False)))
+
+
+def test_the_serving_aliases_follow_in_place_writes_and_a_replaced_parameter_after_eval():
+    gm = graphlora.inject(tiny_llama(), _non_lora_config("ia3")).eval()
+    ids = token_ids()
+    vector = next(p for n, p in gm.graphlora.named_parameters() if n.endswith("ia3_l"))
+    with torch.no_grad():
+        vector.mul_(2.0)  # in place (an optimizer step): the alias shares the storage
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids))
+    vector.data = vector.data * 0.5  # a new tensor: read anew after eval(), as the banks are re-gathered
+    gm.eval()
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids))
+    assert not any(p.requires_grad for n, p in vars(_bank_program(gm).module).items() if n.startswith("_glora"))
+
+
 def test_mixed_batch_of_sixteen_adapters_with_mixed_ranks_equals_per_row_runs():
     gm = _gm(adapters=16, ranks=(2, 4, 8, 6))
     names = ["default"] + [f"a{i}" for i in range(1, 16)]
