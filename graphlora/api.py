@@ -10,7 +10,7 @@ from torch import nn
 from .capture import capture
 from .config import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
 from .errors import ConfigError
-from .methods import config_types
+from .methods import as_config, config_types
 from .module import AdaptedGraphModule
 
 __all__ = ["inject", "list_sites"]
@@ -60,7 +60,7 @@ def inject(
         gm.adapter_state.autocast_adapter_dtype = bool(autocast_adapter_dtype)
         gm.load_adapter(config, adapter_name, is_trainable=is_trainable)
         return gm
-    config = LoraConfig() if config is None else config
+    config = LoraConfig() if config is None else as_config(config)  # a PEFT config object reads as its file
     if not isinstance(config, config_types()):
         names = ", ".join(f"a {t.__module__.split('.')[0]}.{t.__name__}" for t in config_types())
         raise ConfigError(f"config must be {names} or a PEFT adapter directory, got {type(config).__name__}.")

@@ -217,6 +217,9 @@ class _PeftConfigIO:
         Keys PEFT writes that graphlora does not use are dropped unless ``strict`` is set;
         with ``strict`` an unknown key raises a :class:`ConfigError` naming the closest field.
         """
+        from .methods import plain_config_dict
+
+        data = plain_config_dict(dict(data))  # a PEFT config's to_dict(): PeftType / TaskType members, sets
         fields = {f.name for f in dataclasses.fields(cls)}
         peft_type = data.get("peft_type", cls.peft_type)
         if str(peft_type).upper() != cls.peft_type:

@@ -53,7 +53,7 @@ from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
 from .generation import ready_static_cache, static_cache_rollback
-from .methods import rule_for
+from .methods import as_config, rule_for
 from .mixed import write_row_index
 from .planning import ModelFacts, check_known, check_new_name, plan_adapter
 from .prepare import copy_graph, prepare_base
@@ -468,9 +468,10 @@ class AdaptedGraphModule(fx.GraphModule):
             ConfigError: the name or config is unusable.
         On any error the module and its adapters are left as they were.
         """
-        config = LoraConfig() if config is None else config
+        config = LoraConfig() if config is None else as_config(config)  # a PEFT config object reads as its file
         rule = rule_for(config)
         state = self._adapters
+        config = saved_modules.inherit_task_modules(config, state.configs)  # a SEQ_CLS model's head, as PEFT
         check_new_name(adapter_name, state.configs)
         plan = self._plan(config)
         check_placement(self, self._records, state.store, plan, f"add adapter {adapter_name!r}")

@@ -48,7 +48,7 @@ from graphlora.passes.param_switch import SwitchedParam, SwitchParameters
 from graphlora.passes.sites import getattr_path
 
 from . import trainable_tokens as tokens_
-from .errors import ConfigError
+from .errors import ConfigError, closest
 from .peft_format import KEY_PREFIX
 
 __all__ = ["SAVED", "AUTO_MODULES", "BIAS_CHOICES", "SavedCopies", "SavedModules", "Extras", "requested_modules",
@@ -121,6 +121,22 @@ def requested_modules(config: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return own, auto
 
 
+def inherit_task_modules(config: Any, configs: Mapping[str, Any]) -> Any:
+    """``config`` as PEFT's task models add it: on a model whose first adapter has a task type with
+    modules of its own (:data:`AUTO_MODULES`: ``SEQ_CLS`` / ``TOKEN_CLS`` save the head), a new
+    adapter's ``modules_to_save`` gains them (``PeftModelForSequenceClassification.add_adapter``), so
+    its head copy trains, and is saved, as PEFT's does."""
+    import dataclasses
+
+    first = next(iter(configs.values()), None)
+    auto = AUTO_MODULES.get(str(getattr(first, "task_type", None)), ())
+    if not auto or not hasattr(config, "modules_to_save"):
+        return config
+    own = tuple(config.modules_to_save or ())
+    missing = tuple(m for m in auto if m not in own and m not in requested_modules(config)[1])
+    return dataclasses.replace(config, modules_to_save=own + missing) if missing else config
+
+
 def written_modules_to_save(config: Any) -> Union[list[str], None]:
     """``modules_to_save`` as PEFT writes it: the config's entries plus those its task type adds."""
     own, auto = requested_modules(config)
@@ -148,12 +164,14 @@ def plan_extras(config: Any, facts: Any, plan: Mapping[str, Any], state: Any, gr
     own, auto = requested_modules(config)
     names = [n for n, _ in source.named_modules() if n]
     modules = [n for n in names if _matches(n, own + auto)]
-    optional = AUTO_MODULES.get(str(getattr(config, "task_type", None)), ())  # PEFT adds these; may not exist
+    # PEFT adds a task's heads itself (classifier and score both), so they may not exist
+    optional = {m for task in AUTO_MODULES.values() for m in task}
     missing = [e for e in own if e not in optional and not any(n.endswith(e) for n in names)]
     if missing:
+        leaves = [n.rsplit(".", 1)[-1] for n in names]
         raise ConfigError(
             f"modules_to_save={list(own)!r}: {missing[0]!r} names no module of this model (PEFT's rule: a module "
-            f"path ending with the entry); closest modules: {[n for n in names if missing[0].split('.')[-1] in n][:5]}."
+            f"path ending with the entry); closest modules: {closest(missing[0], leaves + names, 5)}."
         )
     called = [n.target for n in graph.nodes if n.op == "call_module"] if graph is not None else []
     for m in modules:

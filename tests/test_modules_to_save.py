@@ -237,9 +237,27 @@ def test_merge_and_unload_uses_active_copy(bert, tmp_path):
     assert torch.equal(logits(bert), logits(bert_cls()))
 
 
+def test_a_new_adapter_on_a_seq_cls_model_saves_the_head_as_peft_and_peft_files_of_it_load(tmp_path):
+    """PEFT's ``PeftModelForSequenceClassification.add_adapter`` gives a new adapter (no task type of
+    its own) the head copies ``classifier`` / ``score``; its saved file lists both, though this model
+    has only ``score``, and loads on its own."""
+    ref = peft_model(llama_cls, task_type="SEQ_CLS", r=4, target_modules=["q_proj"])
+    gm = graphlora.inject(llama_cls(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj"]))
+    ref.add_adapter("c", peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+    gm.add_adapter("c", LoraConfig(r=2, target_modules=["o_proj"]))
+    ref.set_adapter("c")
+    gm.set_adapter("c")
+    assert list(gm.peft_config["c"].modules_to_save) == ref.peft_config["c"].modules_to_save == ["classifier", "score"]
+    assert gm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    assert any(p.requires_grad for n, p in gm.named_parameters() if ".copies.c." in n)  # its own head trains
+    ref.save_pretrained(tmp_path)
+    loaded = graphlora.inject(llama_cls(), str(tmp_path / "c"))
+    torch.testing.assert_close(logits(loaded), logits(peft_load(llama_cls, str(tmp_path / "c"))))
+
+
 # ------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(target_modules=["value"], modules_to_save=["clasifier"]), "'clasifier' names no module"),
+    (dict(target_modules=["value"], modules_to_save=["clasifier"]), "'clasifier' names no module.*'classifier'"),
     (dict(target_modules=["query", "dense"], modules_to_save=["pooler"]), "holds the adapted site"),
     (dict(target_modules=["value"], modules_to_save="classifier"), "must be a list"),
     (dict(target_modules=["value"], modules_to_save=["pooler", "pooler.dense"]), "is inside"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -320,3 +321,39 @@ def test_interrupted_save_keeps_previous_files(clean, tmp_path, monkeypatch):
     for name, data in old.items():
         assert (tmp_path / name).read_bytes() == data
     torch.testing.assert_close(run(peft_from_pretrained("llama", str(tmp_path)), IDS), expected, **TOL)
+
+
+def test_peft_config_objects_are_read_as_their_files_are(tmp_path):
+    """``inject`` / ``add_adapter`` take PEFT's config objects (same configs, same numbers), and
+    ``LoraConfig.from_dict`` takes their ``to_dict()`` (``PeftType`` / ``TaskType`` members, sets);
+    a PEFT field graphlora does not implement, set, is refused with the fix."""
+    import peft
+
+    from graphlora import ConfigError
+
+    theirs = peft.LoraConfig(r=4, lora_alpha=8, target_modules={"q_proj", "v_proj"}, task_type="CAUSAL_LM",
+                             init_lora_weights=False)
+    ours = LoraConfig.from_dict(theirs.to_dict())
+    assert (ours.r, ours.lora_alpha, sorted(ours.target_modules), ours.task_type) == (4, 8, ["q_proj", "v_proj"],
+                                                                                      "CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(base("llama"), theirs).eval()
+    ref.save_pretrained(tmp_path)
+    gm = graphlora.inject(base("llama"), theirs)  # the object itself
+    gm.load_adapter(str(tmp_path), "file")
+    # the object reads as its file does (a saved file says inference_mode=True, as PEFT's do; a set's order)
+    def plain(c):
+        return dataclasses.replace(c, inference_mode=False, target_modules=tuple(sorted(c.target_modules)))
+
+    assert plain(gm.peft_config["default"]) == plain(gm.peft_config["file"])
+    trained = {k.replace(".file.", ".default."): v for k, v in gm.state_dict().items() if ".file." in k}
+    gm.load_state_dict(trained, strict=False)
+    gm.set_adapter("default")
+    ids = token_ids(2, 5)
+    torch.testing.assert_close(run(gm, ids), run(ref, ids), rtol=1e-5, atol=1e-5)
+    gm.add_adapter("ia3", peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    assert type(gm.peft_config["ia3"]).__name__ == "IA3Config"
+    with pytest.raises(ConfigError, match="use_qalora.*leave that field at its default"):
+        gm.add_adapter("bad", peft.LoraConfig(r=4, target_modules=["q_proj"], use_qalora=True))
+    assert "bad" not in gm.adapters

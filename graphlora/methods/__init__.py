@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from graphlora.errors import ConfigError
+from graphlora.errors import AdapterFileError, ConfigError
 
 from .base import MethodRule
 from .ia3 import IA3Rule
@@ -18,7 +18,7 @@ from .lokr import LoKrRule
 from .lora import LoraRule
 
 __all__ = ["MethodRule", "RULES", "rule_for", "rule_for_peft_type", "config_types", "register_rule",
-           "unregister_rule"]
+           "unregister_rule", "as_config", "plain_config_dict"]
 
 #: every registered rule, in the order they are tried
 RULES: list[MethodRule] = [LoraRule(), IA3Rule(), LoHaRule(), LoKrRule()]
@@ -49,6 +49,39 @@ def config_types() -> tuple[type, ...]:
     return tuple(rule.config_class for rule in RULES)
 
 
+def plain_config_dict(data: Any) -> Any:
+    """A PEFT config's ``to_dict()`` as ``adapter_config.json`` holds it: enum members (``PeftType``,
+    ``TaskType``, str enums) as their values, sets as sorted lists, nested containers likewise."""
+    import enum
+
+    if isinstance(data, enum.Enum):
+        return data.value
+    if isinstance(data, dict):
+        return {k: plain_config_dict(v) for k, v in data.items()}
+    if isinstance(data, (set, frozenset)):
+        return sorted(plain_config_dict(v) for v in data)
+    if isinstance(data, (list, tuple)):
+        return [plain_config_dict(v) for v in data]
+    return data
+
+
+def as_config(config: Any) -> Any:
+    """``config`` as graphlora's config: a graphlora config as it is; a PEFT config object (its
+    ``peft_type`` and ``to_dict()``) read by its method's rule exactly as its ``adapter_config.json``
+    would be (a field graphlora does not implement, set to a value that changes the outputs, is
+    refused there); anything else as it is (:func:`rule_for` says what works)."""
+    if isinstance(config, config_types()) or not callable(getattr(config, "to_dict", None)):
+        return config
+    peft_type = getattr(config, "peft_type", None)
+    rule = rule_for_peft_type(plain_config_dict(peft_type)) if peft_type is not None else None
+    if rule is None:
+        return config
+    try:
+        return rule.config_from_peft(plain_config_dict(config.to_dict()), f"the {type(config).__name__} given")
+    except AdapterFileError as exc:  # a config object, not a file: say so, and how to fix it
+        raise ConfigError(f"{exc} For a config object: leave that field at its default.") from None
+
+
 def rule_for(config: Any) -> MethodRule:
     """The rule serving ``config``'s class.
 
@@ -64,6 +97,7 @@ def rule_for(config: Any) -> MethodRule:
 
 def rule_for_peft_type(peft_type: Any) -> Union[MethodRule, None]:
     """The rule for a PEFT ``peft_type`` string (``None`` if there is none)."""
+    peft_type = plain_config_dict(peft_type)  # PeftType.LORA -> "LORA"
     for rule in RULES:
         if str(peft_type).upper() == rule.peft_type:
             return rule
