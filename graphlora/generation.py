@@ -9,7 +9,8 @@ transformers' own error and leaves adapters and graphs as they were.
 
 **The KV cache is a graph input and output.** ``DynamicCache`` is registered as a pytree node
 (:func:`graphlora._compat.register_cache_pytree`), so an exported program takes the cache's key and
-value tensors as inputs and returns the updated cache. Each distinct shape of call is its own
+value tensors as inputs and returns the updated cache, whose state the caller's cache object then
+takes (:func:`carry_cache`: updated as the model updates it). Each distinct shape of call is its own
 program, keyed by :func:`describe_cache` (cache type, number of layers, number of filled leaves,
 sliding windows): prefill without a cache (``use_cache=True``), prefill with an empty cache object,
 decode with a filled cache. Calls the ProgramSet has not seen are traced by :func:`trace_call`:
@@ -76,7 +77,7 @@ from ._compat import (cache_dynamic_shapes, dynamic_dims, export_with_shapes, is
 from .errors import ConfigError
 
 __all__ = ["generate", "describe_cache", "is_cache_call", "trace_call", "example_cache_inputs",
-           "ready_static_cache", "static_cache_rollback"]
+           "ready_static_cache", "static_cache_rollback", "carry_cache"]
 
 #: Synthetic decode trace: batch, past length, new tokens (none 0 or 1: torch.export keeps them dynamic).
 TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 3, 2
@@ -166,6 +167,37 @@ def ready_static_cache(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
                 "hidden_size (or head_dim). Call cache.early_initialization(...) first."
             )
         cache.early_initialization(first.shape[0], kv_heads, head_dim, model.dtype, first.device)
+
+
+@torch.compiler.disable
+def carry_cache(kwargs: Mapping[str, Any], out: Any) -> Any:
+    """``out`` with the cache object the caller passed in holding what the call returned.
+
+    A program returns a new cache object (its outputs are tensors, unflattened into a fresh
+    ``DynamicCache``); transformers' models update the caller's in place, and code that keeps
+    calling with one cache object (``cache = DynamicCache(); model(ids, past_key_values=cache)``)
+    relies on it. So the passed object takes the returned one's state (its attributes, the layers
+    with their new key and value tensors) and stands in the output in its place. A ``StaticCache``
+    is written in place by the program itself.
+    """
+    name, passed = _cache_item(kwargs)
+    if passed is None or _is_static(passed):
+        return out
+    if isinstance(out, tuple):
+        return type(out)(_carry(passed, v) for v in out) if not hasattr(out, "_fields") else out
+    if isinstance(out, Mapping):
+        for key in [k for k, v in out.items() if is_cache(v)]:
+            out[key] = _carry(passed, out[key])
+    return out
+
+
+def _carry(passed: Any, returned: Any) -> Any:
+    if returned is passed or type(returned) is not type(passed):
+        return returned
+    state = vars(passed)
+    state.clear()
+    state.update(vars(returned))
+    return passed
 
 
 def _cache_item(kwargs: Mapping[str, Any]) -> tuple[Any, Any]:

@@ -52,7 +52,7 @@ from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
-from .generation import ready_static_cache, static_cache_rollback
+from .generation import carry_cache, ready_static_cache, static_cache_rollback
 from .methods import as_config, rule_for
 from .mixed import write_row_index
 from .planning import ModelFacts, check_known, check_new_name, plan_adapter
@@ -285,15 +285,17 @@ class AdaptedGraphModule(fx.GraphModule):
         target, args, kwargs = self._route(args, kwargs, under_outer_compile())
         try:
             if target is self:
-                return super().__call__(*args, **kwargs)
-            if has_call_hooks(self):  # this module's hooks run around whichever program serves the call
+                out = super().__call__(*args, **kwargs)
+            elif has_call_hooks(self):  # this module's hooks run around whichever program serves the call
                 with forward_replaced(self, target):
-                    return super().__call__(*args, **kwargs)
-            return target(*args, **kwargs)
+                    out = super().__call__(*args, **kwargs)
+            else:
+                out = target(*args, **kwargs)
         except TypeError as exc:  # say what was traced when the arguments do not fit
             if self._calls.frontend == "fx":
                 check_fx_call(self.forward, args, kwargs, exc)
             raise
+        return carry_cache(kwargs, out)
 
     @torch.compiler.disable
     def _run(self, args: tuple, kwargs: dict) -> Any:
@@ -302,9 +304,8 @@ class AdaptedGraphModule(fx.GraphModule):
         that), and ``gm.base_model(...)``."""
         with _flag(self, False):
             target, args, kwargs = self._route(args, kwargs, under_outer_compile())
-            if target is self:
-                return type(self).forward(self, *args, **kwargs)
-            return target(*args, **kwargs)
+            out = type(self).forward(self, *args, **kwargs) if target is self else target(*args, **kwargs)
+            return carry_cache(kwargs, out)
 
     @torch.compiler.disable
     def _route(self, args: tuple, kwargs: dict, compiling: bool = False) -> tuple[Any, tuple, dict]:

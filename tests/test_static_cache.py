@@ -147,6 +147,32 @@ def test_cache_call_contract_under_both_names(trio, alias):
     assert getattr(nxt, own).get_seq_length() == ids.shape[1]
 
 
+@pytest.mark.parametrize("start", ["empty DynamicCache", "returned cache"])
+def test_a_cache_object_passed_in_is_updated_in_place_as_the_models_is(trio, start):
+    """A loop that keeps passing one cache object (``cache = DynamicCache(); model(tok, cache=cache)``)
+    works as on the model and on PEFT's: the object holds every step, and the output carries it."""
+    from transformers import DynamicCache
+
+    gm, ref, _ = trio
+    own = _cache_name(gm.get_base_model())
+    ids = token_ids(2, 8, seed=9)
+    with torch.no_grad():
+        full = gm(input_ids=ids).logits
+        theirs = DynamicCache()
+        ref(input_ids=ids[:, :5], use_cache=True, **{own: theirs})
+        cache = DynamicCache() if start == "empty DynamicCache" else None
+        out = gm(input_ids=ids[:, :5], use_cache=True, **({own: cache} if cache is not None else {}))
+        cache = getattr(out, own) if cache is None else cache
+        assert getattr(out, own) is cache and cache.get_seq_length() == theirs.get_seq_length() == 5
+        for i in range(5, 8):
+            mask = torch.ones(2, i + 1, dtype=torch.long)
+            step = gm(input_ids=ids[:, i:i + 1], attention_mask=mask, use_cache=True, **{own: cache})
+            peft_step = ref(input_ids=ids[:, i:i + 1], attention_mask=mask, use_cache=True, **{own: theirs})
+            assert getattr(step, own) is cache and cache.get_seq_length() == theirs.get_seq_length() == i + 1
+            torch.testing.assert_close(step.logits[:, -1], full[:, i], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step.logits, peft_step.logits, atol=1e-5, rtol=1e-5)
+
+
 class _Old(torch.nn.Module):
     """A forward that names the cache ``past_key_values`` (transformers 5.17)."""
 
