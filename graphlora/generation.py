@@ -397,9 +397,11 @@ def run_encoder(gm: Any, kwargs: Mapping[str, Any], names: Union[Sequence[str], 
     from .mixed import write_row_index
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    key = (call_key({**kwargs, HALF: "encoder"}), gm._mode(names))
     if names is not None:
         write_row_index(gm.adapter_state, names, (), kwargs, gm.training)
+        if not gm.adapter_state.enabled:  # disabled: every row is the base model, as in PEFT
+            names = None
+    key = (call_key({**kwargs, HALF: "encoder"}), gm._mode(names))
     return gm.programs.module_for(key, {**kwargs, HALF: "encoder"})(**kwargs)
 
 
@@ -441,6 +443,13 @@ def generate(gm: Any, *args: Any, **kwargs: Any) -> Any:
     names = kwargs.pop("adapter_names", None)
     if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
         raise ConfigError(f"adapter_names must be a list with one adapter name per input row, got {names!r}.")
+    inputs = {k: kwargs[k] for k in ("input_ids", "inputs_embeds") if k in kwargs} or dict(enumerate(args[:1]))
+    rows = _batch_of(inputs)
+    if names is not None and rows is not None and rows != len(names):  # PEFT's check, before anything runs
+        raise ConfigError(
+            f"adapter_names has {len(names)} names but the input has {rows} rows; give one adapter name "
+            "(or '__base__') per input row."
+        )
     original = source.forward
     encoder = source.get_encoder() if _encoder_decoder(source) and hasattr(source, "get_encoder") else None
 

@@ -44,6 +44,8 @@ def test_rows_equal_single_adapter_runs(builder, targets):
                 gm.set_adapter(name)
                 alone = main_output(gm(input_ids=ids[row:row + 1]))
                 torch.testing.assert_close(mixed[row], alone[0], rtol=1e-5, atol=1e-5)
+        with gm.disable_adapter():  # disabled: every row is the base model, whatever it names (PEFT's rule)
+            assert torch.equal(main_output(gm(input_ids=ids, adapter_names=names)), base_batch)
 
 
 def test_mixed_batch_bad_input():
@@ -58,3 +60,8 @@ def test_mixed_batch_bad_input():
         gm(input_ids=ids, adapter_names=["default", "default"])
     with torch.no_grad():  # inference under no_grad is fine even in train mode
         gm(input_ids=ids, adapter_names=["default", "__base__"])
+    gm.eval()
+    with pytest.raises(graphlora.ConfigError, match="1 names but the input has 2 rows"):  # checked before generate
+        gm.generate(input_ids=ids, adapter_names=["default"], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with pytest.raises(graphlora.ConfigError, match="4 names but the input has 2 rows"):  # not a beam multiple
+        gm.generate(ids, adapter_names=["default"] * 4, max_new_tokens=2, do_sample=False, pad_token_id=0)
