@@ -183,3 +183,30 @@ def test_tied_gpt2_embedding_adapts_the_lookup_only_as_peft_does(tmp_path):
     with pytest.raises(MergeError, match="tied"):
         gm.merge_adapter()
     torch.testing.assert_close(run(gm, IDS), run(pm, IDS), **TOL)
+
+
+def _padded_llama():
+    model = base("llama")
+    model.model.embed_tokens.padding_idx = 0  # as a config with pad_token_id=0 builds it
+    return model
+
+
+def test_the_padding_row_of_a_gets_no_gradient_as_in_peft(tmp_path):
+    """PEFT looks ``A^T`` up with the base table's ``padding_idx``: the padding id's column of ``A``
+    gets no gradient; with graphlora the same, and every other gradient equal."""
+    import peft
+
+    ref = peft.get_peft_model(_padded_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                               init_lora_weights=False))
+    ref.save_pretrained(tmp_path)
+    gm = graphlora.inject(_padded_llama(), str(tmp_path), is_trainable=True)
+    ids = IDS.clone()
+    ids[:, :2] = 0  # padding ids in the batch
+    for model in (ref, gm):
+        model.train()
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+    theirs = ref.base_model.model.model.embed_tokens.lora_embedding_A["default"].grad
+    ours = gm.adapter_state.branch(EMB, "default").lora_embedding_A.grad
+    assert theirs[:, 0].abs().max() == 0 and ours[:, 0].abs().max() == 0
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, theirs, **TOL)

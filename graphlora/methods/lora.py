@@ -273,24 +273,39 @@ class LoraEmbeddingBranch(_GatedBranch):
 
 
 
-def lora_embedding_delta(ids: Tensor, lora_A: Tensor, lora_B: Tensor, gate: Gate, like: Tensor) -> Tensor:
+def lora_embedding_delta(ids: Tensor, lora_A: Tensor, lora_B: Tensor, gate: Gate, like: Tensor,
+                         padding_idx: Union[int, None] = None) -> Tensor:
     r"""``gate * A^T[ids] B^T`` (``[..., dim]``), in the dtype of the base lookup ``like``.
 
     ``A`` is ``[r, num]`` and ``B`` ``[dim, r]`` (PEFT's ``lora_embedding_A/B``); with ``gate == 0``
-    the term is exactly 0.
+    the term is exactly 0. ``padding_idx``: the base table's (PEFT looks ``A^T`` up with it), so the
+    column of ``A`` at the padding id gets no gradient.
     """
-    after_a = torch.nn.functional.embedding(ids, lora_A.t())
+    after_a = torch.nn.functional.embedding(ids, lora_A.t(), padding_idx=padding_idx)
     return ((after_a @ lora_B.t()) * gate).to(like.dtype)
 
 
+def _padding_idx(builder: SiteBuilder) -> Union[int, None]:
+    """The base lookup's ``padding_idx`` (``None`` when it has none): an ``nn.Embedding`` call, or
+    ``aten.embedding(weight, ids, padding_idx=-1, ...)`` / ``F.embedding(ids, weight, padding_idx)``."""
+    base = builder.base
+    if base.op == "call_module":
+        return getattr(builder.gm.get_submodule(str(base.target)), "padding_idx", None)
+    if base.target is torch.ops.aten.embedding.default:
+        value = base.args[2] if len(base.args) > 2 else base.kwargs.get("padding_idx", -1)
+        return None if value == -1 else value
+    value = base.args[2] if len(base.args) > 2 else base.kwargs.get("padding_idx")
+    return value if isinstance(value, int) else None
+
+
 def emit_embedding(builder: SiteBuilder, spec: BranchSpec) -> None:
-    """The embedding branch: the residual ``lora_embedding_delta(ids, A, B, gate, base)``."""
+    """The embedding branch: the residual ``lora_embedding_delta(ids, A, B, gate, base, padding_idx)``."""
     tag = f"{builder.key}_{spec.adapter}"
     a = builder.get_attr(f"{spec.prefix}.lora_embedding_A", f"{tag}_lora_embedding_A", spec.adapter)
     b = builder.get_attr(f"{spec.prefix}.lora_embedding_B", f"{tag}_lora_embedding_B", spec.adapter)
     gate = builder.get_attr(f"{spec.prefix}.gate", f"{tag}_gate", spec.adapter)
-    builder.add_residual(builder.call(lora_embedding_delta, (builder.x, a, b, gate, builder.base),
-                                      f"{tag}_lora_embedding", spec.adapter))
+    args = (builder.x, a, b, gate, builder.base, _padding_idx(builder))
+    builder.add_residual(builder.call(lora_embedding_delta, args, f"{tag}_lora_embedding", spec.adapter))
 
 
 class LoraSitePlan(NamedTuple):
@@ -413,9 +428,9 @@ def freeze_dora_residual(gm: fx.GraphModule, node: fx.Node, read: GateReader) ->
 
 
 def freeze_embedding_delta(gm: fx.GraphModule, node: fx.Node, read: GateReader) -> list[fx.Node]:
-    """The embedding branch's specialize step for ``lora_embedding_delta(ids, A, B, gate, base)``:
+    """The embedding branch's specialize step for ``lora_embedding_delta(ids, A, B, gate, base, pad)``:
     ``gate == 0`` removes the term and the ``add`` consuming it; any other gate becomes a constant."""
-    ids, a, b, gate, like = node.args
+    ids, a, b, gate, like, *padding = node.args
     value = read(gate)
     dead: list[fx.Node] = [gate] if isinstance(gate, fx.Node) else []
     if value == 0.0:
@@ -425,7 +440,7 @@ def freeze_embedding_delta(gm: fx.GraphModule, node: fx.Node, read: GateReader) 
             dead.append(add)
         dead += [node, a, b]
     elif dead:
-        node.args = (ids, a, b, value, like)
+        node.args = (ids, a, b, value, like, *padding)
     return dead
 
 
