@@ -242,7 +242,7 @@ def _bias_keys(bias: str, source: nn.Module, plan: Mapping[str, Any], modules: S
     if bias != "all":
         raise ConfigError(f"bias={bias!r} is not one of {list(BIAS_CHOICES)}.")
     for name in params:
-        if "bias" not in name:
+        if not (name == "bias" or name.endswith(".bias")):  # PEFT 0.21's rule (not T5's relative_attention_bias)
             continue
         holder = next((m for m in modules if _inside(name, m)), None)
         site = next((s for s in plan if name.startswith(s + ".")), None)

@@ -160,3 +160,30 @@ def test_failed_load_restores_base_biases(clean, tmp_path, monkeypatch):
     # the base model (biases, requires_grad) and the adapter state are as before
     keys = ("model_state", "model_grad", "configs", "plans", "active", "requires_grad", "code", "modules")
     assert_unchanged({k: before[k] for k in keys}, {k: after[k] for k in keys})
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def test_bias_all_trains_what_peft_trains_and_peft_files_load(tmp_path):
+    """``bias="all"``: parameters named ``bias`` or ending in ``.bias`` (PEFT 0.21), so T5's
+    ``relative_attention_bias.weight`` stays frozen and PEFT's T5 file (which has none) loads."""
+    import peft
+
+    config = dict(r=4, target_modules=["q"], bias="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(_tiny_t5(), peft.LoraConfig(**config))
+    gm = graphlora.inject(_tiny_t5(), LoraConfig(**config))
+    theirs = sorted(n for n, p in ref.named_parameters() if p.requires_grad and "lora_" not in n)
+    ours = sorted(n for n, p in gm.named_parameters() if p.requires_grad and ".lora_" not in n)
+    assert theirs == ours == []
+    assert gm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    ref.save_pretrained(tmp_path)
+    graphlora.inject(_tiny_t5(), str(tmp_path))
