@@ -148,14 +148,16 @@ def read_adapter_dir(directory: PathLike) -> tuple[AnyConfig, dict[str, torch.Te
 
 
 #: PEFT's ``save_embedding_layers="auto"`` writes the whole base table of an adapted embedding
-#: next to its ``lora_embedding_A/B``, under this suffix of the site path.
+#: next to its ``lora_embedding_A/B`` (and of an adapted ``lm_head`` next to its ``lora_A/B``), under
+#: this suffix of the site path.
 EMBEDDING_TABLE = ".base_layer.weight"
 
 
 def _drop_embedding_tables(directory: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Without PEFT's copies of the base embedding tables (``<site>.base_layer.weight`` beside a
-    ``<site>.lora_embedding_A``): graphlora keeps the model's own table. A copy whose shape is not
-    ``[num, dim]`` of the file's ``A [r, num]`` / ``B [dim, r]`` is refused.
+    ``<site>.lora_embedding_A``, or beside a ``<site>.lora_A.weight``: an adapted ``lm_head``):
+    graphlora keeps the model's own weight. A copy whose shape is not ``[num, dim]`` of the file's
+    ``A [r, num]`` / ``B [dim, r]`` (``[d_out, d_in]`` of ``lora_A`` / ``lora_B``) is refused.
 
     Raises:
         AdapterFileError: naming the key and both shapes.
@@ -164,14 +166,18 @@ def _drop_embedding_tables(directory: str, tensors: dict[str, torch.Tensor]) -> 
     for key, t in tensors.items():
         site = key[: -len(EMBEDDING_TABLE)] if key.endswith(EMBEDDING_TABLE) else None
         a, b = (tensors.get(f"{site}.lora_embedding_{p}") for p in "AB") if site else (None, None)
+        if a is None and site is not None:  # PEFT saves lm_head's weight the same way ("auto": an embedding name)
+            a, b = (tensors.get(f"{site}.lora_{p}.weight") for p in "AB")
+            if a is not None and b is not None and a.dim() == b.dim() == 2:
+                a, b = b.t(), a.t()  # lora_A [r, d_in], lora_B [d_out, r]: the table is [d_out, d_in]
         if a is None:
             out[key] = t
             continue
         want = (a.shape[1], b.shape[0]) if b is not None and a.dim() == b.dim() == 2 else None
         if want is not None and tuple(t.shape) != want:
             raise AdapterFileError(
-                f"{directory!r}: the embedding table {key!r} has shape {tuple(t.shape)} but the file's "
-                f"lora_embedding_A/B give {want}; the file is inconsistent, save it again."
+                f"{directory!r}: the base weight {key!r} has shape {tuple(t.shape)} but the file's "
+                f"LoRA factors give {want}; the file is inconsistent, save it again."
             )
     return out
 

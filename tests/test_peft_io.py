@@ -357,3 +357,19 @@ def test_peft_config_objects_are_read_as_their_files_are(tmp_path):
     with pytest.raises(ConfigError, match="use_qalora.*leave that field at its default"):
         gm.add_adapter("bad", peft.LoraConfig(r=4, target_modules=["q_proj"], use_qalora=True))
     assert "bad" not in gm.adapters
+
+
+def test_a_peft_file_adapting_lm_head_loads_with_its_base_weight_copy(tmp_path):
+    """PEFT's ``save_embedding_layers="auto"`` writes ``lm_head.base_layer.weight`` beside an adapted
+    ``lm_head``'s factors: accepted (the model keeps its own weight), equal outputs."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(base("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                                 init_lora_weights=False)).eval()
+        ref.save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(str(tmp_path / WEIGHTS_NAME))
+    gm = graphlora.inject(base("llama"), str(tmp_path))
+    ids = token_ids(2, 5)
+    torch.testing.assert_close(run(gm, ids), run(ref, ids), rtol=1e-5, atol=1e-5)
