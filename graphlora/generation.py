@@ -52,6 +52,11 @@ steps run graphlora's programs compiled with the ``CompileConfig``'s options
 (:meth:`graphlora.programs.ProgramSet.compiled`), while the routing stays eager outside them. Sliding-window or offloading static caches and
 static caches in encoder-decoder models are refused with a :class:`ConfigError`.
 
+**Sliding-window layers** (``DynamicSlidingWindowLayer``: Mistral, Gemma 2/3) keep the last
+``sliding_window - 1`` positions; their pytree leaves are those, so a returned cache's count of
+tokens seen is set from the call (:func:`carry_cache`), and a cache that has seen more than it keeps
+is refused (:func:`check_sliding_cache`): the graphs would count positions from the kept keys.
+
 **The cache's name.** transformers 5.24 calls ``forward``'s cache argument ``cache``, 5.17
 ``past_key_values``; :meth:`graphlora.calls.CallSpec.bind` maps either name to the one the model's
 ``forward`` has.
@@ -77,7 +82,7 @@ from ._compat import (cache_dynamic_shapes, dynamic_dims, export_with_shapes, is
 from .errors import ConfigError
 
 __all__ = ["generate", "describe_cache", "is_cache_call", "trace_call", "example_cache_inputs",
-           "ready_static_cache", "static_cache_rollback", "carry_cache"]
+           "ready_static_cache", "static_cache_rollback", "carry_cache", "check_sliding_cache"]
 
 #: Synthetic decode trace: batch, past length, new tokens (none 0 or 1: torch.export keeps them dynamic).
 TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 3, 2
@@ -181,7 +186,10 @@ def carry_cache(kwargs: Mapping[str, Any], out: Any) -> Any:
     is written in place by the program itself.
     """
     name, passed = _cache_item(kwargs)
-    if passed is None or _is_static(passed):
+    if passed is not None and _is_static(passed):
+        return out
+    _count_sliding(kwargs, passed, out)
+    if passed is None:
         return out
     if isinstance(out, tuple):
         return type(out)(_carry(passed, v) for v in out) if not hasattr(out, "_fields") else out
@@ -189,6 +197,55 @@ def carry_cache(kwargs: Mapping[str, Any], out: Any) -> Any:
         for key in [k for k, v in out.items() if is_cache(v)]:
             out[key] = _carry(passed, out[key])
     return out
+
+
+def _sliding_layers(cache: Any) -> list:
+    cache = getattr(cache, "self_attention_cache", cache)  # an EncoderDecoderCache's decoder half
+    return [layer for layer in getattr(cache, "layers", ()) if getattr(layer, "sliding_window", None)]
+
+
+def _count_sliding(kwargs: Mapping[str, Any], passed: Any, out: Any) -> None:
+    """Give a returned cache's sliding-window layers their count of tokens seen.
+
+    The pytree leaves of a ``DynamicSlidingWindowLayer`` are its kept keys and values (at most
+    ``sliding_window - 1`` positions); unflattened, its ``cumulative_length`` is what it keeps, not
+    what it has seen. The count is the passed cache's plus this call's new tokens.
+    """
+    values = out.values() if isinstance(out, Mapping) else (out if isinstance(out, tuple) else ())
+    returned = next((v for v in values if is_cache(v) and v is not passed), None)
+    if returned is None:
+        return
+    first = next((v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds", "decoder_input_ids",
+                                                         "decoder_inputs_embeds") and isinstance(v, torch.Tensor)), None)
+    new = first.shape[1] if first is not None and first.dim() > 1 else None
+    before = [getattr(layer, "cumulative_length", 0) for layer in _sliding_layers(passed)] if passed is not None else []
+    for i, layer in enumerate(_sliding_layers(returned)):
+        if new is not None and hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = (before[i] if i < len(before) else 0) + new
+
+
+def check_sliding_cache(kwargs: Mapping[str, Any]) -> None:
+    """Refuse a sliding-window cache that has seen more tokens than it keeps.
+
+    Its kept positions are the last ``sliding_window - 1``; the traced graphs count positions from
+    the keys they are given, so positions and masks would be those of a shorter past: wrong
+    outputs, not an error, without this check.
+
+    Raises:
+        ConfigError: naming the counts and the workaround.
+    """
+    name, cache = _cache_item(kwargs)
+    for layer in _sliding_layers(cache) if cache is not None else ():
+        keys = getattr(layer, "keys", None)
+        seen = getattr(layer, "cumulative_length", 0)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and seen > keys.shape[-2]:
+            raise ConfigError(
+                f"{name}= has sliding-window layers past their window ({seen} tokens seen, "
+                f"sliding_window={layer.sliding_window}, {keys.shape[-2]} kept); graphlora's graphs cannot take "
+                "such a cache yet (they would count positions from the kept ones). Keep prompt plus new tokens "
+                "within the window, or merge the adapter and generate with the model itself: "
+                "gm.merge_adapter(); gm.get_base_model().generate(...)."
+            )
 
 
 def _carry(passed: Any, returned: Any) -> Any:

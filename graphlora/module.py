@@ -52,7 +52,7 @@ from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
-from .generation import carry_cache, ready_static_cache, static_cache_rollback
+from .generation import carry_cache, check_sliding_cache, ready_static_cache, static_cache_rollback
 from .methods import as_config, rule_for
 from .mixed import write_row_index
 from .planning import ModelFacts, check_known, check_new_name, plan_adapter
@@ -314,6 +314,7 @@ class AdaptedGraphModule(fx.GraphModule):
         names = kwargs.pop("adapter_names", None)
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
+            check_sliding_cache(kwargs)
         with static_cache_rollback(kwargs):  # a refused or failed trace leaves the caller's cache unallocated
             if self._calls.frontend == "export":
                 ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made

@@ -269,3 +269,40 @@ def test_a_sliding_static_cache_stays_usable_with_pytree_after_registration():
     cache = StaticCache(config=config, max_cache_len=8)
     leaves, spec = pytree.tree_flatten({"cache": cache, "x": torch.ones(2)})
     assert len(leaves) == 1 and pytree.tree_unflatten(leaves, spec)["cache"] is cache
+
+
+def _tiny_mistral(window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                           max_position_embeddings=64)
+    return MistralForCausalLM(config).eval()
+
+
+def test_a_sliding_window_cache_within_its_window_decodes_and_past_it_is_refused():
+    """A ``DynamicSlidingWindowLayer`` keeps the last ``window - 1`` positions; within that, decode
+    steps equal the model's; past it (where the graphs would count positions from the kept keys, a
+    silently wrong answer) the call is refused with the counts and the workaround."""
+    from graphlora.errors import ConfigError
+
+    targets = ["q_proj", "v_proj"]
+    model, gm = _tiny_mistral(16), graphlora.inject(_tiny_mistral(16), LoraConfig(r=4, target_modules=targets)).eval()
+    own = _cache_name(model)
+    ids = token_ids(1, 8, seed=4)
+    with torch.no_grad():
+        out = gm(input_ids=ids[:, :5], use_cache=True)
+        step = gm(input_ids=ids[:, 5:6], use_cache=True, **{own: getattr(out, own)})
+        torch.testing.assert_close(step.logits[:, -1], model(input_ids=ids[:, :6]).logits[:, -1],
+                                   atol=1e-5, rtol=1e-5)
+        model, gm = _tiny_mistral(4), graphlora.inject(_tiny_mistral(4), LoraConfig(r=4, target_modules=targets))
+        gm.eval()
+        long = gm(input_ids=ids[:, :7], use_cache=True)  # the prompt alone is right: 7 positions seen, 3 kept
+        torch.testing.assert_close(long.logits, model(input_ids=ids[:, :7]).logits, atol=1e-5, rtol=1e-5)
+        cache = getattr(long, own)
+        assert cache.get_seq_length() == 7
+        count = len(gm.programs)
+        with pytest.raises(ConfigError, match=r"7 tokens seen, sliding_window=4, 3 kept.*merge_adapter"):
+            gm(input_ids=ids[:, 7:8], use_cache=True, **{own: cache})
+        assert len(gm.programs) == count and cache.get_seq_length() == 7
