@@ -66,3 +66,13 @@ __all__ = [
     "read_adapter_dir",
     "read_adapter_config",
 ]
+
+
+def __getattr__(name: str):
+    """``graphlora.training`` (``AdapterTrainer``) without ``import graphlora.training`` first; it is
+    imported on first use, since it imports transformers' ``Trainer``."""
+    if name == "training":
+        import importlib
+
+        return importlib.import_module(".training", __name__)
+    raise AttributeError(f"module 'graphlora' has no attribute {name!r}")

@@ -19,7 +19,8 @@ from torch import nn
 from .capture import call_key, forward_params, is_constant
 from .errors import SignatureError
 
-__all__ = ["CallSpec", "ProgramKey", "describe_key", "SWITCH", "BANK", "MIXED", "BASE", "MODES", "CACHE_NAMES"]
+__all__ = ["CallSpec", "ProgramKey", "describe_key", "SWITCH", "BANK", "MIXED", "BASE", "MODES", "CACHE_NAMES",
+           "raise_for_guard"]
 
 #: How a program applies the adapters (the second half of its key):
 #: ``SWITCH``: every loaded adapter's own branch behind the site's switch (training, and every
@@ -150,4 +151,39 @@ def _describe_value(d: tuple) -> str:
 
 
 def describe_call(kwargs: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={'<tensor>' if isinstance(v, torch.Tensor) else repr(v)}" for k, v in kwargs.items())
+    """``input_ids=<tensor>, use_cache=True, cache=DynamicCache(layers=[DynamicLayer])`` (constants as
+    their repr, other objects by type: an ``encoder_outputs`` full of tensors stays one word)."""
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return "<tensor>"
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return repr(v)
+        text = repr(v)
+        return text if len(text) <= 120 else f"<{type(v).__name__}>"
+
+    return ", ".join(f"{k}={one(v)}" for k, v in kwargs.items())
+
+
+def raise_for_guard(exc: AssertionError, kwargs: Mapping[str, Any]) -> None:
+    """Turn an exported program's failed shape guard into a :class:`SignatureError` that says what
+    the call was and what the graph needs; any other ``AssertionError`` is left as it is.
+
+    ``torch.export`` records the size relations its trace relied on (``attention_mask.size()[1] <=
+    cache length + input length``) and checks them before the program computes, so the call
+    changed nothing.
+
+    Raises:
+        SignatureError: for a guard failure (the original chained).
+    """
+    text = str(exc)
+    if "Guard failed" not in text:
+        return
+    guard = text.split("Guard failed:", 1)[-1].strip().splitlines()[0][:300]
+    hint = ""
+    if "attention_mask" in guard and "cache" in guard:
+        hint = (" With a KV cache, attention_mask must cover the cached and the new positions "
+                "([batch, past + new]), as transformers builds it in generate.")
+    raise SignatureError(
+        f"this call ({describe_call(kwargs)}) does not fit the sizes its graph was traced for: {guard}.{hint} "
+        "Nothing was computed; call with sizes that satisfy it (or without the argument it names)."
+    ) from exc

@@ -47,7 +47,7 @@ from . import surface
 from ._checks import check_fx_call, check_placement
 from ._compat import (assigned_forward, current_graph, forward_replaced, has_call_hooks, is_pretrained_model,
                       pre_hooks_applied, under_outer_compile)
-from .calls import BANK, BASE, MIXED, SWITCH, CallSpec
+from .calls import BANK, BASE, MIXED, SWITCH, CallSpec, raise_for_guard
 from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
@@ -138,6 +138,19 @@ def _upcast(branch: nn.Module) -> None:
     for param in branch.parameters():
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
+
+
+def _one_of(method: str, **values: Any) -> Any:
+    """The one of ``values`` given (graphlora's keyword and PEFT's for the same argument).
+
+    Raises:
+        ConfigError: both are given.
+    """
+    given = {k: v for k, v in values.items() if v is not None}
+    if len(given) > 1:
+        raise ConfigError(f"{method} got {' and '.join(f'{k}=' for k in given)} (the same argument under "
+                          "graphlora's and PEFT's name); pass one of them.")
+    return next(iter(given.values()), None)
 
 
 def _names(value: Union[str, Iterable[str]]) -> list[str]:
@@ -295,6 +308,9 @@ class AdaptedGraphModule(fx.GraphModule):
             if self._calls.frontend == "fx":
                 check_fx_call(self.forward, args, kwargs, exc)
             raise
+        except AssertionError as exc:  # an exported program's shape guard, checked before it computes
+            raise_for_guard(exc, kwargs)
+            raise
         return carry_cache(kwargs, out)
 
     @torch.compiler.disable
@@ -304,7 +320,11 @@ class AdaptedGraphModule(fx.GraphModule):
         that), and ``gm.base_model(...)``."""
         with _flag(self, False):
             target, args, kwargs = self._route(args, kwargs, under_outer_compile())
-            out = type(self).forward(self, *args, **kwargs) if target is self else target(*args, **kwargs)
+            try:
+                out = type(self).forward(self, *args, **kwargs) if target is self else target(*args, **kwargs)
+            except AssertionError as exc:
+                raise_for_guard(exc, kwargs)
+                raise
             return carry_cache(kwargs, out)
 
     @torch.compiler.disable
@@ -457,14 +477,17 @@ class AdaptedGraphModule(fx.GraphModule):
 
     # ------------------------------------------------------------------ adding and deleting
     def add_adapter(self, adapter_name: str, config: Union[AnyConfig, None] = None, *,
-                    autocast_adapter_dtype: Union[bool, None] = None) -> None:
+                    autocast_adapter_dtype: Union[bool, None] = None, peft_config: Any = None,
+                    low_cpu_mem_usage: bool = False) -> None:
         """Add an adapter (a :class:`LoraConfig`, DoRA included, or an :class:`IA3Config`) and
         make it the active one. Adapters of different methods can be loaded side by side.
 
         Args:
+            config: graphlora's config or PEFT's (``peft_config=``, PEFT's keyword, is the same).
             autocast_adapter_dtype: PEFT's switch: over an fp16 / bf16 base, keep the adapter's
                 parameters in float32 (LoRA and IA3; DoRA, LoHa and LoKr take the base dtype).
                 ``None``: the module's setting (``inject``'s, default True, as PEFT's).
+            low_cpu_mem_usage: PEFT's; accepted and ignored (adapters are made on the weights' device).
 
         Raises:
             AdapterExistsError: the name is taken.
@@ -472,6 +495,7 @@ class AdaptedGraphModule(fx.GraphModule):
             ConfigError: the name or config is unusable.
         On any error the module and its adapters are left as they were.
         """
+        config = _one_of("add_adapter", config=config, peft_config=peft_config)  # PEFT's keyword name too
         config = LoraConfig() if config is None else as_config(config)  # a PEFT config object reads as its file
         rule = rule_for(config)
         state = self._adapters
@@ -546,6 +570,8 @@ class AdaptedGraphModule(fx.GraphModule):
         svd_clamp: Union[float, None] = None,
         svd_full_matrices: bool = True,
         svd_driver: Union[str, None] = None,
+        density: Union[float, None] = None,
+        majority_sign_method: str = "total",
     ) -> None:
         """Add ``adapter_name`` made from ``adapters`` with ``weights`` (PEFT's ``add_weighted_adapter``).
 
@@ -554,7 +580,9 @@ class AdaptedGraphModule(fx.GraphModule):
         ``sum r_i``) or ``"svd"`` (truncated SVD of that sum at ``svd_rank``, default the largest
         rank). IA3: ``l = sum w_i l_i`` (``"linear"``). The new adapter has scaling 1
         (``lora_alpha = r``), is frozen and is not activated, as in PEFT. See
-        :mod:`graphlora.methods.weighted`.
+        :mod:`graphlora.methods.weighted`. ``density`` and ``majority_sign_method`` are PEFT's for
+        its ties / dare combinations, which graphlora does not implement: accepted so that such a
+        call gets the ``ConfigError`` that says so.
 
         Raises:
             AdapterNotFoundError: an unknown adapter. AdapterExistsError: the name is taken.
@@ -599,14 +627,22 @@ class AdaptedGraphModule(fx.GraphModule):
                 state.set_active(previous)
 
     # ------------------------------------------------------------------ switching
-    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        """Activate one adapter, or several (their contributions add), each with weight 1."""
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several (their contributions add), each with weight 1.
+
+        As PEFT's ``set_adapter``: the adapters activated become trainable (an adapter loaded
+        frozen too), unless ``inference_mode=True``, which freezes them.
+        """
         names = _names(adapter_name)
         if not names:
             raise ConfigError("set_adapter needs at least one adapter name; use disable_adapters() for none.")
         check_known(names, self._adapters.configs)
         saved_modules.check_active(self._adapters, names)
         self._unmerge_before("set_adapter")
+        configs = self._adapters.configs
+        for name in names:  # PEFT's trainability: the config's inference_mode says whether it trains
+            if configs[name].inference_mode != bool(inference_mode):
+                configs[name] = dataclasses.replace(configs[name], inference_mode=bool(inference_mode))
         self._adapters.set_active({n: 1.0 for n in names})
 
     def set_adapter_weights(self, weights: Mapping[str, float]) -> None:
@@ -801,8 +837,10 @@ class AdaptedGraphModule(fx.GraphModule):
         check_known(names, state.configs)
         return peft_io.save_adapters(state, self._facts, self._records, save_directory, names)
 
-    def load_adapter(self, path: PathLike, adapter_name: str = "default", *, is_trainable: bool = False,
-                     activate: Union[bool, None] = None, autocast_adapter_dtype: Union[bool, None] = None) -> None:
+    def load_adapter(self, path: Union[PathLike, None] = None, adapter_name: str = "default", *,
+                     is_trainable: bool = False, activate: Union[bool, None] = None,
+                     autocast_adapter_dtype: Union[bool, None] = None, model_id: Union[PathLike, None] = None
+                     ) -> None:
         """Load a PEFT adapter directory (LoRA, DoRA, IA3) under ``adapter_name``.
 
         Args:
@@ -824,6 +862,9 @@ class AdaptedGraphModule(fx.GraphModule):
             AdapterStateError: hotswapping into an adapter that is merged.
         On any error the module and every adapter are exactly as before.
         """
+        path = _one_of("load_adapter", path=path, model_id=model_id)  # PEFT's keyword name too
+        if path is None:
+            raise ConfigError("load_adapter needs the adapter's directory (path=, or PEFT's model_id=).")
         directory = peft_io.resolve_dir(path, adapter_name)
         config, tensors = peft_io.read_adapter_dir(directory)
         self.load_adapter_tensors(config, tensors, adapter_name, is_trainable=is_trainable, activate=activate,

@@ -346,7 +346,7 @@ class ProgramSet:
             text = str(exc).strip()
             raise SignatureError(
                 f"this call ({describe_call(kwargs)}) needs a new graph and tracing it failed: "
-                f"{type(exc).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}. "
+                f"{type(exc).__name__}: {text.splitlines()[0].rstrip('.')[:400] if text else ''}. "
                 f"Traced signatures: {self.describe()}. Call the module with arguments the original model accepts."
             ) from exc
         local = self._local_targets(gm)

@@ -373,3 +373,42 @@ def test_a_peft_file_adapting_lm_head_loads_with_its_base_weight_copy(tmp_path):
     gm = graphlora.inject(base("llama"), str(tmp_path))
     ids = token_ids(2, 5)
     torch.testing.assert_close(run(gm, ids), run(ref, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_method_signatures_and_trainability_of_set_adapter(tmp_path):
+    """PEFT's keyword names (``add_adapter(peft_config=)``, ``load_adapter(model_id=)``), and PEFT
+    0.21's ``set_adapter``: the adapter it activates trains, even one loaded frozen, unless
+    ``inference_mode=True``; the trainable counts equal PEFT's at every step."""
+    import peft
+
+    from graphlora import ConfigError
+
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(base("llama"), peft.LoraConfig(**config)).save_pretrained(tmp_path / "a")
+        ref = peft.PeftModel.from_pretrained(base("llama"), str(tmp_path / "a"))  # frozen
+        ref.load_adapter(str(tmp_path / "a"), "other")
+    gm = graphlora.inject(base("llama"), str(tmp_path / "a"))
+    gm.load_adapter(model_id=str(tmp_path / "a"), adapter_name="other")
+    assert gm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    for args in ((("other",), {}), (("default",), {"inference_mode": True}), (("other",), {"inference_mode": False})):
+        ref.set_adapter(*args[0], **args[1])
+        gm.set_adapter(*args[0], **args[1])
+        assert gm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters(), args
+    gm.add_adapter("third", peft_config=peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "third" in gm.adapters
+    with pytest.raises(ConfigError, match="config= and peft_config="):
+        gm.add_adapter("fourth", LoraConfig(r=2, target_modules=["q_proj"]), peft_config=LoraConfig())
+    with pytest.raises(ConfigError, match="ties"):  # PEFT's ties options are taken, the combination refused
+        gm.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="ties", density=0.5)
+    assert "fourth" not in gm.adapters and "mix" not in gm.adapters
+
+
+def test_graphlora_training_is_reachable_after_import_graphlora():
+    import subprocess
+    import sys
+
+    code = "import graphlora; print(graphlora.training.AdapterTrainer.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("AdapterTrainer"), out.stderr[-2000:]

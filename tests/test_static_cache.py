@@ -306,3 +306,21 @@ def test_a_sliding_window_cache_within_its_window_decodes_and_past_it_is_refused
         with pytest.raises(ConfigError, match=r"7 tokens seen, sliding_window=4, 3 kept.*merge_adapter"):
             gm(input_ids=ids[:, 7:8], use_cache=True, **{own: cache})
         assert len(gm.programs) == count and cache.get_seq_length() == 7
+
+
+def test_a_call_outside_its_graphs_traced_sizes_gets_a_signature_error_and_changes_nothing(trio):
+    """A decode step whose attention_mask misses the cached positions fails the program's shape
+    guard: a ``SignatureError`` that names the call and the fix (not a bare ``AssertionError``), and
+    the cache and later calls are as before."""
+    gm, _, _ = trio
+    own = _cache_name(gm.get_base_model())
+    ids = token_ids(2, 7, seed=6)
+    with torch.no_grad():
+        out = gm(input_ids=ids[:, :-1], use_cache=True)
+        cache = getattr(out, own)
+        with pytest.raises(SignatureError, match=r"does not fit the sizes.*attention_mask must cover the cached"):
+            gm(input_ids=ids[:, -1:], attention_mask=torch.ones(2, 6, dtype=torch.long), use_cache=True,
+               **{own: cache})
+        assert cache.get_seq_length() == 6
+        nxt = gm(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), use_cache=True, **{own: cache})
+        torch.testing.assert_close(nxt.logits, gm(input_ids=ids).logits[:, -1:], atol=1e-5, rtol=1e-5)
