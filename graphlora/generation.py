@@ -456,8 +456,6 @@ def run_encoder(gm: Any, kwargs: Mapping[str, Any], names: Union[Sequence[str], 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if names is not None:
         write_row_index(gm.adapter_state, names, (), kwargs, gm.training)
-        if not gm.adapter_state.enabled:  # disabled: every row is the base model, as in PEFT
-            names = None
     key = (call_key({**kwargs, HALF: "encoder"}), gm._mode(names))
     return gm.programs.module_for(key, {**kwargs, HALF: "encoder"})(**kwargs)
 

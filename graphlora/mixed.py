@@ -66,7 +66,8 @@ def write_row_index(state: AdapterState, names: Any, args: tuple, kwargs: Mappin
             f"adapter_names has {name!r}, a {state.rule(name).variant(state.configs[name])} "
             "adapter; mixed-adapter batches support plain LoRA adapters only (as in PEFT). Run it with set_adapter instead."
         )
-    index = torch.tensor([slots[n] for n in names], dtype=torch.long)
+    rows = names if state.enabled else ["__base__"] * len(names)  # disabled: every row the base model, as PEFT
+    index = torch.tensor([slots[n] for n in rows], dtype=torch.long)
     store = state.store
     current = store.row_index
     if current.shape == index.shape:

@@ -338,10 +338,8 @@ class AdaptedGraphModule(fx.GraphModule):
         with static_cache_rollback(kwargs):  # a refused or failed trace leaves the caller's cache unallocated
             if self._calls.frontend == "export":
                 ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made
-            if names is not None:
+            if names is not None:  # disabled: every row reads the base slot (same program, as PEFT)
                 write_row_index(self._adapters, names, args, kwargs, self.training)
-                if not self._adapters.enabled:  # disabled: every row is the base model, as in PEFT
-                    names = None
             key = self._calls.key(kwargs, self._mode(names, compiling))
             module = self._programs.module_for(key, kwargs)
         return module, args, (self._calls.graph_inputs(kwargs) if self._calls.frontend == "export" else kwargs)

@@ -124,7 +124,7 @@ def test_peft_save_graphlora_load(clean, tmp_path, arch, kwargs):
     ref.save_pretrained(tmp_path)
     gm.load_adapter(tmp_path, "theirs")
     assert gm.active_adapters == ["default"]  # loading does not switch adapters (PEFT's behaviour)
-    gm.set_adapter("theirs")
+    gm.set_adapter("theirs", inference_mode=True)  # kept frozen (set_adapter alone makes it trainable, as PEFT)
     torch.testing.assert_close(run(gm, IDS), expected, **TOL)
     assert sorted(gm.adapter_state.plans["theirs"]) == _peft_sites(ref)
     # the in-memory state dict is PEFT's, key for key and value for value
