@@ -12,7 +12,8 @@ very same call; ratios against the base model in the same mode from this process
 - mixed batches: 16 distinct adapters at 16 rows x 128 tokens, 64 at 64 x 128 (PEFT eager too).
 - few-token calls, 8 rows x 16 tokens: eager, compiled, ``mode="reduce-overhead"``.
 - decode steps at batch 1, 8, 32 (one token per row, a KV cache of 512): eager and compiled.
-- lora_dtype="auto" (the serving update in the base dtype), merged and disabled rows (eager).
+- lora_dtype="auto" (the serving update in the base dtype: eager, compiled, reduce-overhead), merged and
+  disabled rows (eager).
 - 15 ``add_adapter`` calls (wall seconds).
 - ``unfused`` rows: the same calls with one shrink GEMM per site (sibling sites' shrinks not shared,
   ``passes/fuse_shrink.py``), from the same process.
@@ -326,6 +327,13 @@ def compiled(gm, base, ids, x_big, x_few, x_mix16, x_mix64, counts, device, reco
         names = row_names(gm, k)
         record(f"graphlora compiled {label}", timer(lambda: cg(input_ids=x, adapter_names=names), device),
                f"base compiled {label}")
+    # the serving update in the base dtype (opt-in): bf16 factors, no casts, tensor-core GEMMs
+    gm.configure_banks(lora_dtype="auto")
+    record(f"graphlora compiled lora_dtype=auto N={counts[-1]}", timer(lambda: cg(input_ids=x_big), device),
+           "base compiled 4x512")
+    record("graphlora compiled lora_dtype=auto 8x16", timer(lambda: cg(input_ids=x_few), device),
+           "base compiled 8x16")
+    gm.configure_banks(lora_dtype="adapter")
     torch._dynamo.reset()
     # few-token calls under CUDA graphs
     rb = torch.compile(base, mode="reduce-overhead")
@@ -334,6 +342,10 @@ def compiled(gm, base, ids, x_big, x_few, x_mix16, x_mix64, counts, device, reco
            "base reduce-overhead 8x16")
     record("graphlora reduce-overhead 8x16", timer(lambda: rg(input_ids=x_few), device, warmup=5),
            "base reduce-overhead 8x16")
+    gm.configure_banks(lora_dtype="auto")
+    record("graphlora reduce-overhead lora_dtype=auto 8x16", timer(lambda: rg(input_ids=x_few), device, warmup=5),
+           "base reduce-overhead 8x16")
+    gm.configure_banks(lora_dtype="adapter")
     with torch.no_grad():
         eager_default = gm(input_ids=x_few).logits.float()
         gm.set_adapter("a1")

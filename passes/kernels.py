@@ -189,9 +189,11 @@ def expand_ok(y: Tensor, h: Tensor, b: Tensor) -> bool:
     bf16 / fp16 ``y`` with unit last stride, at least :data:`EXPAND_MIN_TOKENS` rows, a rank of at
     most :data:`EXPAND_MAX_RANK` (its float32 tiles in shared memory), int32 offsets, eager (a
     Python launch; under ``torch.compile`` Inductor fuses the add itself)."""
+    if torch.compiler.is_compiling():  # first: dynamo must not trace into the Triton checks (a graph break)
+        return False
     return (h.dtype == torch.float32 and b.dtype == torch.float32 and y.shape[0] >= EXPAND_MIN_TOKENS
             and h.shape[1] <= EXPAND_MAX_RANK and y.stride(-1) == 1 and available(y)
-            and max(_span(y), _span(h), _span(b)) < 2 ** 31 and not torch.compiler.is_compiling())
+            and max(_span(y), _span(h), _span(b)) < 2 ** 31)
 
 
 def _span(t: Tensor) -> int:
