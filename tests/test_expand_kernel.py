@@ -69,5 +69,27 @@ def test_the_cpu_and_small_calls_keep_the_pytorch_form():
     assert kernels._span(torch.zeros(3, 5)[:, 1:3]) == 2 * 5 + 1 + 1
 
 
+def test_under_compile_the_triton_path_is_never_looked_at(monkeypatch):
+    """Under ``torch.compile`` the float32 expand is Inductor's: ``expand_ok`` answers False before
+    any Triton check, which dynamo would trace into and break the graph on (every site of a 4x512
+    call did on the H200)."""
+    from graphlora.passes import kernels
+
+    seen = []
+
+    def spy(t):
+        seen.append(t.shape)
+        return True
+
+    monkeypatch.setattr(kernels, "available", spy)
+    y = torch.zeros(kernels.EXPAND_MIN_TOKENS, 8, dtype=torch.bfloat16)
+    h, b = torch.zeros(kernels.EXPAND_MIN_TOKENS, 4), torch.zeros(8, 4)
+    assert kernels.expand_ok(y, h, b) and seen  # eager: the checks run (the spy says "Triton here")
+    seen.clear()
+    torch._dynamo.reset()
+    f = torch.compile(lambda y, h, b: y + 1 if kernels.expand_ok(y, h, b) else y - 1, backend="eager", fullgraph=True)
+    assert torch.equal(f(y, h, b), y - 1) and not seen
+
+
 if __name__ == "__main__":  # the interpreter run: python tests/test_expand_kernel.py OUT.pt (TRITON_INTERPRET=1)
     _run(sys.argv[1])
