@@ -82,7 +82,8 @@ from ._compat import (cache_dynamic_shapes, dynamic_dims, export_with_shapes, is
 from .errors import ConfigError
 
 __all__ = ["generate", "describe_cache", "is_cache_call", "trace_call", "example_cache_inputs",
-           "ready_static_cache", "static_cache_rollback", "carry_cache", "check_sliding_cache"]
+           "ready_static_cache", "static_cache_rollback", "static_snapshot", "static_restore", "carry_cache",
+           "check_sliding_cache"]
 
 #: Synthetic decode trace: batch, past length, new tokens (none 0 or 1: torch.export keeps them dynamic).
 TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 3, 2
@@ -126,21 +127,36 @@ def _is_static(cache: Any) -> bool:
 
 
 @contextlib.contextmanager
-def static_cache_rollback(kwargs: Mapping[str, Any]) -> Iterator[None]:
-    """Put back the attributes of every not yet initialized ``StaticCache`` layer in ``kwargs`` if the
-    body raises: a call that is refused (a sliding-window cache) or fails to trace leaves the
-    caller's cache as it was, with no tensors, instead of allocated by :func:`ready_static_cache`."""
-    saved = [(layer, dict(vars(layer))) for cache in kwargs.values() if _is_static(cache)
-             for layer in cache.layers if not layer.is_initialized]
+def static_cache_rollback(values: Any) -> Iterator[None]:
+    """Put back the attributes of every not yet initialized ``StaticCache`` layer among ``values``
+    (a call's arguments) if the body raises: a call that is refused (a sliding-window cache), fails
+    to trace or fails a shape guard leaves the caller's cache as it was, with no tensors, instead of
+    allocated by :func:`ready_static_cache`."""
+    saved = static_snapshot(values)
     try:
         yield
     except BaseException:
-        for layer, attributes in saved:
-            for name in set(vars(layer)) - set(attributes):
-                delattr(layer, name)
-            for name, value in attributes.items():
-                setattr(layer, name, value)
+        static_restore(saved)
         raise
+
+
+@torch.compiler.disable
+def static_snapshot(values: Any) -> list:
+    """The attributes of every not yet initialized ``StaticCache`` layer among ``values``, for
+    :func:`static_restore` (a function pair, not a context manager: callable from the module's
+    ``__call__``, a frame dynamo does not skip the callees of)."""
+    return [(layer, dict(vars(layer))) for cache in values if _is_static(cache)
+            for layer in cache.layers if not layer.is_initialized]
+
+
+@torch.compiler.disable
+def static_restore(saved: list) -> None:
+    """Put back what :func:`static_snapshot` saw."""
+    for layer, attributes in saved:
+        for name in set(vars(layer)) - set(attributes):
+            delattr(layer, name)
+        for name, value in attributes.items():
+            setattr(layer, name, value)
 
 
 def ready_static_cache(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
@@ -215,8 +231,8 @@ def _count_sliding(kwargs: Mapping[str, Any], passed: Any, out: Any) -> None:
     returned = next((v for v in values if is_cache(v) and v is not passed), None)
     if returned is None:
         return
-    first = next((v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds", "decoder_input_ids",
-                                                         "decoder_inputs_embeds") and isinstance(v, torch.Tensor)), None)
+    names = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")  # the decoder's first
+    first = next((kwargs[k] for k in names if isinstance(kwargs.get(k), torch.Tensor)), None)
     new = first.shape[1] if first is not None and first.dim() > 1 else None
     before = [getattr(layer, "cumulative_length", 0) for layer in _sliding_layers(passed)] if passed is not None else []
     for i, layer in enumerate(_sliding_layers(returned)):

@@ -52,7 +52,8 @@ from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
-from .generation import carry_cache, check_sliding_cache, ready_static_cache, static_cache_rollback
+from .generation import (carry_cache, check_sliding_cache, ready_static_cache, static_cache_rollback, static_restore,
+                         static_snapshot)
 from .methods import as_config, rule_for
 from .mixed import write_row_index
 from .planning import ModelFacts, check_known, check_new_name, plan_adapter
@@ -131,6 +132,9 @@ def _flag(module: nn.Module, value: bool) -> Iterator[None]:
 
 def _rebind_banks(module: "AdaptedGraphModule", incompatible: Any) -> None:
     module.adapter_state.restore_banks()
+    for program in module.programs:  # the serving programs' detached aliases read the new tensors
+        if program.module is not None:
+            refresh_detached(program.module)
 
 
 def _upcast(branch: nn.Module) -> None:
@@ -295,30 +299,35 @@ class AdaptedGraphModule(fx.GraphModule):
     @torch.compiler.disable(recursive=False)
     def _serve(self, args: tuple, kwargs: dict) -> Any:
         """Route the call (:meth:`_route`) and run the program, this module's hooks around it."""
-        target, args, kwargs = self._route(args, kwargs, under_outer_compile())
+        saved = static_snapshot((*args, *kwargs.values()))  # a failed guard too leaves it unallocated
         try:
-            if target is self:
-                out = super().__call__(*args, **kwargs)
-            elif has_call_hooks(self):  # this module's hooks run around whichever program serves the call
-                with forward_replaced(self, target):
+            target, args, kwargs = self._route(args, kwargs, under_outer_compile())
+            try:
+                if target is self:
                     out = super().__call__(*args, **kwargs)
-            else:
-                out = target(*args, **kwargs)
-        except TypeError as exc:  # say what was traced when the arguments do not fit
-            if self._calls.frontend == "fx":
-                check_fx_call(self.forward, args, kwargs, exc)
+                elif has_call_hooks(self):  # this module's hooks run around whichever program serves the call
+                    with forward_replaced(self, target):
+                        out = super().__call__(*args, **kwargs)
+                else:
+                    out = target(*args, **kwargs)
+            except TypeError as exc:  # say what was traced when the arguments do not fit
+                if self._calls.frontend == "fx":
+                    check_fx_call(self.forward, args, kwargs, exc)
+                raise
+            except AssertionError as exc:  # an exported program's shape guard, checked before it computes
+                raise_for_guard(exc, kwargs)
+                raise
+            return carry_cache(kwargs, out)
+        except BaseException:
+            static_restore(saved)
             raise
-        except AssertionError as exc:  # an exported program's shape guard, checked before it computes
-            raise_for_guard(exc, kwargs)
-            raise
-        return carry_cache(kwargs, out)
 
     @torch.compiler.disable
     def _run(self, args: tuple, kwargs: dict) -> Any:
         """Route and run the program, without this module's hooks or an assigned ``forward``: the
         class ``forward`` called from an assigned one (``nn.Module.__call__`` runs the hooks around
         that), and ``gm.base_model(...)``."""
-        with _flag(self, False):
+        with _flag(self, False), static_cache_rollback((*args, *kwargs.values())):  # a disabled frame
             target, args, kwargs = self._route(args, kwargs, under_outer_compile())
             try:
                 out = type(self).forward(self, *args, **kwargs) if target is self else target(*args, **kwargs)
@@ -335,7 +344,7 @@ class AdaptedGraphModule(fx.GraphModule):
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
             check_sliding_cache(kwargs)
-        with static_cache_rollback(kwargs):  # a refused or failed trace leaves the caller's cache unallocated
+        with static_cache_rollback(kwargs.values()):  # a refused or failed trace leaves the caller's cache unallocated
             if self._calls.frontend == "export":
                 ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made
             if names is not None:  # disabled: every row reads the base slot (same program, as PEFT)
@@ -497,7 +506,7 @@ class AdaptedGraphModule(fx.GraphModule):
         config = LoraConfig() if config is None else as_config(config)  # a PEFT config object reads as its file
         rule = rule_for(config)
         state = self._adapters
-        config = saved_modules.inherit_task_modules(config, state.configs)  # a SEQ_CLS model's head, as PEFT
+        config = saved_modules.inherit_task_modules(config, state)  # a SEQ_CLS model's head, as PEFT
         check_new_name(adapter_name, state.configs)
         plan = self._plan(config)
         check_placement(self, self._records, state.store, plan, f"add adapter {adapter_name!r}")

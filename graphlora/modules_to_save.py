@@ -121,15 +121,17 @@ def requested_modules(config: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return own, auto
 
 
-def inherit_task_modules(config: Any, configs: Mapping[str, Any]) -> Any:
+def inherit_task_modules(config: Any, state: Any) -> Any:
     """``config`` as PEFT's task models add it: on a model whose first adapter has a task type with
     modules of its own (:data:`AUTO_MODULES`: ``SEQ_CLS`` / ``TOKEN_CLS`` save the head), a new
     adapter's ``modules_to_save`` gains them (``PeftModelForSequenceClassification.add_adapter``), so
     its head copy trains, and is saved, as PEFT's does."""
     import dataclasses
 
-    first = next(iter(configs.values()), None)
-    auto = AUTO_MODULES.get(str(getattr(first, "task_type", None)), ())
+    first = next(iter(state.configs.values()), None)
+    if state.task_type is None and first is not None:  # the model's task: its first adapter's
+        state.task_type = getattr(first, "task_type", None)
+    auto = AUTO_MODULES.get(str(state.task_type), ())
     if not auto or not hasattr(config, "modules_to_save"):
         return config
     own = tuple(config.modules_to_save or ())

@@ -318,7 +318,7 @@ class AdapterPool:
         """Make ``name`` the adapter of calls without ``adapter_names`` (resident from now on)."""
         self.ensure([name])
         self._active = name
-        self._gm.set_adapter(self._lru[name])
+        self._gm.set_adapter(self._lru[name], inference_mode=True)  # serving: residents stay frozen
 
     def compile(self, **options: Any) -> Any:
         """Run the pool's calls through ``torch.compile(gm, **options)`` (returned); swaps never
@@ -356,7 +356,7 @@ class AdapterPool:
         self.ensure([self._active])
         inner = self._lru[self._active]
         if self._gm.active_adapters != [inner]:
-            self._gm.set_adapter(inner)  # a load, swap or eviction changed the module's active adapter
+            self._gm.set_adapter(inner, inference_mode=True)  # a load, swap or eviction changed it
         return None
 
     # ------------------------------------------------------------------ checks

@@ -148,6 +148,9 @@ class AdapterState:
     autocast_adapter_dtype: bool = True
     #: adapters added since the last :meth:`sync` (their switch state is not written yet)
     fresh: set[str] = field(default_factory=set)
+    #: the first adapter's ``task_type``, recorded when a second is added (PEFT's task model class
+    #: follows it; :func:`graphlora.modules_to_save.inherit_task_modules`), kept when it is deleted
+    task_type: Any = None
 
     # ------------------------------------------------------------------ reading
     @property

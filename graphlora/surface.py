@@ -192,6 +192,7 @@ def _adapter_blob(gm: Any) -> dict[str, Any]:
         "weights": dict(state.weights),
         "enabled": state.enabled,
         "trainable": state.trainable,
+        "task_type": state.task_type,
         "training": gm.training,
         "example": gm.programs.primary_example,
     }
@@ -227,6 +228,7 @@ def rebuild(source: nn.Module, blob: dict[str, Any]) -> Any:
                 param.copy_(blob["tensors"][name][key])
     state.banks.grow = grow
     state.trainable = blob["trainable"]
+    state.task_type = blob.get("task_type")
     state.set_active(blob["weights"])
     state.set_enabled(blob["enabled"])
     gm.train(blob["training"])

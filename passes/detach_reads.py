@@ -23,8 +23,24 @@ from .sites import getattr_path
 __all__ = ["DetachedReads", "refresh_detached", "DETACHED_PREFIX"]
 
 #: the attribute name prefix of the aliases on a graph's module; the rest of the name is the
-#: parameter's path with ``__`` for ``.`` (paths that hold ``__`` themselves are not aliased)
+#: parameter's path, escaped (:func:`_encode`: ``_`` as ``_u``, ``.`` as ``_d``, so it decodes back)
 DETACHED_PREFIX = "_glora_detached__"
+
+
+def _encode(path: str) -> str:
+    return path.replace("_", "_u").replace(".", "_d")
+
+
+def _decode(name: str) -> str:
+    out, i = [], 0
+    while i < len(name):
+        if name[i] == "_" and i + 1 < len(name):
+            out.append("_" if name[i + 1] == "u" else ".")
+            i += 2
+        else:
+            out.append(name[i])
+            i += 1
+    return "".join(out)
 
 
 def _same(alias: torch.Tensor, param: torch.Tensor) -> bool:
@@ -52,12 +68,12 @@ class DetachedReads(GraphPass):
         changed = False
         for node in gm.graph.nodes:
             target = str(node.target)
-            if node.op != "get_attr" or not target.startswith(self.prefix) or "__" in target:
+            if node.op != "get_attr" or not target.startswith(self.prefix):
                 continue
             param = getattr_path(gm, target)
             if not isinstance(param, nn.Parameter):
                 continue
-            name = DETACHED_PREFIX + target.replace(".", "__")
+            name = DETACHED_PREFIX + _encode(target)
             setattr(gm, name, _alias(param))
             node.target = name
             changed = True
@@ -69,7 +85,7 @@ def refresh_detached(gm: nn.Module) -> None:
     replaced since (the aliases are plain attributes of ``gm``: a look at its ``__dict__``)."""
     for name in [n for n in vars(gm) if n.startswith(DETACHED_PREFIX)]:
         try:
-            param = getattr_path(gm, name[len(DETACHED_PREFIX):].replace("__", "."))
+            param = getattr_path(gm, _decode(name[len(DETACHED_PREFIX):]))
         except AttributeError:  # a deleted adapter's: this graph is re-spliced before it runs again
             continue
         if not _same(getattr(gm, name), param):

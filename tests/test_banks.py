@@ -181,6 +181,18 @@ def test_the_serving_aliases_follow_in_place_writes_and_a_replaced_parameter_aft
     vector.data = vector.data * 0.5  # a new tensor: read anew after eval(), as the banks are re-gathered
     gm.eval()
     torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids))
+    # load_state_dict(assign=True) gives new tensors too: read at once; an adapter name ending in "_"
+    gm.add_adapter("v_", _non_lora_config("ia3"))
+    gm.set_adapter(["default", "v_"])
+    gm.eval()
+    _serve(gm, ids)
+    keys = {k: v * 3 for k, v in gm.state_dict().items() if k.endswith("ia3_l")}
+    gm.load_state_dict(keys, strict=False, assign=True)
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids))
+    own = next(p for n, p in gm.graphlora.named_parameters() if n.endswith("ia3_l") and ".v_." in f".{n}")
+    own.data = own.data * 0.5
+    gm.eval()
+    torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids))
     assert not any(p.requires_grad for n, p in vars(_bank_program(gm).module).items() if n.startswith("_glora"))
 
 

@@ -253,6 +253,9 @@ def test_a_new_adapter_on_a_seq_cls_model_saves_the_head_as_peft_and_peft_files_
     ref.save_pretrained(tmp_path)
     loaded = graphlora.inject(llama_cls(), str(tmp_path / "c"))
     torch.testing.assert_close(logits(loaded), logits(peft_load(llama_cls, str(tmp_path / "c"))))
+    gm.delete_adapter("default")  # the model stays a SEQ_CLS model: later adapters still save the head
+    gm.add_adapter("d", LoraConfig(r=2, target_modules=["o_proj"]))
+    assert list(gm.peft_config["d"].modules_to_save) == ["classifier", "score"]
 
 
 # ------------------------------------------------------------------------------- bad input

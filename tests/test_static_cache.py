@@ -322,5 +322,11 @@ def test_a_call_outside_its_graphs_traced_sizes_gets_a_signature_error_and_chang
             gm(input_ids=ids[:, -1:], attention_mask=torch.ones(2, 6, dtype=torch.long), use_cache=True,
                **{own: cache})
         assert cache.get_seq_length() == 6
+        from transformers import StaticCache
+
+        fresh = StaticCache(config=gm.config, max_cache_len=16)  # a guard failure leaves it unallocated too
+        with pytest.raises(SignatureError, match="does not fit the sizes"):
+            gm(input_ids=ids, attention_mask=torch.ones(2, 40, dtype=torch.long), use_cache=True, **{own: fresh})
+        assert not any(layer.is_initialized for layer in fresh.layers)
         nxt = gm(input_ids=ids[:, -1:], attention_mask=torch.ones_like(ids), use_cache=True, **{own: cache})
         torch.testing.assert_close(nxt.logits, gm(input_ids=ids).logits[:, -1:], atol=1e-5, rtol=1e-5)
