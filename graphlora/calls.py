@@ -156,7 +156,7 @@ def describe_call(kwargs: Mapping[str, Any]) -> str:
     def one(v: Any) -> str:
         if isinstance(v, torch.Tensor):
             return "<tensor>"
-        if v is None or isinstance(v, (bool, int, float, str)):
+        if is_constant(v):
             return repr(v)
         text = repr(v)
         return text if len(text) <= 120 else f"<{type(v).__name__}>"

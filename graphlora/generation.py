@@ -201,6 +201,8 @@ def carry_cache(kwargs: Mapping[str, Any], out: Any) -> Any:
     with their new key and value tensors) and stands in the output in its place. A ``StaticCache``
     is written in place by the program itself.
     """
+    if not is_cache_call(kwargs):  # a plain forward: nothing to carry
+        return out
     name, passed = _cache_item(kwargs)
     if passed is not None and _is_static(passed):
         return out

@@ -344,13 +344,12 @@ class AdaptedGraphModule(fx.GraphModule):
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
             check_sliding_cache(kwargs)
-        with static_cache_rollback(kwargs.values()):  # a refused or failed trace leaves the caller's cache unallocated
-            if self._calls.frontend == "export":
-                ready_static_cache(self._facts.source, kwargs)  # its tensors exist before the key is made
-            if names is not None:  # disabled: every row reads the base slot (same program, as PEFT)
-                write_row_index(self._adapters, names, args, kwargs, self.training)
-            key = self._calls.key(kwargs, self._mode(names, compiling))
-            module = self._programs.module_for(key, kwargs)
+            # its tensors exist before the key is made (the callers roll this back if the call fails)
+            ready_static_cache(self._facts.source, kwargs)
+        if names is not None:  # disabled: every row reads the base slot (same program, as PEFT)
+            write_row_index(self._adapters, names, args, kwargs, self.training)
+        key = self._calls.key(kwargs, self._mode(names, compiling))
+        module = self._programs.module_for(key, kwargs)
         return module, args, (self._calls.graph_inputs(kwargs) if self._calls.frontend == "export" else kwargs)
 
     def _mode(self, names: Any = None, compiling: bool = False) -> str:
