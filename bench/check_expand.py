@@ -1,5 +1,6 @@
 """Check (GPU) the Triton float32 expand into a bf16 output (``passes/kernels.py``: ``expand_into``)
-against the PyTorch form, at the serving benchmark's shapes, and time both.
+against the PyTorch form, at the serving benchmark's shapes, and time both; then a compiled
+serving model (``graphlora::lora_expand`` in its graph) against eager, float32 and bf16 factors.
 
 Run on the device machine: ``python bench/check_expand.py`` (prints a JSON report; ``--out`` writes it).
 """
@@ -12,7 +13,40 @@ import json
 import torch
 from bench_gpu import timer
 
+import graphlora
+from bench_gpu import TARGETS, build, randomize_lora
 from graphlora.passes import kernels
+
+
+def compiled_serving(report: dict) -> None:
+    """Logits of the compiled serving model (the Llama-7B shape, 4 layers, bf16) against eager,
+    with PEFT's float32 factors and with ``lora_dtype="auto"``, and whether the op ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device("cuda")
+    base, cfg = build(False, dev, torch.bfloat16)
+    gm = graphlora.inject(base, graphlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)).eval()
+    randomize_lora(gm, 0)
+    compiled = torch.compile(gm)
+    for dtype in ("adapter", "auto"):
+        gm.configure_banks(lora_dtype=dtype)
+        for b, s in ((4, 512), (8, 16)):
+            ids = torch.randint(0, cfg.vocab_size, (b, s), device=dev, generator=torch.Generator(device=dev).manual_seed(1))
+            with torch.no_grad():
+                want = gm(input_ids=ids).logits.float()
+                got = compiled(input_ids=ids).logits.float()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    compiled(input_ids=ids)
+                    torch.cuda.synchronize()
+            names = [e.key for e in prof.key_averages()]
+            key = f"compiled {dtype} {b}x{s}"
+            report[key] = {
+                "max abs diff compiled vs eager": (got - want).abs().max().item(),
+                "max abs logit": want.abs().max().item(),
+                "lora_expand kernels per call": sum(e.count for e in prof.key_averages() if "add_kernel" in e.key),
+                "distinct kernels": len(names),
+            }
+            print(key, report[key], flush=True)
 
 
 def main() -> None:
@@ -45,6 +79,7 @@ def main() -> None:
                 "us triton": 1e3 * timer(lambda: kernels.expand_into(y, h, b), 5, 50, dev),
             }
             print(key, report[key], flush=True)
+    compiled_serving(report)
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as fh:

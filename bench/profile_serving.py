@@ -119,14 +119,18 @@ def compiled(args) -> None:
     gm.eval()
     gen = torch.Generator().manual_seed(0)
     cb, cg = torch.compile(base), torch.compile(gm)
+    form = (lambda label, fn, top: host(label, fn, 25)) if args.host else measure
     with torch.no_grad():
         for shape in args.tokens.split(","):
             b, s = (int(v) for v in shape.split("x"))
             ids = torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device)
-            measure(f"base compiled {shape}", lambda: cb(input_ids=ids, use_cache=False), args.top)
-            measure(f"graphlora compiled {shape}", lambda: cg(input_ids=ids), args.top)
+            form(f"base compiled {shape}", lambda: cb(input_ids=ids, use_cache=False), args.top)
+            form(f"graphlora compiled {shape}", lambda: cg(input_ids=ids), args.top)
             with unfused(gm):
-                measure(f"graphlora compiled unfused {shape}", lambda: cg(input_ids=ids), args.top)
+                form(f"graphlora compiled unfused {shape}", lambda: cg(input_ids=ids), args.top)
+            gm.configure_banks(lora_dtype="auto")
+            form(f"graphlora compiled lora_dtype=auto {shape}", lambda: cg(input_ids=ids), args.top)
+            gm.configure_banks(lora_dtype="adapter")
 
 
 if __name__ == "__main__":

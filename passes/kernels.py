@@ -27,7 +27,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-__all__ = ["available", "expand_into", "expand_ok", "fused_linear_ok", "lora_add", "lora_linear"]
+__all__ = ["add_update", "available", "compiled_expand_ok", "expand_into", "expand_ok", "expand_op", "fused_linear_ok",
+           "lora_add", "lora_linear"]
 
 #: :func:`expand_into` serves calls of at least this many tokens (below, the call is bound by the
 #: host, where a Python kernel launch costs more than it saves)
@@ -55,7 +56,8 @@ def _triton():
 
     @triton.jit
     def add_kernel(y, h, b, out, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br, s_om, s_on,
-                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr = False):
+        # out = y + h @ b^T; IEEE: float32 h and b, a float32-accurate dot (see expand_kernel)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -65,7 +67,10 @@ def _triton():
         mask_n = rn < N
         ht = tl.load(h + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
         bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & (rr[None, :] < R), other=0.0)
-        acc = tl.dot(ht, tl.trans(bt))
+        if IEEE:
+            acc = tl.dot(ht, tl.trans(bt), input_precision="tf32x3")
+        else:
+            acc = tl.dot(ht, tl.trans(bt))
         mask = mask_m[:, None] & mask_n[None, :]
         yt = tl.load(y + rm[:, None] * s_ym + rn[None, :] * s_yn, mask=mask, other=0.0)
         acc += yt.to(tl.float32)
@@ -100,8 +105,10 @@ def _triton():
     @triton.jit
     def expand_kernel(y, h, b, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br,
                       BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-        # y[M, N] (bf16 / fp16) += h[M, R] @ b[N, R]^T with float32 h and b: an exact float32 dot
-        # (input_precision="ieee", not tf32), the sum with y in float32, one rounding on store
+        # y[M, N] (bf16 / fp16) += h[M, R] @ b[N, R]^T with float32 h and b: a float32-accurate dot
+        # on tensor cores (tf32x3: hi*hi + hi*lo + lo*hi of a tf32 split, off by ~2^-22 relative;
+        # "ieee" runs on CUDA cores, 59 us a site of 2048 x 4096 on an H200), the sum with y in
+        # float32, one rounding on store
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -111,7 +118,7 @@ def _triton():
         mask_n = rn < N
         ht = tl.load(h + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
         bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & (rr[None, :] < R), other=0.0)
-        acc = tl.dot(ht, tl.trans(bt), input_precision="ieee")
+        acc = tl.dot(ht, tl.trans(bt), input_precision="tf32x3")
         mask = mask_m[:, None] & mask_n[None, :]
         ptrs = y + rm[:, None] * s_ym + rn[None, :] * s_yn
         acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -171,17 +178,66 @@ def _concat(hs: Sequence[Tensor], bs: Sequence[Tensor], dtype: torch.dtype) -> t
 
 def lora_add(y: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor], config: tuple = ADD_CONFIG) -> Tensor:
     """``y + sum_i h_i @ B_i^T`` for 2-D ``y`` ``[M, N]``, ``h_i`` ``[M, r_i]``, ``B_i`` ``[N, r_i]``."""
-    k = _triton()
     h, b = _concat(hs, bs, y.dtype)
+    return add_update(y, h, b, config)
+
+
+def add_update(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG, _wrap: bool = False) -> Tensor:
+    r"""``out = y + h B^\top`` out of place, in one pass over ``y`` ``[M, N]`` (bf16 / fp16), for
+    ``h`` ``[M, R]`` and ``B`` ``[N, R]`` both of ``y``'s dtype or both float32.
+
+    The dot accumulates in float32 (float32 factors: a float32-accurate dot on tensor cores,
+    ``input_precision="tf32x3"``, ~2^-22 relative, not tf32's 2^-11), the sum with ``y`` is in float32 and rounds once on store: PEFT's
+    ``(result + lora(x.float())).to(result.dtype)`` for float32 adapters over a bf16 base. ``h``
+    may be a column block of a wider tensor (any strides). ``_wrap``: launched from the
+    ``torch.library.triton_op`` (:func:`expand_op`)."""
+    k = _triton()
     M, N = y.shape
     R = h.shape[1]
     BM, BN, warps = config
-    out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    out = torch.empty((M, N), device=y.device, dtype=y.dtype)
     grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
-    k.add[grid](y, h, b, out, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
-                b.stride(0), b.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN, BR=_rank_block(R),
-                num_warps=warps)
+    kernel = torch.library.wrap_triton(k.add) if _wrap else k.add
+    kernel[grid](y, h, b, out, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
+                 b.stride(0), b.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN, BR=_rank_block(R),
+                 IEEE=h.dtype == torch.float32, num_warps=warps)
     return out
+
+
+def _register_expand_op():
+    """``graphlora::lora_expand`` as a ``torch.library.triton_op``: :func:`add_update` as Inductor
+    calls it from a compiled graph (no Python dispatch, CUDA-graph safe). Registered only where
+    CUDA is available (the decorator imports part of Inductor: seconds a CPU process never needs)."""
+    @torch.library.triton_op("graphlora::lora_expand", mutates_args=())
+    def lora_expand(y: Tensor, h: Tensor, b: Tensor) -> Tensor:
+        return add_update(y, h, b, _wrap=True)
+
+    return lora_expand
+
+
+_EXPAND_OP = _register_expand_op() if torch.cuda.is_available() and _triton() is not None else None
+
+
+def compiled_expand_ok(y: Tensor, h: Tensor, b: Tensor) -> bool:
+    """Whether a compiled serving graph takes ``graphlora::lora_expand`` for ``y + h B^T``: a 2-D
+    CUDA bf16 / fp16 ``y`` with unit last stride, factors both of its dtype or both float32, a
+    summed rank of at most :data:`EXPAND_MAX_RANK`, int32 offsets, and no grad (the op has no
+    backward; serving programs run under ``no_grad``).
+
+    Under ``torch.compile`` the PyTorch forms cost more: ``addmm_`` becomes an out-of-place
+    ``addmm`` that first copies ``y`` (28 device copies, 0.33 ms of a 4 x 512 call on an H200,
+    ``lora_dtype="auto"``), and float32 factors run cuBLAS's float32 GEMM without tensor cores
+    into a float32 ``[M, N]`` temporary (1.2 ms of the same call,
+    ``bench/h200-2026-12-03/profile-serving-compiled-before-op.log``)."""
+    return (_EXPAND_OP is not None and y.is_cuda and y.dtype in (torch.bfloat16, torch.float16) and y.dim() == 2
+            and h.dtype == b.dtype and h.dtype in (torch.float32, y.dtype) and h.shape[1] <= EXPAND_MAX_RANK
+            and y.stride(-1) == 1 and not torch.is_grad_enabled()
+            and max(_span(y), _span(h), _span(b)) < 2 ** 31)
+
+
+def expand_op(y: Tensor, h: Tensor, b: Tensor) -> Tensor:
+    """``y + h B^T`` through ``graphlora::lora_expand`` (where :func:`compiled_expand_ok` holds)."""
+    return _EXPAND_OP(y, h, b)
 
 
 def expand_ok(y: Tensor, h: Tensor, b: Tensor) -> bool:
@@ -203,7 +259,7 @@ def _span(t: Tensor) -> int:
 
 def expand_into(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG) -> Tensor:
     r"""``y += h B^\top`` in place for a bf16 / fp16 ``y`` ``[M, N]`` and float32 ``h`` ``[M, R]``,
-    ``B`` ``[N, R]``: the update in float32 (an exact float32 dot), added to ``y`` in float32,
+    ``B`` ``[N, R]``: the update in float32 (a float32-accurate ``tf32x3`` dot), added to ``y`` in float32,
     rounded once into ``y``.
 
     The float32 adapters over a bf16 base (PEFT's default) otherwise take ``u = mm(h, B^T)`` (a

@@ -288,9 +288,15 @@ def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     Factors of another dtype than the base: ``u = h \hat B^\top`` in theirs, the sum in the
     wider of the two, rounded once to the base's: float32 factors over a bf16 base add in float32,
     as PEFT does (``result + lora(x.float())``, then the cast back); bf16 factors over a float32
-    base (``configure_banks(lora_dtype=torch.bfloat16)``) never round the base output.
+    base (``configure_banks(lora_dtype=torch.bfloat16)``) never round the base output. Compiled on
+    CUDA over a bf16 / fp16 base, it is the Triton op ``graphlora::lora_expand``
+    (:func:`.kernels.compiled_expand_ok`): one pass over the output, the same float32 sum.
     """
     d_out = b_hat.shape[0]
+    if torch.compiler.is_compiling():  # first: a compiled graph traces none of the other branches
+        flat = base.reshape(-1, d_out)
+        if kernels.compiled_expand_ok(flat, h, b_hat):  # one Triton pass over the output
+            return kernels.expand_op(flat, h, b_hat).view(base.shape)
     if h.dtype != base.dtype:  # the sum in the wider dtype (type promotion), rounded once to the base's
         return torch.add(base.reshape(-1, d_out), torch.mm(h, b_hat.t())).to(base.dtype).view(base.shape)
     return torch.addmm(base.reshape(-1, d_out), h, b_hat.t()).view(base.shape)
@@ -314,11 +320,14 @@ def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     factors over an fp16 / bf16 base: ``u = h \hat B^\top`` in float32, then ``base += u``, which
     adds in float32 and rounds once into ``base`` (two kernels; the out-of-place form is three:
     upcast, ``addmm``, downcast); on CUDA with many tokens one Triton pass over ``base``
-    (:func:`.kernels.expand_into`). Under ``torch.autocast`` (which casts out-of-place ops only) and
-    for a strided ``base`` it is :func:`lora_expand`.
+    (:func:`.kernels.expand_into`). Under ``torch.autocast`` (which casts out-of-place ops only),
+    for a strided ``base``, and under ``torch.compile`` (where ``addmm_`` would become a copy of
+    ``base`` and an out-of-place ``addmm``) it is :func:`lora_expand`.
     """
-    # autocast casts out-of-place ops only (and knows no "meta" device: asking raises there)
-    if (base.device.type != "meta" and torch.is_autocast_enabled(base.device.type)) or not base.is_contiguous():
+    # autocast casts out-of-place ops only (and knows no "meta" device: asking raises there);
+    # compiled, the out-of-place Triton op beats the in-place forms (see lora_expand)
+    if (torch.compiler.is_compiling() or not base.is_contiguous()
+            or (base.device.type != "meta" and torch.is_autocast_enabled(base.device.type))):
         return lora_expand(base, h, b_hat)
     flat = base.view(-1, b_hat.shape[0])
     if h.dtype != base.dtype:

@@ -37,26 +37,82 @@ def _run(path: str) -> None:
     spec = importlib.util.spec_from_file_location("graphlora_kernels_interpreted", KERNELS_FILE)
     kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernels)
-    results = []
+    results = {"expand": [], "add": []}
     for y, h, b in _cases():
-        got = kernels.expand_into(y.clone(), h, b)
-        results.append(got)
+        results["expand"].append(kernels.expand_into(y.clone(), h, b))
+        # the compiled serving op's kernel, out of place: float32 factors, and factors in y's dtype
+        # (the interpreter's bf16 dot is wrong, numpy has no bf16: factors in y's dtype run as fp16)
+        y16 = y.half()
+        results["add"].append((kernels.add_update(y, h, b), kernels.add_update(y16, h.half(), b.half()), y))
     torch.save(results, path)
 
 
-def test_expand_into_matches_the_float32_reference_under_the_interpreter(tmp_path):
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """The kernels' outputs for :func:`_cases`, computed under Triton's interpreter in a subprocess."""
     pytest.importorskip("triton")
-    out = tmp_path / "expand.pt"
+    out = tmp_path_factory.mktemp("kernels") / "expand.pt"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"the interpreter run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    got = torch.load(out)
-    for (y, h, b), result in zip(_cases(), got):
+    return torch.load(out)
+
+
+def test_expand_into_matches_the_float32_reference_under_the_interpreter(interpreted):
+    for (y, h, b), result in zip(_cases(), interpreted["expand"]):
         want = y.float().add_(torch.mm(h, b.t())).to(y.dtype)  # the CPU / few-token form, in float32
         assert result.dtype == y.dtype and result.shape == y.shape
         # one rounding of the same float32 sum: equal up to the last bit where the float32 dot's order differs
         torch.testing.assert_close(result, want)
         assert not torch.equal(result, y)
+
+
+def test_the_compiled_expand_op_matches_the_pytorch_forms_under_the_interpreter(interpreted):
+    """``add_update`` (the kernel of ``graphlora::lora_expand``): float32 factors give PEFT's float32
+    sum rounded once, factors of ``y``'s dtype give ``addmm``'s float32-accumulated sum; ``y`` is
+    left as it was (out of place)."""
+    for (y, h, b), (got32, got_low, y_after) in zip(_cases(), interpreted["add"]):
+        assert torch.equal(y_after, y)
+        torch.testing.assert_close(got32, y.float().add_(torch.mm(h, b.t())).to(y.dtype))
+        low = torch.addmm(y.half().float(), h.half().float(), b.half().float().t()).half()
+        torch.testing.assert_close(got_low, low)
+        assert got32.dtype == y.dtype and got_low.dtype == torch.float16 and not torch.equal(got32, y)
+
+
+def test_compiled_serving_takes_the_expand_op_and_eager_does_not(monkeypatch):
+    """Under ``torch.compile`` a serving call's updates go through ``kernels.expand_op`` wherever
+    ``compiled_expand_ok`` holds (on CUDA: bf16 / fp16 outputs); eager calls keep the PyTorch
+    forms. The CUDA op is stood in for by a CPU custom op with the same contract (opaque to the
+    compiler, so each call reaches it at run time), and the outputs equal eager's."""
+    import graphlora
+    from graphlora.passes import kernels
+    from models import randomize_b, tiny_llama, token_ids
+
+    calls = []
+
+    @torch.library.custom_op("graphlora_test::lora_expand", mutates_args=())
+    def stand_in(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(y.shape))
+        return torch.addmm(y, h, b.t())
+
+    @stand_in.register_fake
+    def _(y, h, b):
+        return torch.empty_like(y)
+
+    monkeypatch.setattr(kernels, "compiled_expand_ok", lambda y, h, b: not torch.is_grad_enabled())
+    monkeypatch.setattr(kernels, "_EXPAND_OP", stand_in)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    gm = graphlora.inject(tiny_llama(), graphlora.LoraConfig(r=4, target_modules=targets)).eval()
+    randomize_b(gm)
+    ids = token_ids(2, 5)
+    with torch.no_grad():
+        want = gm(input_ids=ids).logits
+        assert not calls  # eager: the PyTorch forms
+        torch._dynamo.reset()
+        got = torch.compile(gm, fullgraph=False, backend="aot_eager")(input_ids=ids).logits
+    torch._dynamo.reset()
+    assert len(calls) == 2 * len(targets)  # every site of both layers, once
+    torch.testing.assert_close(got, want)
 
 
 def test_the_cpu_and_small_calls_keep_the_pytorch_form():
