@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from graphlora.passes import Site, is_targeted
-from graphlora.passes.sites import EXPERT
+from graphlora.passes.sites import EMBEDDING, EXPERT
 
 from ._checks import check_embedding_targets, check_layers_in_range, check_target_types
 from .config import ALL_LINEAR
@@ -142,10 +142,17 @@ def plan_adapter(config: Any, facts: ModelFacts, records: Mapping[str, Site]) ->
             f"target_modules={config.target_modules!r} matched no linear op "
             f"(looked for: {wanted}; exclude_modules={config.exclude_modules!r}, "
             f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r}). "
-            f"Closest linear sites: {closest(probe, list(facts.site_names))}. "
+            f"Closest linear sites: {closest(probe, _linear_names(facts, records))}. "
             f"Use names from gm.sites or graphlora.list_sites(model)."
         )
     return plan
+
+
+def _linear_names(facts: ModelFacts, records: Mapping[str, Site]) -> list[str]:
+    """The site names that are linear ops (not embedding lookups nor expert weights), for the
+    suggestions of a target that matched nothing; every site name when there is none."""
+    names = [n for n in facts.site_names if n in records and records[n].kind not in (EMBEDDING, EXPERT)]
+    return names or list(facts.site_names)
 
 
 def _select_parameters(config: Any, facts: ModelFacts, records: Mapping[str, Site]) -> list[str]:

@@ -13,6 +13,8 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
 - :class:`StripTensorAsserts` (:mod:`.cleanup`) — drop trace-time assertions that pin dtype/device.
 - :class:`CausalAttention(lengths) <CausalAttention>` (:mod:`.attention`) — run attention whose
   traced mask is provably causal with ``is_causal=True``.
+- :class:`MatmulAsLinear` (:mod:`.matmul_linear`) — a hand-written linear ``x @ W.T (+ b)``
+  (Falcon's ``FalconLinear``) as one ``matmul_linear(x, W, b)`` node, a linear site.
 - :class:`SpliceAdapters(sites, specs) <SpliceAdapters>` (:mod:`.splice`) — *splice*: insert each
   site's branches (:class:`BranchSpec`, built through a :class:`SiteBuilder`) behind one named
   switch node (every program form: switch, serving from the adapter banks, mixed batches).
@@ -30,10 +32,10 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
   when the graph does not have that shape).
 
 :func:`base_passes` is the pipeline every traced graph gets first: ``FollowTrainMode``,
-``StripTensorAsserts``, ``CausalAttention``. Besides the passes:
+``StripTensorAsserts``, ``CausalAttention``, ``MatmulAsLinear``. Besides the passes:
 
 - :mod:`.sites` — *locate*: find every linear op (``nn.Linear`` calls, functional ``linear``,
-  ``addmm`` with an (in, out) weight) as a :class:`Site` record.
+  ``addmm`` with an (in, out) weight, ``matmul_linear``) as a :class:`Site` record.
 - :mod:`.targeting` — PEFT's target-selection rules as pure functions of module paths.
 - :mod:`.ops` — the runtime functions the inserted nodes call (the low-rank switches
   ``lora_down``, ``lora_switch``, ``lora_linear``, and the bank updates ``lora_bank`` /
@@ -47,6 +49,7 @@ from .cleanup import StripTensorAsserts
 from .detach_reads import DetachedReads
 from .device import RetargetDevice
 from .dropout import FollowTrainMode
+from .matmul_linear import MatmulAsLinear, matmul_linear
 from .pipeline import base_passes, run_passes
 from .replicate import ReplicateBlock
 from .result import GraphPass
@@ -67,6 +70,8 @@ __all__ = [
     "DetachedReads",
     "StripTensorAsserts",
     "CausalAttention",
+    "MatmulAsLinear",
+    "matmul_linear",
     "causal_sdpa",
     "SpliceAdapters",
     "FreezeSwitches",

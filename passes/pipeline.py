@@ -25,6 +25,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from .attention import CausalAttention
 from .cleanup import StripTensorAsserts
 from .dropout import FollowTrainMode
+from .matmul_linear import MatmulAsLinear
 from .result import MANAGED
 
 __all__ = ["run_passes", "base_passes", "lint_check"]
@@ -81,7 +82,8 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass]) -> PassResult:
 
 def base_passes(lengths: Iterable[int] = ()) -> list[PassBase]:
     """The passes every traced graph gets before adapters, in order: mode-following dropout
-    (:class:`FollowTrainMode`), no dtype/device pins (:class:`StripTensorAsserts`) and
+    (:class:`FollowTrainMode`), no dtype/device pins (:class:`StripTensorAsserts`),
     ``is_causal`` attention where the traced mask is shown causal, also at ``lengths``
-    (:class:`CausalAttention`)."""
-    return [FollowTrainMode(), StripTensorAsserts(), CausalAttention(lengths)]
+    (:class:`CausalAttention`), and hand-written linears ``x @ W.T (+ b)`` as one
+    ``matmul_linear`` node that the site finder reads (:class:`MatmulAsLinear`)."""
+    return [FollowTrainMode(), StripTensorAsserts(), CausalAttention(lengths), MatmulAsLinear()]

@@ -12,6 +12,7 @@ op                            kind       input  weight  weight layout
 ``call_module`` nn.Linear     linear     0      module  (out, in)
 ``F.linear`` / aten.linear    linear*    0      1       (out, in)
 ``torch.addmm`` / aten.addmm  addmm      1      2       (in, out)
+``matmul_linear``             linear*    0      1       (out, in)
 ``aten.embedding``            embedding  1      0       (num, dim)
 ``call_module`` nn.Embedding  embedding  0      module  (num, dim)
 grouped mm of a 3-D weight    expert     0      1       [E, out, in] (``W.transpose(-2, -1)``)
@@ -20,6 +21,9 @@ grouped mm of a 3-D weight    expert     0      1       [E, out, in] (``W.transp
 
 (*) ``functional_linear`` when the op was not called by the module that owns the weight.
 The weight must come from a ``get_attr`` node (a parameter of the traced module).
+``matmul_linear(x, W, b)`` is a hand-written linear ``x @ W.T (+ b)`` (Falcon's ``FalconLinear``),
+made by the base pass :class:`~graphlora.passes.matmul_linear.MatmulAsLinear`; its bias is argument 2,
+as ``linear``'s.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ._compat import grouped_mm_ops
+from .matmul_linear import matmul_linear
 
 __all__ = ["Site", "OpRule", "LINEAR_OPS", "EMBEDDING", "EXPERT", "grouped_mm_ops", "locate_sites", "module_path"]
 
@@ -66,6 +71,7 @@ LINEAR_OPS: Mapping[Any, OpRule] = {
     aten.linear.default: OpRule("linear", 0, 1, False),
     F.linear: OpRule("linear", 0, 1, False),
     torch._C._nn.linear: OpRule("linear", 0, 1, False),
+    matmul_linear: OpRule("linear", 0, 1, False),
     aten.addmm.default: OpRule("addmm", 1, 2, True),
     torch.addmm: OpRule("addmm", 1, 2, True),
 }
