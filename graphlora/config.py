@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .errors import ConfigError, closest
+from .errors import ConfigError, PeftFunctionError, closest
 
 __all__ = ["LoraConfig", "IA3Config", "LoHaConfig", "LoKrConfig", "ALL_LINEAR", "DEFAULT_TARGET_MODULES",
            "DEFAULT_IA3_MODULES", "DEFAULT_LOHA_MODULES", "DEFAULT_LOKR_MODULES"]
@@ -197,6 +197,24 @@ class _PeftConfigIO:
     dataclass with a ``peft_type`` class attribute."""
 
     peft_type = ""
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Read by PEFT's ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` (and nothing in
+        graphlora). Those functions select tensors by walking PEFT's tuner-layer classes, which a
+        graphlora module does not have, so they would return nothing, or load nothing, silently:
+        this raises instead, naming graphlora's methods.
+
+        Raises:
+            PeftFunctionError: always.
+        """
+        raise PeftFunctionError(
+            f"a graphlora {type(self).__name__} is not a PEFT config: peft.get_peft_model_state_dict / "
+            "set_peft_model_state_dict (the readers of is_prompt_learning) cannot read a graphlora module, whose "
+            "adapters are not PEFT tuner layers. Use gm.get_adapter_state_dict(adapter_name) for "
+            "get_peft_model_state_dict (the same keys and tensors, as gm.save_pretrained writes them) and "
+            "gm.load_adapter_state_dict(state_dict, adapter_name) for set_peft_model_state_dict."
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with PEFT's keys (``peft_type`` included)."""

@@ -24,6 +24,7 @@ __all__ = [
     "UnknownFieldError",
     "TargetTypeError",
     "PlacementError",
+    "PeftFunctionError",
     "closest",
 ]
 
@@ -82,6 +83,11 @@ class TargetTypeError(ConfigError):
 
 class PlacementError(GraphLoraError, TypeError):
     """Adapter and base weights disagree on dtype or device (or the base is still on ``meta``)."""
+
+
+class PeftFunctionError(GraphLoraError, TypeError):
+    """A function of the ``peft`` package that walks PEFT's own layer classes (``get_peft_model_state_dict``,
+    ``set_peft_model_state_dict``) was given a graphlora module; the message names graphlora's method."""
 
 
 def closest(value: str, candidates: Iterable[str], n: int = 5) -> list[str]:

@@ -43,6 +43,7 @@ from graphlora.passes.detach_reads import refresh_detached
 from . import merge as merging
 from . import modules_to_save as saved_modules
 from . import peft_io
+from . import status
 from . import surface
 from ._checks import check_fx_call, check_placement
 from ._compat import (assigned_forward, current_graph, forward_replaced, has_call_hooks, is_pretrained_model,
@@ -649,7 +650,8 @@ class AdaptedGraphModule(fx.GraphModule):
         for name in names:  # PEFT's trainability: the config's inference_mode says whether it trains
             if configs[name].inference_mode != bool(inference_mode):
                 configs[name] = dataclasses.replace(configs[name], inference_mode=bool(inference_mode))
-        self._adapters.set_active({n: 1.0 for n in names})
+        # PEFT's set_adapter resets every adapter's requires_grad (set_requires_grad's choices too)
+        self._adapters.set_active({n: 1.0 for n in names}, reset_grad=True)
 
     def set_adapter_weights(self, weights: Mapping[str, float]) -> None:
         """Activate the given adapters with per-adapter weights: ``y = Wx + sum_a w_a s_a B_a A_a x``."""
@@ -661,7 +663,7 @@ class AdaptedGraphModule(fx.GraphModule):
                 raise ConfigError(f"weight {w!r} for adapter {name!r} must be a finite number.")
         saved_modules.check_active(self._adapters, list(weights))
         self._unmerge_before("set_adapter_weights")
-        self._adapters.set_active({n: float(w) for n, w in weights.items()})
+        self._adapters.set_active({n: float(w) for n, w in weights.items()}, reset_grad=True)  # as set_adapter
 
     def _unmerge_before(self, action: str) -> None:
         """PEFT's rule: switching adapters while some are merged unmerges them first (with a warning)."""
@@ -703,8 +705,60 @@ class AdaptedGraphModule(fx.GraphModule):
         """
         super().requires_grad_(requires_grad)
         self._adapters.trainable = bool(requires_grad)
+        self._adapters.requires_grad.clear()  # set_requires_grad's choices give way
         self._adapters.sync()
         return self
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """PEFT 0.21's ``set_requires_grad``: the parameters of ``adapter_names`` (their branches, saved
+        module copies and trainable rows) require grad, or not, whether they are active or not.
+
+        The choice is kept in the adapter state and wins over the usual rule (active adapters train)
+        until the next ``set_adapter``, ``set_adapter_weights``, ``enable_adapter_layers`` or
+        ``requires_grad_``, which reset every adapter's, as PEFT's ``set_adapter`` does. Adding or
+        loading another adapter keeps it. Base parameters (``bias=`` biases included) are not touched.
+
+        Raises:
+            AdapterNotFoundError: an unknown name (PEFT ignores it); nothing changes.
+            ConfigError: ``requires_grad`` is not a bool, or a name is not a string.
+        """
+        names = _names(adapter_names)
+        if not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"set_requires_grad(adapter_names={adapter_names!r}) takes an adapter name or a list "
+                              f"of names; loaded adapters: {list(self._adapters.configs)}.")
+        if not isinstance(requires_grad, bool):
+            raise ConfigError(f"set_requires_grad(requires_grad={requires_grad!r}) takes True or False.")
+        check_known(names, self._adapters.configs)
+        self._adapters.requires_grad.update(dict.fromkeys(names, requires_grad))
+        self._adapters.sync()
+
+    def disable_adapter_layers(self) -> None:
+        """PEFT's tuner-model ``disable_adapter_layers``: :meth:`disable_adapters` (the base model; gates
+        only, no graph change), and, as PEFT's, every adapter's parameters stop requiring grad (until
+        :meth:`enable_adapter_layers`, ``set_adapter`` or ``set_requires_grad``). Warns, as PEFT does,
+        when an active adapter trains biases (``bias != "none"``): the model's own biases stay trained.
+        """
+        state = self._adapters
+        for name in state.weights:
+            bias = getattr(state.configs[name], "bias", "none")
+            if bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
+                              "produce the same output as the base model would without adaption.", stacklevel=2)
+        self._unmerge_before("disable_adapter_layers")
+        state.requires_grad = dict.fromkeys(state.configs, False)
+        state.set_enabled(False)
+
+    def enable_adapter_layers(self) -> None:
+        """PEFT's tuner-model ``enable_adapter_layers``: :meth:`enable_adapters`, and, as PEFT's (which calls
+        ``set_adapter(active_adapters)``), the active adapters become trainable, an adapter loaded or
+        set frozen included, the others frozen. The weights of the active set are kept."""
+        state = self._adapters
+        configs = state.configs
+        for name in state.weights:
+            if configs[name].inference_mode:
+                configs[name] = dataclasses.replace(configs[name], inference_mode=False)
+        state.requires_grad.clear()
+        state.set_enabled(True)
 
     # ------------------------------------------------------------------ merge
     @property
@@ -1048,3 +1102,50 @@ class AdaptedGraphModule(fx.GraphModule):
         """Print ``trainable params: N || all params: M || trainable%: P`` (PEFT's format)."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ PEFT's PeftModel surface
+    @property
+    def active_peft_config(self) -> AnyConfig:
+        """The config of :attr:`active_adapter` (PEFT's ``active_peft_config``).
+
+        Raises:
+            AdapterStateError: no adapter is active (adapters are disabled).
+        """
+        name = self.active_adapter
+        if name is None:
+            raise AdapterStateError("no adapter is active (adapters are disabled), so there is no active_peft_config; "
+                                    "enable_adapters() first, or read gm.peft_config[name].")
+        return self._adapters.configs[name]
+
+    def get_layer_status(self) -> list["status.TunerLayerStatus"]:
+        """PEFT's ``get_layer_status``: one :class:`graphlora.status.TunerLayerStatus` per adapted
+        layer (site, ``modules_to_save`` module, trainable-rows table), named and ordered as PEFT's
+        (``"model." + <module path>``, the model's module order); see :mod:`graphlora.status`."""
+        order = {name: i for i, (name, _) in enumerate(self._facts.source.named_modules())}
+        return status.layer_status(self._adapters, self._records, order)
+
+    def get_model_status(self) -> "status.TunerModelStatus":
+        """PEFT's ``get_model_status``: a :class:`graphlora.status.TunerModelStatus` aggregating
+        :meth:`get_layer_status` as PEFT does (``"irregular"`` where layers disagree)."""
+        return status.model_status(self.get_layer_status(), self._adapters, type(self._facts.source).__name__,
+                                   self.get_nb_trainable_parameters())
+
+    def load_adapter_state_dict(self, state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default") -> None:
+        """Copy PEFT-keyed tensors into the existing adapter ``adapter_name`` in place: graphlora's
+        ``peft.set_peft_model_state_dict(model, state_dict, adapter_name)``.
+
+        ``state_dict`` is what :meth:`get_adapter_state_dict` returns, or PEFT's
+        ``get_peft_model_state_dict`` of a PEFT model with the same config (the keys of
+        ``adapter_model.safetensors``). The adapter's config, active set and ``requires_grad`` stay
+        as they are; this is :meth:`load_adapter_tensors` with the adapter's own config (a hotswap).
+
+        Raises:
+            AdapterNotFoundError: no adapter ``adapter_name`` (add it first, or use ``load_adapter_tensors``).
+            AdapterFileError: a missing or unexpected key, or a shape that does not fit (PEFT's
+                function ignores those); nothing changes.
+            AdapterStateError: the adapter is merged (unmerge first).
+        """
+        check_known([adapter_name], self._adapters.configs)
+        config = self._adapters.configs[adapter_name]
+        self.load_adapter_tensors(config, state_dict, adapter_name, is_trainable=not config.inference_mode,
+                                  source=f"state_dict for adapter {adapter_name!r}")

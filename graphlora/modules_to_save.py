@@ -309,7 +309,7 @@ def sync_extras(state: Any) -> None:
         return
     live = state.weights if state.enabled else {}
 
-    def trains(adapter: str) -> bool:
+    def trains(adapter: str) -> bool:  # the model's own biases: set_requires_grad leaves them alone (PEFT)
         return state.trainable and adapter in state.weights and not state.configs[adapter].inference_mode
 
     for holder in saved.saved():
@@ -317,7 +317,7 @@ def sync_extras(state: Any) -> None:
         holder.index.fill_(list(holder.copies).index(chosen) + 1 if chosen is not None else 0)
         training = _chosen(holder, state.weights)
         for adapter, module in holder.copies.items():
-            flag = adapter == training and trains(adapter)
+            flag = state.trains(adapter, chosen=adapter == training)
             for param in module.parameters():
                 if param.requires_grad != flag:
                     param.requires_grad_(flag)

@@ -7,6 +7,9 @@ and every mutating call runs inside :func:`graphlora.transaction.transaction`. I
 - ``plans``: adapter name -> {site name -> the method's per-site constants (LoRA: ``(r, alpha, scaling)``)};
 - ``weights``: the active set, in order, with each adapter's weight (``set_adapter_weights``);
 - ``enabled``: ``False`` after ``disable_adapters()``; ``trainable``: whether active adapters train;
+- ``requires_grad``: adapter -> ``requires_grad`` chosen for it by ``set_requires_grad`` /
+  ``disable_adapter_layers`` (PEFT's), which wins over the rule below until the next activation
+  (``set_adapter``, ``set_adapter_weights``, ``enable_adapter_layers``, ``requires_grad_``);
 - ``merge``: which adapters are folded into the base weights, and exact copies of the originals;
 - ``store``: the :class:`AdapterStore` module (registered on the emitted module as ``graphlora``),
   which holds the tensors per site. Its layout (every ``get_attr`` target the splice pass writes)::
@@ -141,6 +144,8 @@ class AdapterState:
     weights: dict[str, float] = field(default_factory=dict)
     enabled: bool = True
     trainable: bool = True
+    #: adapter -> requires_grad set by ``set_requires_grad`` (see :meth:`trains`)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
     merge: MergeState = field(default_factory=MergeState)
     banks: BankLayout = field(default_factory=BankLayout)
     #: PEFT's ``autocast_adapter_dtype``: new LoRA / IA3 adapters over an fp16 / bf16 base keep float32
@@ -166,6 +171,16 @@ class AdapterState:
             return False
         merged = self.merge.merged
         return any(weight != 0.0 and adapter not in merged for adapter, weight in self.weights.items())
+
+    def trains(self, adapter: str, chosen: bool = True) -> bool:
+        """Whether ``adapter``'s parameters require grad: the value ``set_requires_grad`` gave it, else
+        when it is in the active set (enabled or not), ``trainable`` is on, its config is not
+        ``inference_mode`` and ``chosen`` (a saved module's copy or trainable rows: this adapter's
+        are the ones the active set uses)."""
+        flag = self.requires_grad.get(adapter)
+        if flag is not None:
+            return flag
+        return chosen and self.trainable and adapter in self.weights and not self.configs[adapter].inference_mode
 
     def rule(self, adapter: str) -> MethodRule:
         return rule_for(self.configs[adapter])
@@ -289,12 +304,17 @@ class AdapterState:
         self.configs.pop(name, None)
         self.plans.pop(name, None)
         self.weights.pop(name, None)
+        self.requires_grad.pop(name, None)
         self.fresh.discard(name)
 
-    def set_active(self, weights: Mapping[str, float]) -> None:
+    def set_active(self, weights: Mapping[str, float], reset_grad: bool = False) -> None:
         """Make ``weights`` (adapter -> weight) the active set and write the switch state: only the
-        adapters active before or after, and those not synced yet, can change (:meth:`sync`)."""
+        adapters active before or after, and those not synced yet, can change (:meth:`sync`).
+        ``reset_grad``: forget every ``set_requires_grad`` choice too (an activation, as PEFT's)."""
         changed = set(self.weights) | set(weights) | self.fresh
+        if reset_grad:
+            changed |= set(self.requires_grad)
+            self.requires_grad = {}
         self.weights = dict(weights)
         self.sync(changed)
 
@@ -307,7 +327,8 @@ class AdapterState:
 
         An adapter's effective weight is its active weight, or 0 when it is inactive, disabled or
         merged. Its parameters require grad when it is active (or loaded for training and in the
-        active set), ``trainable`` is on, and its config is not ``inference_mode``.
+        active set), ``trainable`` is on, and its config is not ``inference_mode``; or as
+        ``set_requires_grad`` chose (:meth:`trains`).
 
         ``adapters``: only these adapters' state can have changed; they must include every active
         adapter (the banks' state is made from them). Only their branches are visited, so switching
@@ -333,7 +354,7 @@ class AdapterState:
                 scalings[adapter][key] = 0.0 if adapter in merged else branch.scaling
                 if weight != 0.0:
                     watched[key] += params
-            trainable = self.trainable and adapter in self.weights and not self.configs[adapter].inference_mode
+            trainable = self.trains(adapter)
             for param in params:
                 if param.requires_grad != trainable:
                     param.requires_grad_(trainable)

@@ -192,6 +192,7 @@ def _adapter_blob(gm: Any) -> dict[str, Any]:
         "weights": dict(state.weights),
         "enabled": state.enabled,
         "trainable": state.trainable,
+        "requires_grad": dict(state.requires_grad),
         "task_type": state.task_type,
         "training": gm.training,
         "example": gm.programs.primary_example,
@@ -210,7 +211,7 @@ def reduce(gm: Any) -> tuple:
 def rebuild(source: nn.Module, blob: dict[str, Any]) -> Any:
     """A new emitted module over ``source`` with the adapters of ``blob``: traced again, then
     every adapter added with its config, its tensors copied in, and the active set, weights,
-    ``enabled``, trainability and train mode restored."""
+    ``enabled``, trainability (``set_requires_grad``'s choices included) and train mode restored."""
     from . import peft_io
     from .capture import capture
     from .module import AdaptedGraphModule
@@ -229,6 +230,7 @@ def rebuild(source: nn.Module, blob: dict[str, Any]) -> Any:
     state.banks.grow = grow
     state.trainable = blob["trainable"]
     state.task_type = blob.get("task_type")
+    state.requires_grad = dict(blob.get("requires_grad", {}))  # set_requires_grad's choices
     state.set_active(blob["weights"])
     state.set_enabled(blob["enabled"])
     gm.train(blob["training"])

@@ -221,8 +221,7 @@ def sync_tokens(state: Any) -> None:
         holder.index.fill_(list(holder.deltas).index(chosen) + 1 if chosen is not None else 0)
         training = _chosen(holder, state.weights)
         for adapter, param in holder.deltas.items():
-            flag = (adapter == training and state.trainable and adapter in state.weights
-                    and not state.configs[adapter].inference_mode)
+            flag = state.trains(adapter, chosen=adapter == training)
             if param.requires_grad != flag:
                 param.requires_grad_(flag)
 

@@ -7,8 +7,8 @@ A call such as ``add_adapter``, ``load_adapter`` (new or hotswap), ``delete_adap
         ...  # change state, store, programs, tensors
 
 and if anything raises (``BaseException``: a ``KeyboardInterrupt`` too) the module is put back as
-it was: the adapter state (configs, plans, active set and weights, enabled, trainable, merge
-bookkeeping), the store's module tree (which branches exist, each module's attributes and
+it was: the adapter state (configs, plans, active set and weights, enabled, trainable, the
+``set_requires_grad`` choices, merge bookkeeping), the store's module tree (which branches exist, each module's attributes and
 submodules: a hotswap's new dropout, alpha and scaling), every parameter's ``requires_grad``, the
 values of ``tensors`` (what the call writes in place: a hotswap's adapter weights, base weights a
 merge or unmerge rewrites), base weights merged for the first time by the call (from the original
@@ -88,7 +88,7 @@ def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = (), untouched: Col
         return
     state = gm.adapter_state
     saved_state = (dict(state.configs), dict(state.plans), dict(state.weights), state.enabled, state.trainable,
-                   copy.copy(state.merge), dict(state.merge.originals), dict(state.merge.merged), state.banks.copy())
+                   dict(state.requires_grad), copy.copy(state.merge), dict(state.merge.originals), dict(state.merge.merged), state.banks.copy())
     skip = {id(branch) for _, _, branch in state.store.branches_of(untouched)} if untouched else set()
     tree = _module_tree(_modules(state.store, skip))
     grads = [(p, p.requires_grad) for p in dict.fromkeys(  # the store's included (a child of gm)
@@ -99,7 +99,7 @@ def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = (), untouched: Col
     try:
         yield
     except BaseException:
-        (state.configs, state.plans, state.weights, state.enabled, state.trainable, merge,
+        (state.configs, state.plans, state.weights, state.enabled, state.trainable, state.requires_grad, merge,
          originals, merged, state.banks) = saved_state
         merge.originals, merge.merged = originals, merged
         with torch.no_grad():
