@@ -138,7 +138,7 @@ def describe_key(key: ProgramKey) -> str:
     sig, mode = key
     if sig is None:
         return ""
-    desc = ", ".join(f"{name}={_describe_value(d)}" for name, d in sig)
+    desc = ", ".join(f"{name}={_describe_value(d)}" for name, d in sig if not name.startswith("__graphlora"))
     return f"({desc}{', adapter_names=...' if mode == MIXED else ''})"
 
 
@@ -147,6 +147,8 @@ def _describe_value(d: tuple) -> str:
         return "<tensor>"
     if d[0] == "cache":  # ("cache", type, layers, leaves, windows): see graphlora.generation.describe_cache
         return f"<{d[1]}, {'empty' if d[3] == 0 else f'{d[3]} tensors'}>"
+    if d[0] == "dict":  # ("dict", ((key, description), ...)): see graphlora.capture.call_key
+        return "{" + ", ".join(f"{k!r}: {_describe_value(v)}" for k, v in d[1]) + "}"
     return repr(d[-1])
 
 

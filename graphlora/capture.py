@@ -71,12 +71,23 @@ def _describe(value: Any) -> Any:
         from .generation import describe_cache
 
         return describe_cache(value)
+    if type(value) is dict:  # a pytree input (Qwen2's per-layer-type attention masks): its structure
+        return ("dict", tuple(sorted((str(k), _describe(v)) for k, v in value.items())))
     return ("object", type(value).__qualname__)
 
 
 def call_key(kwargs: Mapping[str, Any]) -> tuple:
-    """What makes two calls need different export graphs: names, tensor ranks/dtypes, constants."""
-    return tuple(sorted((name, _describe(value)) for name, value in kwargs.items()))
+    """What makes two calls need different export graphs: names, tensor ranks/dtypes, constants, and
+    for a decode call (a filled KV cache) its shape class (:func:`graphlora.generation.step_key`)."""
+    described = [(name, _describe(value)) for name, value in kwargs.items()]
+    key = tuple(sorted(described))
+    if any(d[0] == "cache" and d[3] > 0 for _, d in described):
+        from .generation import STEP, step_key
+
+        step = step_key(kwargs)
+        if step is not None:
+            key += ((STEP, ("const", step)),)
+    return key
 
 
 def widen_for_trace(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,9 +18,13 @@ decode with a filled cache. Calls the ProgramSet has not seen are traced by :fun
 - a filled cache is traced on synthetic inputs of consistent shapes, batch ``B = 2``, past
   ``P = 3``, ``N = 2`` new tokens (``attention_mask`` ``[B, P + N]``, ``position_ids`` and
   ``cache_position`` counting from ``P``), with ``Dim.AUTO`` on batch and length of every cache
-  tensor and on dims 0/1 of every other tensor. No size is 0 or 1, so torch.export specializes none
-  of them and the graph serves every batch size, past length and number of new tokens (one decode
-  step is ``N = 1``);
+  tensor and on dims 0/1 of every other tensor (a per-layer-type dict of masks, Qwen2's, entry by
+  entry). No size is 0 or 1, so torch.export specializes none of them and the graph serves every
+  batch size, past length and number of new tokens ``N >= 2``. A one-token call (a decode step) is
+  its own program, traced with ``N = 1``: torch.export takes a size it sees as 2 as "2 or more",
+  so the ``N = 2`` graph may hold branches and runtime checks an ``N = 1`` call fails
+  (transformers' ``is_causal = q_len > 1``; OPT's positions, sliced by the cache's count, checked
+  ``>= 2``). The key's :data:`STEP` entry (:func:`step_key`) says which;
 - prefill calls are traced on the call's own inputs with size-1 dims widened to 2
   (:func:`graphlora.capture.widen_for_trace`); an empty cache has no leaves, its pytree spec is
   part of the key.
@@ -41,12 +45,18 @@ D]`` (``L = max_cache_len``) and the 0-d ``cumulative_length`` ``n``. The update
 and ``K[:, :, n:n+N] ← k_new`` (``index_copy_``); torch.export keeps both as in-place ops on the
 graph inputs, so a program writes the caller's tensors and copies no cache. Before a call is keyed,
 :func:`ready_static_cache` allocates a cache that has no tensors yet (``early_initialization``, as
-the first update would), so prefill and every decode step share one program, traced on synthetic
-inputs with ``L = P + N + TRACE_ROOM`` and ``Dim.AUTO`` on ``B``, ``N`` and ``L`` (and on dims 0, 2
-and 3 of the 4-d ``[B, 1, N, L]`` mask generate builds for a static cache): new prompt lengths,
-``max_new_tokens`` and batch sizes reuse it. Its one guard is ``L >`` the length of a 2-d mask (as in
-generate). The decode step has static addresses and no host sync (no ``.item()`` in the graph), so
-a CUDA graph can replay it. transformers' generate compiles the decode step for a static cache on
+the first update would), so the prefill and the decode steps are two programs (``N > 1`` and ``N =
+1``), traced on synthetic inputs with ``L = P + N + TRACE_ROOM`` and ``Dim.AUTO`` on ``B``, ``N``
+and ``L`` (and on dims 0, 2 and 3 of the 4-d ``[B, 1, N, L]`` mask generate builds for a static
+cache): new prompt lengths, ``max_new_tokens`` and batch sizes reuse them. A 2-d mask covers the
+cached and new positions (a manual loop: the graph's guard is ``L >`` its length), or spans the
+whole cache (``[B, L]``: what generate gives Bloom, whose ALiBi bias covers every slot); the key
+says which (:func:`step_key`), and the trace follows. A model that slices by the cache's count of
+tokens seen (OPT's positions when none are given) cannot be traced for one new token as it is;
+such a step is traced again reading the count as a size checked equal to the mask's length minus
+one (:func:`_past_from_mask`). The decode step generate runs has static addresses and no host sync
+(no ``.item()`` in the graph; OPT's own position code without ``position_ids`` has one), so a CUDA
+graph can replay it. transformers' generate compiles the decode step for a static cache on
 CUDA by asking the model's ``get_compiled_call``; :func:`generate` shadows that too, so the decode
 steps run graphlora's programs compiled with the ``CompileConfig``'s options
 (:meth:`graphlora.programs.ProgramSet.compiled`), while the routing stays eager outside them. Sliding-window or offloading static caches and
@@ -70,6 +80,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -81,7 +93,7 @@ from ._compat import (cache_dynamic_shapes, dynamic_dims, export_with_shapes, is
                       register_cache_pytree, static_layers_supported)
 from .errors import ConfigError
 
-__all__ = ["generate", "describe_cache", "is_cache_call", "trace_call", "example_cache_inputs",
+__all__ = ["generate", "describe_cache", "step_key", "STEP", "is_cache_call", "trace_call", "example_cache_inputs",
            "ready_static_cache", "static_cache_rollback", "static_snapshot", "static_restore", "carry_cache",
            "check_sliding_cache"]
 
@@ -112,6 +124,46 @@ def describe_cache(cache: Any) -> tuple:
     else:
         leaves = len(pytree.tree_flatten(cache)[0]) if type(cache) in pytree.SUPPORTED_NODES else -1
     return ("cache", type(cache).__qualname__, len(layers), leaves, windows)
+
+
+#: The program-key entry of a decoder-only call with a filled cache (:func:`step_key`).
+STEP = "__graphlora_step__"
+
+
+def _new_tokens(kwargs: Mapping[str, Any]) -> Union[int, None]:
+    """How many new positions a decoder-only call feeds (``input_ids`` / ``inputs_embeds`` dim 1)."""
+    first = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if isinstance(kwargs.get(k), torch.Tensor)),
+                 None)
+    return first.shape[1] if first is not None and first.dim() > 1 else None
+
+
+def _spans_cache(kwargs: Mapping[str, Any]) -> bool:
+    """A 2-d ``attention_mask`` as long as the ``StaticCache``'s ``max_cache_len`` (what generate gives
+    Bloom, whose ALiBi bias is built from the mask and added to scores over every cache slot), rather
+    than covering the cached and new positions only (``[batch, past + new]``, a manual decode loop)."""
+    _, cache = _cache_item(kwargs)
+    mask = kwargs.get("attention_mask")
+    if not _is_static(cache) or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return False
+    keys = next((layer.keys for layer in cache.layers if getattr(layer, "is_initialized", False)), None)
+    return isinstance(keys, torch.Tensor) and mask.shape[1] == keys.shape[-2]
+
+
+def step_key(kwargs: Mapping[str, Any]) -> Union[tuple, None]:
+    """What a decoder-only call with a filled cache adds to its program key: ``(one, spans)``.
+
+    ``one``: the call feeds one new token. Its graph is traced with one (``N = 1``) and a
+    multi-token call's with two: torch.export takes every size it sees as 2 or more unless the
+    example is 1, so a graph traced on two new tokens may hold branches and runtime checks that an
+    ``N = 1`` call fails (transformers' ``is_causal = q_len > 1``; OPT's positions sliced by the
+    cache's length, checked ``>= 2``). A decode loop thus runs one program for its prefill (``N >
+    1``) and one for its steps. ``spans``: a 2-d mask spans a ``StaticCache`` (:func:`_spans_cache`),
+    traced so. ``None`` for encoder-decoder calls (traced on their own synthetic inputs).
+    """
+    _, cache = _cache_item(kwargs)
+    if cache is None or hasattr(cache, "cross_attention_cache") or "encoder_outputs" in kwargs:
+        return None
+    return _new_tokens(kwargs) == 1, _spans_cache(kwargs)
 
 
 def is_cache_call(kwargs: Mapping[str, Any]) -> bool:
@@ -332,11 +384,26 @@ def example_cache_inputs(kwargs: Mapping[str, Any], batch: int = TRACE_BATCH, pa
     steps |= {"token_type_ids"}
     masks = {"decoder_attention_mask"} if encoder else {"attention_mask"}
     enc_inputs = {"input_ids", "inputs_embeds", "attention_mask"} if encoder else set()
+    room = TRACE_ROOM if any(_is_static(v) for v in kwargs.values()) else 0
+    spans = _spans_cache(kwargs)
+
+    def mask(value: Any) -> Any:
+        if value is None:  # a per-layer-type mask dict's entry transformers left out (Qwen2's, no padding)
+            return None
+        if value.dim() == 2:  # [B, past + new], or [B, max_cache_len] spanning a StaticCache
+            length = past + new + (room if spans else 0)
+            return torch.ones((batch, length), dtype=value.dtype, device=value.device)
+        # [B, 1, new, kv]: generate's own mask for a StaticCache
+        fill = torch.zeros if value.is_floating_point() else torch.ones  # all positions visible
+        return fill((batch, value.shape[1], new, past + new + room), dtype=value.dtype, device=value.device)
+
     for name, value in kwargs.items():
         if is_cache(value):
             out[name] = _synthetic_cache(value, batch, past, encoder or past, new)
         elif name == "encoder_outputs" and encoder:
             out[name] = _zeros_like_rows(value, batch, encoder)
+        elif name in masks and type(value) is dict and all(_mask_like(v) for v in value.values()):
+            out[name] = {k: mask(v) for k, v in value.items()}  # one mask per layer type (Qwen2, Gemma 2)
         elif not isinstance(value, torch.Tensor):
             out[name] = value
         elif name in steps or name in enc_inputs:
@@ -344,12 +411,8 @@ def example_cache_inputs(kwargs: Mapping[str, Any], batch: int = TRACE_BATCH, pa
             dtype_shape = (batch, length, *value.shape[2:])
             fill = torch.ones if name == "attention_mask" else torch.zeros
             out[name] = fill(dtype_shape, dtype=value.dtype, device=value.device)
-        elif name in masks and value.dim() == 2:
-            out[name] = torch.ones((batch, past + new), dtype=value.dtype, device=value.device)
-        elif name in masks and value.dim() == 4:  # [B, 1, new, kv]: generate's own mask for a StaticCache
-            kv = past + new + (TRACE_ROOM if any(_is_static(v) for v in kwargs.values()) else 0)
-            fill = torch.zeros if value.is_floating_point() else torch.ones  # all positions visible
-            out[name] = fill((batch, value.shape[1], new, kv), dtype=value.dtype, device=value.device)
+        elif name in masks and value.dim() in (2, 4):
+            out[name] = mask(value)
         elif name in ("position_ids", "decoder_position_ids") and value.dim() == 2:
             pos = torch.arange(past, past + new, dtype=value.dtype, device=value.device)
             out[name] = pos.expand(batch, new).contiguous()
@@ -361,6 +424,33 @@ def example_cache_inputs(kwargs: Mapping[str, Any], batch: int = TRACE_BATCH, pa
                 "how to resize for the decode trace); call without it, or with use_cache=False."
             )
     return out
+
+
+def _mask_like(value: Any) -> bool:
+    """An attention mask entry the synthetic inputs can resize: ``None``, or a 2-d or 4-d tensor."""
+    return value is None or (isinstance(value, torch.Tensor) and value.dim() in (2, 4))
+
+
+def _mask_shapes(value: Any) -> Any:
+    """``dynamic_shapes`` of an attention mask: batch and length of a 2-d one; batch, new tokens and
+    cache length of a 4-d one (``[B, 1, N, L]``); per entry of a per-layer-type dict of them."""
+    from torch.export import Dim
+
+    if type(value) is dict:
+        return {k: _mask_shapes(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.dim() == 4:
+        return {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}
+    return dynamic_dims(value)
+
+
+def _static_ones(value: Any, dims: Any) -> Any:
+    """``dims`` (a tensor's, or a dict of tensors') without the dims of size 1: a one-token trace's
+    new-token dims are static (torch.export would specialize them anyway, with a warning each)."""
+    if isinstance(value, torch.Tensor) and isinstance(dims, dict):
+        return {d: v for d, v in dims.items() if value.shape[d] != 1} or None
+    if type(value) is dict and isinstance(dims, dict):
+        return {k: _static_ones(value[k], v) for k, v in dims.items()}
+    return dims
 
 
 def _static_inside(cache: Any) -> bool:
@@ -389,30 +479,92 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     filled = _filled(cache)
     if _encoder_decoder(model):  # the decoder's first step has one token: always synthetic
         example = example_cache_inputs(kwargs, past=TRACE_PAST if filled else 0, encoder=TRACE_ENCODER)
-    elif filled:
-        example = example_cache_inputs(kwargs)
+    elif filled:  # one new token: its own trace (see step_key)
+        example = example_cache_inputs(kwargs, new=1 if _new_tokens(kwargs) == 1 else TRACE_NEW)
     else:
         example = widen_for_trace(kwargs)
     shapes = {}
     for name, value in example.items():
         if is_cache(value):
             shapes[name] = cache_dynamic_shapes(value)
-        elif isinstance(value, torch.Tensor) and value.dim() == 4 and "attention_mask" in name:
-            shapes[name] = {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}  # batch, new tokens, cache length
+        elif "attention_mask" in name and (type(value) is dict or isinstance(value, torch.Tensor)):
+            shapes[name] = _mask_shapes(value)
         elif isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str)):
             shapes[name] = dynamic_dims(value)
         else:  # encoder_outputs and other pytrees of tensors: batch and length of each leaf
             shapes[name] = pytree_shapes(value, {0: Dim.AUTO, 1: Dim.AUTO})
+    shapes = {k: v if is_cache(example[k]) else _static_ones(example[k], v) for k, v in shapes.items()}
     inputs, fixed = split_var_keyword(model, example)  # output_hidden_states=True ... are baked in
     was_training = model.training
     model.eval()
     try:
         with var_keyword_inputs(model, fixed, inputs):
-            gm = export_with_shapes(model, inputs, {k: v for k, v in shapes.items() if k in inputs})
+            shapes = {k: v for k, v in shapes.items() if k in inputs}
+            if not _one_step_static(kwargs):
+                gm = export_with_shapes(model, inputs, shapes)
+            else:
+                printed = io.StringIO()  # torch prints a failed trace's partial graph: only if it stays failed
+                try:
+                    with contextlib.redirect_stderr(printed):
+                        gm = export_with_shapes(model, inputs, shapes)
+                except Exception as exc:  # OPT's positions sliced by the count of tokens seen
+                    if "data-dependent" not in str(exc):
+                        sys.stderr.write(printed.getvalue())
+                        raise
+                    with _past_from_mask(model):
+                        gm = export_with_shapes(model, inputs, shapes)
     finally:
         model.train(was_training)
     gm.training = False  # traced in eval mode (see graphlora.capture)
     return gm
+
+
+def _one_step_static(kwargs: Mapping[str, Any]) -> bool:
+    """A one-token ``StaticCache`` call with a 2-d mask over the cached and new positions (a manual
+    decode loop's step): if its trace fails on a data-dependent size, traced again under
+    :func:`_past_from_mask` (only then: reading the count as a size syncs with the host)."""
+    _, cache = _cache_item(kwargs)
+    mask = kwargs.get("attention_mask")
+    return (_is_static(cache) and _new_tokens(kwargs) == 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2
+            and not _spans_cache(kwargs))
+
+
+@contextlib.contextmanager
+def _past_from_mask(model: nn.Module) -> Iterator[None]:
+    """Inside (a trace only): a ``StaticLayer``'s count of tokens seen is read as a size, checked
+    equal to the 2-d ``attention_mask``'s length minus the new tokens.
+
+    The count is a 0-d tensor (it changes every step), so a model that slices by it (OPT's
+    ``position_ids[:, past:]``, its positions when none are given) gets a size the trace cannot
+    know; with one new token, ``[B, 1, D] + [B, n, D]`` broadcasts either way and transformers'
+    ``is_causal = q_len > 1`` cannot be decided. The call's contract (the mask covers the cached and
+    the new positions) says ``n = mask length - new``; the check makes the program assert it at run
+    time (a mask of another length fails the call, nothing computed wrongly)."""
+    from transformers.cache_utils import StaticLayer
+
+    seen: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["mask"], seen["new"] = kwargs.get("attention_mask"), _new_tokens(kwargs)
+
+    original = StaticLayer.get_seq_length
+
+    def get_seq_length(self: Any) -> Any:
+        count = original(self)
+        mask, new = seen.get("mask"), seen.get("new")
+        if not isinstance(count, torch.Tensor) or not isinstance(mask, torch.Tensor) or new is None:
+            return count
+        value = count.item()
+        torch._check(value == mask.shape[1] - new)
+        return value
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    StaticLayer.get_seq_length = get_seq_length
+    try:
+        yield
+    finally:
+        StaticLayer.get_seq_length = original
+        handle.remove()
 
 
 #: marks the program key of an encoder-half call (see :class:`EncoderHalf`)

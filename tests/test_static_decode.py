@@ -1,0 +1,135 @@
+"""Static-cache decoding on architectures whose graphs differ from Llama's: OPT, Qwen2, Bloom.
+
+The reference is PEFT on the same weights (random LoRA A and B) with the same ``StaticCache``.
+Each model is checked in a manual decode loop (a prompt, one-token steps, a multi-token chunk:
+one-token calls have their own program, traced with one new token) and through
+``generate(cache_implementation="static")`` on a plain and a left-padded batch:
+
+- OPT computes positions from the 2-d mask sliced by the cache's count of tokens seen;
+- Qwen2's generate passes a dict of masks per layer type (``{"full_attention": None}`` unpadded);
+- Bloom's generate passes a 2-d mask spanning the whole cache (its ALiBi bias covers every slot).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+
+import graphlora
+
+VOCAB, PAD, MAX_LEN = 96, 1, 16
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=1,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                    pad_token_id=PAD))
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4))
+
+
+MODELS = {"opt": (_opt, ["q_proj", "v_proj", "fc2"]), "qwen2": (_qwen2, ["q_proj", "v_proj", "down_proj"]),
+          "bloom": (_bloom, ["query_key_value", "dense_4h_to_h"])}
+
+
+def _build(arch):
+    torch.manual_seed(0)
+    return MODELS[arch][0]().eval()
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def pair(request, tmp_path_factory):
+    """(arch, gm, PEFT model) on the same weights."""
+    import peft
+
+    arch = request.param
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MODELS[arch][1], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(_build(arch), config).eval()
+        path = tmp_path_factory.mktemp(arch)
+        ref.save_pretrained(path)
+        gm = graphlora.inject(_build(arch), str(path))
+    return arch, gm.eval(), ref
+
+
+def _prompt(padded: bool):
+    ids = torch.randint(2, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[0, :2], mask[0, :2] = PAD, 0
+    return ids, mask
+
+
+def _cache_name(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _loop(model, arch, ids, mask):
+    """Logits of a prompt, three one-token steps and a two-token chunk, all into one StaticCache."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=MAX_LEN)
+    own = _cache_name(model.get_base_model())
+    rows = ids.shape[0]
+    chunk = torch.randint(2, VOCAB, (rows, 2), generator=torch.Generator().manual_seed(5))
+    seen, out, logits = mask, None, []
+    with torch.no_grad():
+        for step in [ids, None, None, None, chunk]:
+            if step is None:
+                step = out.logits[:, -1].argmax(-1)[:, None]
+            if out is not None:
+                seen = torch.cat([seen, torch.ones_like(step)], dim=1)
+            # Bloom's ALiBi bias spans every cache slot: its mask does too (as generate builds it)
+            full = torch.cat([seen, seen.new_zeros(rows, MAX_LEN - seen.shape[1])], 1) if arch == "bloom" else seen
+            out = model(step, attention_mask=full, use_cache=True, **{own: cache})
+            logits.append(out.logits[:, -1])
+    assert int(cache.layers[0].cumulative_length) == seen.shape[1]
+    return logits
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
+def test_static_cache_decode_loop_and_generate_equal_peft(pair, padded):
+    arch, gm, ref = pair
+    ids, mask = _prompt(padded)
+    for ours, theirs in zip(_loop(gm, arch, ids, mask), _loop(ref, arch, ids, mask)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": PAD, "cache_implementation": "static"}
+    with torch.no_grad():
+        tokens = gm.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        assert torch.equal(tokens, ref.generate(input_ids=ids, attention_mask=mask, **kwargs))
+    assert "forward" not in gm.get_base_model().__dict__
+
+
+def test_one_token_and_chunk_calls_are_separate_programs(pair):
+    """A filled-cache call's key says whether it feeds one token: a decode loop runs one program for its
+    prompt and one for its steps, whatever the batch, cache and prompt lengths."""
+    from graphlora.calls import SWITCH
+    from graphlora.generation import STEP
+
+    arch, gm, _ = pair
+    ids, mask = _prompt(True)
+    _loop(gm, arch, ids, mask)
+    loop = [dict(key[0]) for key in gm.programs.keys() if key[1] != SWITCH]
+    loop = [key for key in loop if key.get("attention_mask") == ("tensor", torch.int64, 2)
+            and "logits_to_keep" not in key]  # the manual loop's, not generate's
+    assert sorted(key[STEP][1] for key in loop) == [(False, arch == "bloom"), (True, arch == "bloom")]
+    count = len(gm.programs)
+    _loop(gm, arch, ids[:1, 1:], mask[:1, 1:])  # another batch and prompt length: no new trace
+    assert len(gm.programs) == count
