@@ -18,6 +18,27 @@ from bench_gpu import TARGETS, build, randomize_lora
 from graphlora.passes import kernels
 
 
+def shrink_check(report: dict, dev) -> None:
+    """``kernels.shrink`` (bf16 ``x``, float32 ``A``) against PEFT's ``F.linear(x.float(), A)`` and
+    fp64, and the time of both, at the serving benchmark's shapes."""
+    gen = torch.Generator(device=dev).manual_seed(2)
+    for tokens in (128, 2048):
+        for d_in, rank in ((4096, 96), (4096, 64), (4096, 32), (11008, 32)):
+            x = torch.randn(tokens, d_in, device=dev, generator=gen).to(torch.bfloat16)
+            a = torch.randn(rank, d_in, device=dev, generator=gen) * 0.02
+            exact = (x.double() @ a.double().t())
+            want = torch.nn.functional.linear(x.float(), a)
+            got = kernels.shrink(x, a)
+            key = f"shrink {tokens}x{d_in} r{rank}"
+            report[key] = {
+                "max rel err triton vs fp64": ((got.double() - exact).abs().max() / exact.abs().max()).item(),
+                "max rel err torch vs fp64": ((want.double() - exact).abs().max() / exact.abs().max()).item(),
+                "us torch (x.float() + linear)": 1e3 * timer(lambda: torch.nn.functional.linear(x.float(), a), 5, 50, dev),
+                "us triton": 1e3 * timer(lambda: kernels.shrink(x, a), 5, 50, dev),
+            }
+            print(key, report[key], flush=True)
+
+
 def compiled_serving(report: dict) -> None:
     """Logits of the compiled serving model (the Llama-7B shape, 4 layers, bf16) against eager,
     with PEFT's float32 factors and with ``lora_dtype="auto"``, and whether the op ran."""
@@ -79,6 +100,8 @@ def main() -> None:
                 "us triton": 1e3 * timer(lambda: kernels.expand_into(y, h, b), 5, 50, dev),
             }
             print(key, report[key], flush=True)
+    with torch.no_grad():
+        shrink_check(report, dev)
     compiled_serving(report)
     print(json.dumps(report, indent=1))
     if args.out:

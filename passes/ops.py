@@ -277,7 +277,13 @@ def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
     ``a_hat`` is one site's gathered factors, or several sibling sites' stacked
     (:class:`~graphlora.passes.fuse_shrink.FuseBankShrink`: ``q`` / ``k`` / ``v`` read one ``x``, so one
     GEMM and one cast serve the three; each site's ``h`` is a column block of the result).
+    Float32 factors over a bf16 / fp16 ``x`` on CUDA: :func:`.kernels.shrink` (``x`` read once in
+    its dtype, a float32-accurate dot on tensor cores) where :func:`.kernels.shrink_ok` holds.
     """
+    if x.dtype != a_hat.dtype:
+        flat = x.reshape(-1, x.shape[-1])
+        if kernels.shrink_ok(flat, a_hat):
+            return kernels.shrink(flat, a_hat)
     h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
     return h.reshape(-1, h.shape[-1])
 

@@ -44,7 +44,21 @@ def _run(path: str) -> None:
         # (the interpreter's bf16 dot is wrong, numpy has no bf16: factors in y's dtype run as fp16)
         y16 = y.half()
         results["add"].append((kernels.add_update(y, h, b), kernels.add_update(y16, h.half(), b.half()), y))
+    results["shrink"] = [(x, a, kernels.shrink(x, a)) for x, a in _shrink_cases()]
     torch.save(results, path)
+
+
+def _shrink_cases():
+    """(x, A) pairs for the float32-factor shrink: one split of ``K`` and several (ragged), ranks
+    below and above a block, bf16 and fp16 ``x``, a strided ``x``."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for m, k, r, dtype in ((37, 200, 20, torch.bfloat16), (70, 1100, 96, torch.bfloat16), (5, 64, 8, torch.float16)):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        out.append((x, torch.randn(r, k, generator=gen) * 0.1))
+    wide = torch.randn(9, 300, generator=gen).to(torch.bfloat16)
+    out.append((wide[:, 50:250], torch.randn(16, 200, generator=gen)))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +91,15 @@ def test_the_compiled_expand_op_matches_the_pytorch_forms_under_the_interpreter(
         low = torch.addmm(y.half().float(), h.half().float(), b.half().float().t()).half()
         torch.testing.assert_close(got_low, low)
         assert got32.dtype == y.dtype and got_low.dtype == torch.float16 and not torch.equal(got32, y)
+
+
+def test_the_float32_shrink_matches_peft_form_under_the_interpreter(interpreted):
+    """``kernels.shrink``: ``x A^T`` from a bf16 / fp16 ``x`` and float32 ``A`` equals PEFT's
+    ``lora_A(x.float())`` to float32 accuracy (the tf32x3 dot), over one split of ``K`` and several."""
+    for x, a, got in interpreted["shrink"]:
+        want = torch.nn.functional.linear(x.float(), a)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_serving_takes_the_expand_op_and_eager_does_not(monkeypatch):
@@ -112,6 +135,45 @@ def test_compiled_serving_takes_the_expand_op_and_eager_does_not(monkeypatch):
         got = torch.compile(gm, fullgraph=False, backend="aot_eager")(input_ids=ids).logits
     torch._dynamo.reset()
     assert len(calls) == 2 * len(targets)  # every site of both layers, once
+    torch.testing.assert_close(got, want)
+
+
+def test_compiled_serving_takes_the_float32_shrink_op(monkeypatch):
+    """Float32 factors over a bf16 base (PEFT's default): under ``torch.compile`` each shrink goes
+    through ``graphlora::lora_shrink_parts`` (stood in for by a CPU custom op, as above); eager calls
+    on the CPU keep ``F.linear(x.float(), A)``; the outputs are equal."""
+    import torch.nn.functional as F
+
+    import graphlora
+    from graphlora.passes import kernels
+    from models import randomize_b, tiny_llama, token_ids
+
+    calls = []
+
+    @torch.library.custom_op("graphlora_test::lora_shrink_parts", mutates_args=())
+    def stand_in(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return F.linear(x.float(), a)[None]
+
+    @stand_in.register_fake
+    def _(x, a):
+        return x.new_empty((1, x.shape[0], a.shape[0]), dtype=torch.float32)
+
+    monkeypatch.setattr(kernels, "shrink_ok", lambda x, a: torch.compiler.is_compiling() and x.dtype != a.dtype
+                        and not torch.is_grad_enabled())
+    monkeypatch.setattr(kernels, "_SHRINK_OP", stand_in)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    gm = graphlora.inject(tiny_llama().to(torch.bfloat16), graphlora.LoraConfig(r=4, target_modules=targets)).eval()
+    assert all(p.dtype == torch.float32 for n, p in gm.named_parameters() if "lora_" in n)  # PEFT's default
+    randomize_b(gm)
+    ids = token_ids(2, 5)
+    with torch.no_grad():
+        want = gm(input_ids=ids).logits
+        assert not calls
+        torch._dynamo.reset()
+        got = torch.compile(gm, backend="aot_eager")(input_ids=ids).logits
+    torch._dynamo.reset()
+    assert calls and all(shape[0] == 10 for shape in calls)  # the shrinks, of 2 x 5 rows
     torch.testing.assert_close(got, want)
 
 
