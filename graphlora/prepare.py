@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from graphlora.passes import base_passes, run_passes
+from graphlora.passes.matmul_linear import linear_weights
 
 __all__ = ["copy_graph", "prepare_base", "window_lengths"]
 
@@ -53,4 +54,5 @@ def prepare_base(gm: fx.GraphModule, model: Union[nn.Module, None] = None) -> fx
     run through :func:`graphlora.passes.run_passes`): mode-following dropout, no dtype pins,
     ``is_causal`` attention where the traced mask is shown causal (past ``model``'s windows too).
     Rewrites ``gm`` in place and returns it."""
-    return run_passes(gm, base_passes(window_lengths(model))).graph_module
+    weights = linear_weights(model) if model is not None else None
+    return run_passes(gm, base_passes(window_lengths(model), weights)).graph_module

@@ -15,6 +15,10 @@ The pattern, for both frontends (``torch.export``'s aten ops and ``symbolic_trac
 - a matmul (``aten.matmul`` / ``aten.mm``, ``torch.matmul`` / ``torch.mm``, ``@``, ``Tensor.matmul``)
   whose second operand is the transposed view of a 2-D parameter read by ``get_attr``: ``W.T``,
   ``W.mT``, ``W.t()``, ``W.permute(1, 0)``, ``W.transpose(0, 1)`` (any spelling of the two dims);
+- when the pass is given the model's ``nn.Linear`` weights (:func:`linear_weights`; graphlora
+  always gives them), the weight of an ``nn.Linear`` (a subclass that writes its own ``forward``,
+  as Falcon's does): PEFT adapts only those, so a learned 2-D parameter multiplied in
+  (``q @ self.keys.T``) or a tied head written as ``h @ self.embed.weight.T`` is no site, as in PEFT;
 - optionally followed by ``+ b``: the matmul's only user is an ``add`` (no ``alpha``) of a 1-D
   ``d_out`` parameter read by ``get_attr``, called from the same module (``nn_module_stack``).
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import builtins
 import operator
 from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Any, Union
 
 import torch
@@ -35,7 +40,7 @@ import torch.fx as fx
 
 from .result import GraphPass
 
-__all__ = ["matmul_linear", "MatmulAsLinear", "match_matmul_linear", "MatmulLinear"]
+__all__ = ["linear_weights", "matmul_linear", "MatmulAsLinear", "match_matmul_linear", "MatmulLinear"]
 
 aten = torch.ops.aten
 
@@ -163,15 +168,25 @@ def _bias_add(gm: fx.GraphModule, matmul: fx.Node, d_out: int) -> tuple[Union[fx
     return add, bias
 
 
-def match_matmul_linear(gm: fx.GraphModule, node: fx.Node) -> Union[MatmulLinear, None]:
+def linear_weights(model: torch.nn.Module) -> frozenset[str]:
+    """The paths of the ``weight`` of every ``nn.Linear`` in ``model`` (subclasses included)."""
+    return frozenset(f"{name}.weight" if name else "weight" for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear))
+
+
+def match_matmul_linear(gm: fx.GraphModule, node: fx.Node,
+                        weights: Union[Collection[str], None] = None) -> Union[MatmulLinear, None]:
     """``node`` as the start of a hand-written linear ``x @ W.T (+ b)`` (see the module docstring),
-    or ``None`` when it is not one."""
+    or ``None`` when it is not one. ``weights``: the paths of the ``nn.Linear`` weights that may be
+    ``W`` (``None``: any 2-D parameter)."""
     if not _is_matmul(node):
         return None
     x, transposed = node.args
     weight = _transposed_source(transposed)
     value = _attr(gm, weight)
     if not isinstance(x, fx.Node) or not _is_parameter(value, 2):
+        return None
+    if weights is not None and str(weight.target) not in weights:
         return None
     add, bias = _bias_add(gm, node, value.shape[0])
     return MatmulLinear(node, x, transposed, weight, add, bias)
@@ -183,14 +198,24 @@ class MatmulAsLinear(GraphPass):
     The new node takes the output node's metadata (``val``, ``nn_module_stack``: the module that
     owns ``W``); the matmul, the transposed view and the add go when nothing else reads them.
     ``modified`` is False when the graph has no such pattern.
+
+    Args:
+        weights: the parameter paths (as the graph's ``get_attr`` targets name them) of the model's
+            ``nn.Linear`` weights (:func:`linear_weights` of the traced model: what graphlora
+            passes); ``None``: any 2-D parameter (the pattern alone).
     """
+
+    def __init__(self, weights: Union[Collection[str], None] = None) -> None:
+        super().__init__()
+        self.weights = None if weights is None else frozenset(weights)
 
     def rewrite(self, gm: fx.GraphModule) -> bool:
         modified = False
+        weights = self.weights
         # one at a time: a match may read an earlier one's output (erased nodes left in the list are
         # bias adds, which match nothing)
         for node in list(gm.graph.nodes):
-            match = match_matmul_linear(gm, node)
+            match = match_matmul_linear(gm, node, weights)
             if match is not None:
                 _replace(gm.graph, match)
                 modified = True

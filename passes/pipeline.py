@@ -15,7 +15,8 @@ so callers keep catching the error types the passes document.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Union
 
 import torch.fx as fx
 from torch import nn
@@ -80,10 +81,11 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass]) -> PassResult:
         raise cause
 
 
-def base_passes(lengths: Iterable[int] = ()) -> list[PassBase]:
+def base_passes(lengths: Iterable[int] = (), linear_weights: Union[Collection[str], None] = None) -> list[PassBase]:
     """The passes every traced graph gets before adapters, in order: mode-following dropout
     (:class:`FollowTrainMode`), no dtype/device pins (:class:`StripTensorAsserts`),
     ``is_causal`` attention where the traced mask is shown causal, also at ``lengths``
     (:class:`CausalAttention`), and hand-written linears ``x @ W.T (+ b)`` as one
-    ``matmul_linear`` node that the site finder reads (:class:`MatmulAsLinear`)."""
-    return [FollowTrainMode(), StripTensorAsserts(), CausalAttention(lengths), MatmulAsLinear()]
+    ``matmul_linear`` node that the site finder reads (:class:`MatmulAsLinear`; ``linear_weights``:
+    the paths of the model's ``nn.Linear`` weights, which alone may be such a ``W``)."""
+    return [FollowTrainMode(), StripTensorAsserts(), CausalAttention(lengths), MatmulAsLinear(linear_weights)]

@@ -271,10 +271,11 @@ def test_lora_on_hand_written_linears_of_a_plain_module():
     expected = model(x)
     gm = graphlora.inject(model, LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b", "c", "w"],
                                             init_lora_weights=False))
+    # the bare parameter w is no site: PEFT adapts nn.Linear layers only (the pass alone, above, reads it)
     assert {s.name: (s.in_features, s.out_features) for s in gm.sites if s.ranks} == {
-        "a": (8, 12), "b": (12, 12), "c": (12, 6), "w": (6, 6)}
+        "a": (8, 12), "b": (12, 12), "c": (12, 6)}
     lora = {name: (gm.graphlora.branch(name, "default").lora_A.weight,
-                   gm.graphlora.branch(name, "default").lora_B.weight, 2.0) for name in "abcw"}
+                   gm.graphlora.branch(name, "default").lora_B.weight, 2.0) for name in "abc"}
     with torch.no_grad():
         torch.testing.assert_close(gm(x), _hand_written_reference(model, x, lora), **TOL)
         with gm.disable_adapter():
@@ -305,3 +306,54 @@ def test_a_bias_of_another_module_or_a_shared_matmul_stays_outside_the_site():
     with torch.no_grad():
         y = x @ model.p.weight.T + (x @ branch.lora_A.weight.T) @ branch.lora_B.weight.T
         torch.testing.assert_close(gm(x), (y + model.p.bias) * y + model.q.bias, **TOL)
+
+
+class _TiedHead(torch.nn.Module):
+    """An embedding whose table is also the output head, written out: ``h @ embed.weight.T``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.lin(self.embed(ids)) @ self.embed.weight.T
+
+
+class _MemoryKeys(torch.nn.Module):
+    """Attention against learned keys: ``q(x) @ mem.T`` with ``mem`` a raw 2-D parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(8, 8)
+        self.mem = torch.nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.mem.T, -1)
+
+
+def test_only_linear_layers_weights_are_hand_written_linears():
+    """``x @ W.T`` is a site only where ``W`` is an ``nn.Linear``'s weight, as PEFT adapts only those:
+    a tied head ``h @ embed.weight.T`` keeps the embedding's LoRA on the lookup alone (it was
+    spliced onto the float hidden state too, and the forward failed), and a learned key matrix is
+    neither an ``all-linear`` site nor a target (PEFT: ``NoMatchingPeftModuleError``)."""
+    import peft
+
+    torch.manual_seed(0)
+    tied, ids = _TiedHead().eval(), torch.randint(0, 20, (2, 5))
+    cfg = dict(r=2, lora_alpha=4, target_modules=["embed"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(copy.deepcopy(tied), peft.LoraConfig(**cfg)).eval()
+    gm = graphlora.inject(copy.deepcopy(tied), graphlora.LoraConfig(**cfg))
+    gm.load_adapter_state_dict(peft.get_peft_model_state_dict(ref))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), ref(ids), rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    keys = _MemoryKeys().eval()
+    gm = graphlora.inject(copy.deepcopy(keys), graphlora.LoraConfig(r=2, target_modules="all-linear"))
+    saved = list(gm.get_adapter_state_dict("default"))
+    assert saved and all(".q.lora_" in k for k in saved), saved  # PEFT's all-linear: q alone
+    with pytest.raises(graphlora.NoTargetError):
+        graphlora.inject(copy.deepcopy(keys), graphlora.LoraConfig(r=2, target_modules=["mem"]))
