@@ -85,9 +85,11 @@ class PlacementError(GraphLoraError, TypeError):
     """Adapter and base weights disagree on dtype or device (or the base is still on ``meta``)."""
 
 
-class PeftFunctionError(GraphLoraError, TypeError):
+class PeftFunctionError(GraphLoraError, AttributeError):
     """A function of the ``peft`` package that walks PEFT's own layer classes (``get_peft_model_state_dict``,
-    ``set_peft_model_state_dict``) was given a graphlora module; the message names graphlora's method."""
+    ``set_peft_model_state_dict``) was given a graphlora module; the message names graphlora's method.
+    An ``AttributeError``, so ``hasattr(config, "is_prompt_learning")`` and ``getattr(..., default)``
+    answer as for an absent field."""
 
 
 def closest(value: str, candidates: Iterable[str], n: int = 5) -> list[str]:
