@@ -230,7 +230,10 @@ _CACHES_REGISTERED = False
 
 def _unflatten_dynamic_cache_from_a_list() -> None:
     """Re-register transformers' ``DynamicCache`` node with an unflatten that gives the constructor a
-    list of ``(keys, values[, window])`` rows, where transformers gives it a ``zip_longest`` iterator.
+    list of ``(keys, values[, window])`` rows, where transformers gives it a ``zip_longest`` iterator,
+    and that fills every layer without a copy (:func:`_hold`), sliding-window layers included: they
+    hold the keys as given, counting them as the tokens seen, where transformers' fill concatenates
+    and trims them to the window (a trace then guards on the trim).
 
     A program's output cache is unflattened inside the compiled frame under ``torch.compile(gm)``;
     with the iterator, dynamo (torch 2.13) fails while saving the frame's side effects
@@ -240,7 +243,7 @@ def _unflatten_dynamic_cache_from_a_list() -> None:
     from itertools import zip_longest
 
     from torch.utils import _pytree as pytree
-    from transformers.cache_utils import DynamicCache
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
     from transformers.integrations import executorch
 
     entry = pytree.SUPPORTED_NODES.get(DynamicCache)
@@ -252,12 +255,14 @@ def _unflatten_dynamic_cache_from_a_list() -> None:
         keys, layout = context
         leaves = pytree._dict_unflatten(values, keys)
         rows = list(zip_longest(leaves["key_cache"], leaves["value_cache"], layout))
-        if any(w is not None for *_, w in rows):  # sliding layers: transformers' own fill
-            return DynamicCache([(k, v, None if w is None else torch.tensor([w])) for k, v, w in rows])
         cache = DynamicCache([(None, None)] * len(rows))
-        for layer, (k, v, _) in zip(cache.layers, rows):
+        for i, (k, v, window) in enumerate(rows):
+            if window is not None:  # a sliding-window layer holding what it is given (no copy, no trim)
+                cache.layers[i] = DynamicSlidingWindowLayer(sliding_window=window)
             if k is not None and v is not None:
-                _hold(layer, k, v)
+                _hold(cache.layers[i], k, v)
+                if window is not None:  # its count of tokens seen: what it holds (graphlora.generation
+                    cache.layers[i].cumulative_length = k.shape[-2]  # gives it the count past the window)
         return cache
 
     deregister(DynamicCache)

@@ -163,7 +163,27 @@ def describe_call(kwargs: Mapping[str, Any]) -> str:
         text = repr(v)
         return text if len(text) <= 120 else f"<{type(v).__name__}>"
 
-    return ", ".join(f"{k}={one(v)}" for k, v in kwargs.items())
+    return ", ".join(f"{k}={one(v)}" for k, v in kwargs.items() if not k.startswith("__graphlora"))
+
+
+def raise_for_runtime_assert(exc: RuntimeError, kwargs: Mapping[str, Any]) -> None:
+    """Turn a size relation that an exported program checks while it runs (``Runtime assertion
+    failed for expression Eq(u0 + 1, s53)``: a size read from a tensor, such as OPT's count of
+    cached tokens, against an input's length) into a :class:`SignatureError` naming the call; any
+    other ``RuntimeError`` is left as it is.
+
+    Raises:
+        SignatureError: for a failed runtime size assertion (the original chained).
+    """
+    text = str(exc)
+    if "Runtime assertion failed" not in text:
+        return
+    expr = text.split("for expression", 1)[-1].strip().splitlines()[0][:200]
+    raise SignatureError(
+        f"this call ({describe_call(kwargs)}) does not fit the sizes its graph checks while it runs: {expr}. "
+        "With a KV cache, attention_mask must cover the cached and the new positions ([batch, past + new]), "
+        "as transformers builds it in generate; call with sizes that satisfy it."
+    ) from exc
 
 
 def raise_for_guard(exc: AssertionError, kwargs: Mapping[str, Any]) -> None:

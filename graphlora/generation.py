@@ -62,10 +62,20 @@ steps run graphlora's programs compiled with the ``CompileConfig``'s options
 (:meth:`graphlora.programs.ProgramSet.compiled`), while the routing stays eager outside them. Sliding-window or offloading static caches and
 static caches in encoder-decoder models are refused with a :class:`ConfigError`.
 
-**Sliding-window layers** (``DynamicSlidingWindowLayer``: Mistral, Gemma 2/3) keep the last
-``sliding_window - 1`` positions; their pytree leaves are those, so a returned cache's count of
-tokens seen is set from the call (:func:`carry_cache`), and a cache that has seen more than it keeps
-is refused (:func:`check_sliding_cache`): the graphs would count positions from the kept keys.
+**Sliding-window layers** (``DynamicSlidingWindowLayer``: Mistral, Gemma 2/3, Qwen2's sliding
+layers) keep the last ``sliding_window - 1`` positions and count every token seen
+(``cumulative_length``), from which the model reads its positions and the mask's offset. Within
+the window the count is the kept length, a size the graphs read from the keys; past it, the call
+gets one more graph input, :data:`SEEN` (a ``[count, 0]`` tensor: the count as a size;
+:func:`sliding_count_input`), whose length the trace gives the layers (:func:`_sliding_trace`). So
+there are two programs per shape of call, one within the window and one past it (traced with
+``window + 3`` seen, ``window - 1`` kept), never one per length. In a trace the layers keep what
+``update`` gives them, untrimmed (the trim to the window is a slice whose length the trace would
+guard on); the program returns the kept and the new positions and :func:`carry_cache` trims them
+and sets the count (:func:`_count_sliding`), so the caller's cache holds what the model's would. A
+layer in neither state (recording its past for ``crop``, cut by hand), an encoder-decoder cache past
+its window, or layers of two windows on both sides of theirs are refused with a
+:class:`ConfigError`, before anything runs.
 
 **The cache's name.** transformers 5.24 calls ``forward``'s cache argument ``cache``, 5.17
 ``past_key_values``; :meth:`graphlora.calls.CallSpec.bind` maps either name to the one the model's
@@ -80,6 +90,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -95,7 +106,7 @@ from .errors import ConfigError
 
 __all__ = ["generate", "describe_cache", "step_key", "STEP", "is_cache_call", "trace_call", "example_cache_inputs",
            "ready_static_cache", "static_cache_rollback", "static_snapshot", "static_restore", "carry_cache",
-           "check_sliding_cache"]
+           "sliding_count_input", "SEEN"]
 
 #: Synthetic decode trace: batch, past length, new tokens (none 0 or 1: torch.export keeps them dynamic).
 TRACE_BATCH, TRACE_PAST, TRACE_NEW = 2, 3, 2
@@ -211,6 +222,17 @@ def static_restore(saved: list) -> None:
             setattr(layer, name, value)
 
 
+def _cached_kv_heads(config: Any, heads: Union[int, None]) -> Union[int, None]:
+    """How many key / value heads the model writes into its cache: ``num_key_value_heads``, else
+    ``num_attention_heads``; Falcon's config names neither rightly (``num_kv_heads``; its
+    ``multi_query`` attention caches one head, its ``new_decoder_architecture`` every head)."""
+    if getattr(config, "model_type", None) == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            return heads
+        return 1 if getattr(config, "multi_query", False) else getattr(config, "num_kv_heads", None) or heads
+    return getattr(config, "num_key_value_heads", None) or heads
+
+
 def ready_static_cache(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
     """Allocate a ``StaticCache`` argument's tensors now if it has none yet (``early_initialization``).
 
@@ -229,7 +251,7 @@ def ready_static_cache(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
             continue
         config = model.config.get_text_config(decoder=True)
         heads = getattr(config, "num_attention_heads", None)
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        kv_heads = _cached_kv_heads(config, heads)
         head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
         first = next((v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")
                       and isinstance(v, torch.Tensor)), None)
@@ -275,11 +297,13 @@ def _sliding_layers(cache: Any) -> list:
 
 
 def _count_sliding(kwargs: Mapping[str, Any], passed: Any, out: Any) -> None:
-    """Give a returned cache's sliding-window layers their count of tokens seen.
+    """Give a returned cache's sliding-window layers their count of tokens seen, and trim them.
 
-    The pytree leaves of a ``DynamicSlidingWindowLayer`` are its kept keys and values (at most
-    ``sliding_window - 1`` positions); unflattened, its ``cumulative_length`` is what it keeps, not
-    what it has seen. The count is the passed cache's plus this call's new tokens.
+    A program returns each ``DynamicSlidingWindowLayer``'s kept positions and this call's new ones,
+    untrimmed (:func:`_sliding_trace`), and unflattened its count is what it holds, not what it has
+    seen. The count is the passed cache's plus this call's new tokens; the kept positions are cut to
+    the last ``sliding_window - 1``, as transformers' ``update`` cuts them (a view, no copy), unless
+    the passed layer records its past (``activate_past_recording``: transformers' ``crop`` cuts them).
     """
     values = out.values() if isinstance(out, Mapping) else (out if isinstance(out, tuple) else ())
     returned = next((v for v in values if is_cache(v) and v is not passed), None)
@@ -288,34 +312,82 @@ def _count_sliding(kwargs: Mapping[str, Any], passed: Any, out: Any) -> None:
     names = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")  # the decoder's first
     first = next((kwargs[k] for k in names if isinstance(kwargs.get(k), torch.Tensor)), None)
     new = first.shape[1] if first is not None and first.dim() > 1 else None
-    before = [getattr(layer, "cumulative_length", 0) for layer in _sliding_layers(passed)] if passed is not None else []
+    before = _sliding_layers(passed) if passed is not None else []
     for i, layer in enumerate(_sliding_layers(returned)):
+        old = before[i] if i < len(before) else None
         if new is not None and hasattr(layer, "cumulative_length"):
-            layer.cumulative_length = (before[i] if i < len(before) else 0) + new
+            layer.cumulative_length = getattr(old, "cumulative_length", 0) + new
+        if getattr(old, "record_past", False):
+            layer.record_past = True
+            continue
+        keep = layer.sliding_window - 1
+        if isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4 and 0 < keep < layer.keys.shape[-2]:
+            layer.keys, layer.values = layer.keys[:, :, -keep:, :], layer.values[:, :, -keep:, :]
 
 
-def check_sliding_cache(kwargs: Mapping[str, Any]) -> None:
-    """Refuse a sliding-window cache that has seen more tokens than it keeps.
+def _window_state(layer: Any) -> Union[bool, None]:
+    """Whether a filled sliding-window layer is past its window: ``False`` within it (it keeps every
+    token it has seen, fewer than ``sliding_window``), ``True`` past it (it has seen
+    ``sliding_window`` or more and keeps the last ``sliding_window - 1``), ``None`` neither (a layer
+    recording its past, ``activate_past_recording``, or cropped by hand: no program takes it)."""
+    kept, seen, window = layer.keys.shape[-2], getattr(layer, "cumulative_length", 0), layer.sliding_window
+    if seen < window:
+        return False if kept == seen else None
+    return True if kept == window - 1 else None
 
-    Its kept positions are the last ``sliding_window - 1``; the traced graphs count positions from
-    the keys they are given, so positions and masks would be those of a shorter past: wrong
-    outputs, not an error, without this check.
+
+#: The graph input of a call whose sliding-window cache layers are past their window: a ``[seen, 0]``
+#: tensor (no elements) whose length is their count of tokens seen, which their kept keys no longer
+#: give (:func:`sliding_count_input`). Named as program-key entries are (hidden in messages).
+SEEN = "__graphlora_seen__"
+
+
+@torch.compiler.disable
+def sliding_count_input(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``kwargs`` with :data:`SEEN` added when the cache's sliding-window layers are past their window.
+
+    Such a layer keeps the last ``sliding_window - 1`` positions and counts what it has seen
+    (``cumulative_length``); the mask's offset and the positions a model computes from the cache
+    (``get_mask_sizes``, ``get_seq_length``) follow the count. Within its window the count is the
+    kept length, a size the graphs read from the keys; past it, the count travels as the length of
+    the :data:`SEEN` input, which the trace gives the layers (:func:`_sliding_trace`). The input
+    also makes the call's program key another one: a cache within its window and one past it are two
+    programs (each traced once, whatever the lengths), never one per length.
 
     Raises:
-        ConfigError: naming the counts and the workaround.
+        ConfigError: a sliding-window layer in a state no program takes (naming its counts and the
+            workaround): one that keeps neither every token seen (within its window) nor the last
+            ``sliding_window - 1`` (past it), as a cache recording its past for ``crop``
+            (``activate_past_recording``) or one cut by hand; an encoder-decoder cache past its window
+            (its decoder trace takes no count); layers of different windows, some past theirs, some within.
     """
     name, cache = _cache_item(kwargs)
-    for layer in _sliding_layers(cache) if cache is not None else ():
-        keys = getattr(layer, "keys", None)
-        seen = getattr(layer, "cumulative_length", 0)
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and seen > keys.shape[-2]:
-            raise ConfigError(
-                f"{name}= has sliding-window layers past their window ({seen} tokens seen, "
-                f"sliding_window={layer.sliding_window}, {keys.shape[-2]} kept); graphlora's graphs cannot take "
-                "such a cache yet (they would count positions from the kept ones). Keep prompt plus new tokens "
-                "within the window, or merge the adapter and generate with the model itself: "
-                "gm.merge_adapter(); gm.get_base_model().generate(...)."
-            )
+    layers = [layer for layer in _sliding_layers(cache) if isinstance(getattr(layer, "keys", None), torch.Tensor)
+              and layer.keys.dim() == 4] if cache is not None else []
+    states = [_window_state(layer) for layer in layers]
+    if all(state is False for state in states):
+        return kwargs
+    layer = layers[next(i for i, state in enumerate(states) if state is not False)]
+    counts = (f"{layer.cumulative_length} tokens seen, sliding_window={layer.sliding_window}, "
+              f"{layer.keys.shape[-2]} kept")
+    if None in states:
+        problem = (f"a sliding-window layer that keeps neither every token it has seen nor the last "
+                   f"sliding_window - 1 ({counts}), as transformers' update leaves it (a cache recording its past "
+                   "for crop, or cut by hand)")
+    elif step_key(kwargs) is None:
+        problem = f"an encoder-decoder cache past its sliding window ({counts})"
+    elif False in states:
+        problem = f"sliding-window layers past their window ({counts}) and others within theirs"
+    else:
+        problem = None
+    if problem is not None:
+        raise ConfigError(
+            f"{name}= has {problem}; graphlora's graphs cannot take such a cache (they would read positions "
+            "from the kept keys). Keep prompt plus new tokens within the window, or merge the adapter and "
+            "generate with the model itself: gm.merge_adapter(); gm.get_base_model().generate(...)."
+        )
+    seen = torch.empty((layer.cumulative_length, 0), dtype=torch.uint8, device=layer.keys.device)
+    return {**kwargs, SEEN: seen}
 
 
 def _carry(passed: Any, returned: Any) -> Any:
@@ -352,7 +424,12 @@ def _synthetic_cache(cache: Any, batch: int, past: int, encoder: int, new: int =
         fresh = [torch.zeros((batch, t.shape[1], size, *t.shape[3:]), dtype=t.dtype, device=t.device)
                  if t.dim() == 4 else torch.full_like(t, past) for t in leaves]
         return pytree.tree_unflatten(fresh, spec)
-    fresh = [torch.zeros((batch, t.shape[1], past, *t.shape[3:]), dtype=t.dtype, device=t.device) for t in leaves]
+    # a sliding-window layer keeps at most window - 1 positions (keys and values: the same layers, twice)
+    kept = [past if not getattr(layer, "sliding_window", None) else min(past, layer.sliding_window - 1)
+            for layer in getattr(cache, "layers", ()) if getattr(layer, "keys", None) is not None]
+    lengths = kept * 2 if len(kept) * 2 == len(leaves) else [past] * len(leaves)
+    fresh = [torch.zeros((batch, t.shape[1], n, *t.shape[3:]), dtype=t.dtype, device=t.device)
+             for t, n in zip(leaves, lengths)]
     return pytree.tree_unflatten(fresh, spec)
 
 
@@ -418,6 +495,8 @@ def example_cache_inputs(kwargs: Mapping[str, Any], batch: int = TRACE_BATCH, pa
             out[name] = pos.expand(batch, new).contiguous()
         elif name == "cache_position" and value.dim() == 1:
             out[name] = torch.arange(past, past + new, dtype=value.dtype, device=value.device)
+        elif name == SEEN:  # the sliding-window layers' count of tokens seen, as a length
+            out[name] = torch.empty((past, 0), dtype=value.dtype, device=value.device)
         else:
             raise ConfigError(
                 f"cannot trace a KV-cache call with {name}= (a {value.dim()}-d tensor graphlora does not know "
@@ -480,12 +559,15 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     if _encoder_decoder(model):  # the decoder's first step has one token: always synthetic
         example = example_cache_inputs(kwargs, past=TRACE_PAST if filled else 0, encoder=TRACE_ENCODER)
     elif filled:  # one new token: its own trace (see step_key)
-        example = example_cache_inputs(kwargs, new=1 if _new_tokens(kwargs) == 1 else TRACE_NEW)
+        new = 1 if _new_tokens(kwargs) == 1 else TRACE_NEW
+        example = example_cache_inputs(kwargs, past=_trace_past(kwargs), new=new)
     else:
         example = widen_for_trace(kwargs)
     shapes = {}
     for name, value in example.items():
-        if is_cache(value):
+        if name == SEEN:
+            shapes[name] = {0: Dim.AUTO}
+        elif is_cache(value):
             shapes[name] = cache_dynamic_shapes(value)
         elif "attention_mask" in name and (type(value) is dict or isinstance(value, torch.Tensor)):
             shapes[name] = _mask_shapes(value)
@@ -498,7 +580,7 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     was_training = model.training
     model.eval()
     try:
-        with var_keyword_inputs(model, fixed, inputs):
+        with _sliding_trace(model, SEEN in inputs), var_keyword_inputs(model, fixed, inputs):
             shapes = {k: v for k, v in shapes.items() if k in inputs}
             if not _one_step_static(kwargs):
                 gm = export_with_shapes(model, inputs, shapes)
@@ -519,14 +601,75 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     return gm
 
 
+def _trace_past(kwargs: Mapping[str, Any]) -> int:
+    """The synthetic past of a filled-cache trace: :data:`TRACE_PAST`; with sliding-window layers,
+    within the smallest window (a count their kept keys give), or, for a call past the window
+    (:data:`SEEN`), :data:`TRACE_PAST` past the largest (each sliding layer then holds ``window - 1``)."""
+    _, cache = _cache_item(kwargs)
+    windows = [layer.sliding_window for layer in _sliding_layers(cache)] if cache is not None else []
+    if not windows:
+        return TRACE_PAST
+    return max(windows) + TRACE_PAST if SEEN in kwargs else max(min(TRACE_PAST, min(windows) - 1), 1)
+
+
+@contextlib.contextmanager
+def _sliding_trace(model: nn.Module, seen: bool) -> Iterator[None]:
+    """Inside (a trace only): a ``DynamicSlidingWindowLayer`` keeps what ``update`` gives it, untrimmed,
+    and with ``seen``, ``model.forward`` takes the :data:`SEEN` input and gives its length to the
+    cache's sliding-window layers as their count of tokens seen.
+
+    transformers' ``update`` cuts the kept positions to the last ``sliding_window - 1``, a slice
+    whose length the trace must decide (below or at the window: a guard on the past length that a
+    longer one fails); the program returns them uncut, and :func:`carry_cache` cuts them
+    (:func:`_count_sliding`). The attention reads what ``update`` returns, the same keys either way.
+    """
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    def update(self: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    original_update = DynamicSlidingWindowLayer.update
+    original, had = model.forward, "forward" in vars(model)
+    if seen:
+        sig = inspect.signature(original)
+        params = list(sig.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter(SEEN, inspect.Parameter.KEYWORD_ONLY))
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            count = kwargs.pop(SEEN).shape[0]
+            _, cache = _cache_item(kwargs)
+            for layer in _sliding_layers(cache):
+                layer.cumulative_length = count
+            return original(*args, **kwargs)
+
+        forward.__signature__ = sig.replace(parameters=params)
+        model.forward = forward
+    DynamicSlidingWindowLayer.update = update
+    try:
+        yield
+    finally:
+        DynamicSlidingWindowLayer.update = original_update
+        if seen and had:
+            model.forward = original
+        elif seen:
+            del model.forward
+
+
 def _one_step_static(kwargs: Mapping[str, Any]) -> bool:
     """A one-token ``StaticCache`` call with a 2-d mask over the cached and new positions (a manual
     decode loop's step): if its trace fails on a data-dependent size, traced again under
     :func:`_past_from_mask` (only then: reading the count as a size syncs with the host)."""
     _, cache = _cache_item(kwargs)
     mask = kwargs.get("attention_mask")
-    return (_is_static(cache) and _new_tokens(kwargs) == 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2
-            and not _spans_cache(kwargs))
+    # a mask as long as the cache may be a manual loop's at its last slot (past + new = max_cache_len),
+    # where the check holds; a spanning mask of generate (Bloom's) traces without a retry
+    return _is_static(cache) and _new_tokens(kwargs) == 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2
 
 
 @contextlib.contextmanager

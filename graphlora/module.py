@@ -48,12 +48,12 @@ from . import surface
 from ._checks import check_fx_call, check_placement
 from ._compat import (assigned_forward, current_graph, forward_replaced, has_call_hooks, is_pretrained_model,
                       pre_hooks_applied, under_outer_compile)
-from .calls import BANK, BASE, MIXED, SWITCH, CallSpec, raise_for_guard
+from .calls import BANK, BASE, MIXED, SWITCH, CallSpec, raise_for_guard, raise_for_runtime_assert
 from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
-from .generation import (carry_cache, check_sliding_cache, ready_static_cache, static_cache_rollback, static_restore,
+from .generation import (carry_cache, ready_static_cache, sliding_count_input, static_cache_rollback, static_restore,
                          static_snapshot)
 from .methods import as_config, rule_for
 from .mixed import write_row_index
@@ -318,6 +318,9 @@ class AdaptedGraphModule(fx.GraphModule):
             except AssertionError as exc:  # an exported program's shape guard, checked before it computes
                 raise_for_guard(exc, kwargs)
                 raise
+            except RuntimeError as exc:  # a size relation it checks while it runs
+                raise_for_runtime_assert(exc, kwargs)
+                raise
             return carry_cache(kwargs, out)
         except BaseException:
             static_restore(saved)
@@ -335,6 +338,9 @@ class AdaptedGraphModule(fx.GraphModule):
             except AssertionError as exc:
                 raise_for_guard(exc, kwargs)
                 raise
+            except RuntimeError as exc:
+                raise_for_runtime_assert(exc, kwargs)
+                raise
             return carry_cache(kwargs, out)
 
     @torch.compiler.disable
@@ -344,7 +350,7 @@ class AdaptedGraphModule(fx.GraphModule):
         names = kwargs.pop("adapter_names", None)
         if self._calls.frontend == "export":
             kwargs, args = self._calls.bind(args, kwargs), ()
-            check_sliding_cache(kwargs)
+            kwargs = sliding_count_input(kwargs)  # a sliding-window cache past its window: its count too
             # its tensors exist before the key is made (the callers roll this back if the call fails)
             ready_static_cache(self._facts.source, kwargs)
         if names is not None:  # disabled: every row reads the base slot (same program, as PEFT)

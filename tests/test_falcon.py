@@ -357,3 +357,20 @@ def test_only_linear_layers_weights_are_hand_written_linears():
     assert saved and all(".q.lora_" in k for k in saved), saved  # PEFT's all-linear: q alone
     with pytest.raises(graphlora.NoTargetError):
         graphlora.inject(copy.deepcopy(keys), graphlora.LoraConfig(r=2, target_modules=["mem"]))
+
+
+@pytest.mark.parametrize("new", [False, True])
+def test_static_cache_generate_equals_peft(new, tmp_path):
+    """``generate(cache_implementation="static")``: the cache graphlora allocates up front has the
+    heads Falcon writes (multi-query: one; the new architecture: every head), not the config's
+    ``num_kv_heads`` (was: index_copy_ failed on multi-query Falcon, the default config)."""
+    targets = ["query_key_value", "dense"]
+    ref = _peft(tiny_falcon(new), peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    ref.save_pretrained(tmp_path)
+    gm = graphlora.inject(tiny_falcon(new), str(tmp_path)).eval()
+    ids = torch.randint(2, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=1,
+              cache_implementation="static")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(gm.generate(input_ids=ids, **kw), ref.generate(input_ids=ids, **kw))

@@ -133,3 +133,48 @@ def test_one_token_and_chunk_calls_are_separate_programs(pair):
     count = len(gm.programs)
     _loop(gm, arch, ids[:1, 1:], mask[:1, 1:])  # another batch and prompt length: no new trace
     assert len(gm.programs) == count
+
+
+def test_a_mask_of_the_wrong_length_is_a_signature_error_and_leaves_the_cache():
+    """OPT's one-token program reads the cache's token count as a size and checks it against the
+    mask while it runs; a mask one position too long fails that check before the cache is written,
+    and says what the call was and what the mask must cover (was torch's bare RuntimeError)."""
+    from transformers import StaticCache
+
+    gm = graphlora.inject(_build("opt"), graphlora.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    ids, mask = _prompt(False)
+    cache = StaticCache(config=gm.config, max_cache_len=MAX_LEN)
+    with torch.no_grad():
+        step = gm(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        gm(step, attention_mask=mask, past_key_values=cache, use_cache=True)
+        keys = cache.layers[0].keys.clone()
+        too_long = torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], 1)
+        with pytest.raises(graphlora.SignatureError, match="attention_mask must cover the cached and the new"):
+            gm(step, attention_mask=too_long, past_key_values=cache, use_cache=True)
+    assert torch.equal(cache.layers[0].keys, keys)
+
+
+def test_a_manual_loop_fills_the_cache_to_its_last_slot_as_peft(pair):
+    """At the last step the 2-d mask (past + new) is as long as the cache, which is also the length
+    of a spanning mask (Bloom's in generate): the one-token step must still be served (OPT's failed
+    on its data-dependent positions) with PEFT's logits."""
+    from transformers import StaticCache
+
+    arch, gm, ref = pair
+    if arch == "bloom":
+        pytest.skip("Bloom's StaticCache takes a cache-length mask only: PEFT and the plain model fail on past + new")
+    ids, mask = _prompt(False)
+    length = ids.shape[1] + 3
+    outs = []
+    for model in (gm, ref):
+        cache = StaticCache(config=model.config, max_cache_len=length)
+        step_ids, step_mask, logits = ids, mask, []
+        with torch.no_grad():
+            for _ in range(4):  # the prompt, then 3 steps: the last one writes slot length - 1
+                out = model(step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits.append(out)
+                step_ids = out.argmax(-1, keepdim=True)
+                step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        outs.append(torch.stack(logits))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
