@@ -957,6 +957,9 @@ class AdaptedGraphModule(fx.GraphModule):
                     param.copy_(tensors[key], non_blocking=True)
             if previous and (activate is False or activate is None):
                 state.set_active(previous)
+                if is_trainable:  # PEFT's load_adapter(is_trainable=True): it trains though inactive
+                    state.requires_grad[adapter_name] = True
+                    state.sync()
 
     def _check_load(self, source: str, adapter_name: str, config: AnyConfig, tensors: Mapping[str, torch.Tensor],
                     is_trainable: bool = False) -> tuple[AnyConfig, dict[str, Any], Any, dict[str, torch.Tensor]]:

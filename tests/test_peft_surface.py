@@ -215,3 +215,27 @@ def test_get_and_load_adapter_state_dict_are_peft_functions_equivalents(tmp_path
         gm.load_adapter_state_dict(theirs, "other")
     after = gm.get_adapter_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("is_trainable", [True, False])
+def test_load_adapter_trainable_though_inactive_as_peft(tmp_path, is_trainable):
+    """``load_adapter(dir, "x", is_trainable=True)`` next to an active adapter: PEFT's loaded
+    adapter requires grad though it is not active (graphlora's stayed frozen); ``False`` loads it
+    frozen; a later ``set_adapter("x")`` makes it the one that trains, on both."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = peft_model("llama", r=2, target_modules=["q_proj"], init_lora_weights=False)
+        src.save_pretrained(tmp_path)
+        pm, gm = pair()
+        pm.load_adapter(str(tmp_path), "x", is_trainable=is_trainable)
+    gm.load_adapter(str(tmp_path), "x", is_trainable=is_trainable)
+
+    def adapters_training(model):
+        names = {"default", "x"}
+        return {a for n, p in model.named_parameters() if p.requires_grad for a in names if f".{a}." in n}
+
+    assert gm.active_adapters == ["default"]
+    assert adapters_training(gm) == adapters_training(pm) == ({"default", "x"} if is_trainable else {"default"})
+    pm.set_adapter("x")
+    gm.set_adapter("x")
+    assert adapters_training(gm) == adapters_training(pm)
