@@ -225,10 +225,16 @@ def static_restore(saved: list) -> None:
 def _cached_kv_heads(config: Any, heads: Union[int, None]) -> Union[int, None]:
     """How many key / value heads the model writes into its cache: ``num_key_value_heads``, else
     ``num_attention_heads``; Falcon's config names neither rightly (``num_kv_heads``; its
-    ``multi_query`` attention caches one head, its ``new_decoder_architecture`` every head)."""
+    ``multi_query`` attention caches one head; its ``new_decoder_architecture`` caches
+    ``num_kv_heads`` where transformers' Falcon splits the fused projection itself, every head where
+    it still broadcasts the keys to the query heads first, in ``FalconAttention._split_heads``:
+    releases up to 5.2x)."""
     if getattr(config, "model_type", None) == "falcon":
         if getattr(config, "new_decoder_architecture", False):
-            return heads
+            from transformers.models.falcon import modeling_falcon
+
+            broadcasts = hasattr(modeling_falcon.FalconAttention, "_split_heads")
+            return heads if broadcasts else getattr(config, "num_kv_heads", None) or heads
         return 1 if getattr(config, "multi_query", False) else getattr(config, "num_kv_heads", None) or heads
     return getattr(config, "num_key_value_heads", None) or heads
 
