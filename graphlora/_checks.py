@@ -125,9 +125,10 @@ def check_embedding_targets(rule: Any, config: Any, plan: Iterable[str], records
             )
 
 
-def _placed_like(param: torch.Tensor, weight: torch.Tensor) -> bool:
-    upcast = param.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
-    return param.device == weight.device and (param.dtype == weight.dtype or upcast)
+def _placed_like(param: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``param`` fits a base weight on ``device`` in ``dtype`` (float32 over fp16 / bf16 too)."""
+    upcast = param.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)
+    return (param.dtype == dtype or upcast) and param.device == device
 
 
 def _first_parameter(module: nn.Module) -> Union[torch.Tensor, None]:
@@ -173,12 +174,13 @@ def check_placement(root: nn.Module, records: Mapping[str, Any], store: nn.Modul
                 "load the base weights), then load the adapter."
             )
         branches = store._modules.get(site_key(site))
+        device, dtype = weight.device, weight.dtype
         for adapter, branch in (branches._modules.items() if branches is not None else ()):
             first = _first_parameter(branch)  # one look per adapter; all of its parameters if it is off
-            if first is None or _placed_like(first, weight):
+            if first is None or _placed_like(first, device, dtype):
                 continue
             for name, param in branch.named_parameters():
-                if not _placed_like(param, weight):
+                if not _placed_like(param, device, dtype):
                     raise PlacementError(
                         f"cannot {action}: at site {site!r} the base weight is {weight.dtype} on {weight.device} "
                         f"but adapter {adapter!r} has {name} in {param.dtype} on {param.device}. Move or cast "

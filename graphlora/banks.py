@@ -135,10 +135,15 @@ class SiteBank(nn.Module):
         slot selection and the gates are paid once per change, not on every call.
         """
         k, r = active.shape[0], self.rank
+        a_hat, b_hat, bank_a, bank_b = self.a_hat, self.b_hat, self.lora_A, self.lora_B
         with torch.no_grad():
-            self.a_hat.copy_(self.lora_A.index_select(0, active).reshape(k * r, self.d_in))
-            gated = self.lora_B.index_select(0, active) * self.gate.to(self.lora_B.dtype).view(k, 1, 1)
-            self.b_hat.copy_(gated.permute(1, 0, 2).reshape(self.d_out, k * r))
+            gate = self.gate.to(bank_b.dtype).view(k, 1, 1)
+            if a_hat.dtype == bank_a.dtype and b_hat.dtype == bank_b.dtype:  # written in place: no temporaries
+                torch.index_select(bank_a, 0, active, out=a_hat.view(k, r, self.d_in))
+                torch.mul(bank_b.index_select(0, active), gate, out=b_hat.view(self.d_out, k, r).permute(1, 0, 2))
+                return
+            a_hat.copy_(bank_a.index_select(0, active).reshape(k * r, self.d_in))  # lora_dtype: cast as copied
+            b_hat.copy_((bank_b.index_select(0, active) * gate).permute(1, 0, 2).reshape(self.d_out, k * r))
 
     @property
     def capacity(self) -> int:

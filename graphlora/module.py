@@ -62,7 +62,7 @@ from .prepare import copy_graph, prepare_base
 from .programs import Program, ProgramSet, first_records
 from .siteinfo import SiteInfo, site_infos, sites_table
 from .signature import show_source_signature
-from .state import STORE, AdapterState, AdapterStore
+from .state import STORE, AdapterState, AdapterStore, _own_parameters
 from .transaction import transaction
 
 __all__ = ["AdaptedGraphModule", "SiteInfo"]
@@ -140,7 +140,7 @@ def _rebind_banks(module: "AdaptedGraphModule", incompatible: Any) -> None:
 
 def _upcast(branch: nn.Module) -> None:
     """PEFT's ``autocast_adapter_dtype``: fp16 / bf16 parameters of a new branch become float32."""
-    for param in branch.parameters():
+    for param in _own_parameters(branch):  # branch.parameters() without named_modules' bookkeeping
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
 

@@ -164,7 +164,7 @@ def plan_extras(config: Any, facts: Any, plan: Mapping[str, Any], state: Any, gr
     """
     source: nn.Module = facts.source
     own, auto = requested_modules(config)
-    names = [n for n, _ in source.named_modules() if n]
+    names = [n for n, _ in source.named_modules() if n] if own or auto else []  # nothing saved: no walk
     modules = [n for n in names if _matches(n, own + auto)]
     # PEFT adds a task's heads itself (classifier and score both), so they may not exist
     optional = {m for task in AUTO_MODULES.values() for m in task}
@@ -175,7 +175,7 @@ def plan_extras(config: Any, facts: Any, plan: Mapping[str, Any], state: Any, gr
             f"modules_to_save={list(own)!r}: {missing[0]!r} names no module of this model (PEFT's rule: a module "
             f"path ending with the entry); closest modules: {closest(missing[0], leaves + names, 5)}."
         )
-    called = [n.target for n in graph.nodes if n.op == "call_module"] if graph is not None else []
+    called = [n.target for n in graph.nodes if n.op == "call_module"] if graph is not None and modules else []
     for m in modules:
         if not any(True for _ in source.get_submodule(m).parameters()):
             raise ConfigError(f"modules_to_save: module {m!r} has no parameters to train and save; leave it out.")

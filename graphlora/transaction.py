@@ -90,9 +90,11 @@ def transaction(gm: Any, *, tensors: Iterable[torch.Tensor] = (), untouched: Col
     saved_state = (dict(state.configs), dict(state.plans), dict(state.weights), state.enabled, state.trainable,
                    dict(state.requires_grad), copy.copy(state.merge), dict(state.merge.originals), dict(state.merge.merged), state.banks.copy())
     skip = {id(branch) for _, _, branch in state.store.branches_of(untouched)} if untouched else set()
-    tree = _module_tree(_modules(state.store, skip))
-    grads = [(p, p.requires_grad) for p in dict.fromkeys(  # the store's included (a child of gm)
-        p for m in _modules(gm, skip) for p in m._parameters.values() if p is not None)]
+    store = _modules(state.store, skip)
+    tree = _module_tree(store)
+    # the store's modules, then the rest of gm (the store is a child of gm: walked once)
+    grads = [(p, p.requires_grad) for p in dict.fromkeys(
+        p for m in (*store, *_modules(gm, skip | {id(state.store)})) for p in m._parameters.values() if p is not None)]
     backups = [(t, t.detach().clone()) for t in tensors]
     programs = gm.programs.snapshot()
     gm._transaction_depth = 1

@@ -20,6 +20,8 @@ from snapshot import assert_unchanged, snapshot
 
 import graphlora
 from graphlora import LoraConfig
+from graphlora.banks import SiteBank
+from graphlora.methods.lora import LoraBranch
 from graphlora.module import AdaptedGraphModule
 from graphlora.programs import ProgramSet
 from graphlora.state import AdapterState
@@ -217,8 +219,10 @@ def test_load_failing_half_way_leaves_module_unchanged(monkeypatch, tmp_path, ow
 # ------------------------------------------------------------------------------------ adding
 ADD_STEPS = [
     (AdapterState, "sync"),
+    (LoraBranch, "apply_state"),  # some gates written, the rest not
     ("graphlora.banks", "place_one"),
     ("graphlora.banks", "write_state"),
+    (SiteBank, "gather"),  # some sites' gathered factors written in place, the rest not
     (ProgramSet, "invalidate"),
     (torch.Tensor, "copy_"),
 ]

@@ -182,8 +182,10 @@ class LoraBranch(_GatedBranch):
         if dropout > 0:
             self.lora_dropout = nn.Dropout(dropout)
         self.register_buffer("gate", torch.zeros((), device=device), persistent=False)
-        # the constant scale, read by mixed-adapter batches (where each row picks its adapter)
-        self.register_buffer("scale", torch.full((), float(scaling), device=device), persistent=False)
+        # the constant scale, read by mixed-adapter batches (where each row picks its adapter); written
+        # as apply_state writes it, so the first apply_state finds it written (see _fill_changed)
+        self.register_buffer("scale", torch.empty((), device=device), persistent=False)
+        _fill_changed(self, "scale", scaling)
         self.use_dora = use_dora
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device))
@@ -227,18 +229,26 @@ class LoraBranch(_GatedBranch):
     @torch.no_grad()
     def apply_state(self, weight: float, merged: bool = False) -> None:
         """Write the switch buffers in place: ``gate = scaling * weight`` (``weight`` is 0 when the
-        adapter is inactive, disabled or merged); the mixed-batch ``scale`` is 0 while merged."""
-        # sync visits every branch: skip unchanged writes (the version check catches any other write,
-        # a restore's or a move's new buffers)
-        written = (self.scaling, weight, merged, id(self.gate), self.gate._version, id(self.scale), self.scale._version)
-        if getattr(self, "_written", None) == written and not self.use_dora:
-            return
-        super().apply_state(weight, merged)
-        self._written = (self.scaling, weight, merged, id(self.gate), self.gate._version, id(self.scale),
-                         self.scale._version)
+        adapter is inactive, disabled or merged); the mixed-batch ``scale`` is 0 while merged.
+        Each is written only when its value changed (an add deactivates the previous adapter:
+        its gate changes, its scale does not)."""
+        _fill_changed(self, "gate", self.scaling * weight)
+        _fill_changed(self, "scale", 0.0 if merged else self.scaling)
         if self.use_dora:
             self.dora_scale.fill_(self.scaling)
             self.dora_on.fill_(weight)
+
+
+def _fill_changed(module: nn.Module, name: str, value: float) -> None:
+    """``module.<name>.fill_(value)`` unless the last such write put ``value`` into this very buffer
+    and nothing wrote it since (same tensor, same version counter: a restore's or a move's new
+    buffers, or any other write, are written again). Sync visits every branch it may change."""
+    buffer = module._buffers[name]
+    assert buffer is not None
+    filled = module.__dict__.setdefault("_filled", {})
+    if filled.get(name) != (value, id(buffer), buffer._version):
+        buffer.fill_(value)
+        filled[name] = (value, id(buffer), buffer._version)
 
 
 class LoraEmbeddingBranch(_GatedBranch):
