@@ -111,8 +111,18 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompts", default="32,1024")
     ap.add_argument("--modes", default="dynamic,static")
+    ap.add_argument("--variants", default="peft,graphlora,auto,merged,mixed",
+                    help="which cells besides the base model to run (auto: lora_dtype='auto'; mixed: 8 adapters; "
+                         "gemm: FUSIBLE_MAX_ROWS = 0)")
+    ap.add_argument("--fusible-rows", type=int, default=None,
+                    help="graphlora.passes.ops.FUSIBLE_MAX_ROWS for this run (0: compiled few-row calls keep the GEMMs)")
     args = ap.parse_args()
     import peft
+
+    if args.fusible_rows is not None:
+        from graphlora.passes import ops
+
+        ops.FUSIBLE_MAX_ROWS = args.fusible_rows
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -120,6 +130,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     prompts = [min(int(p), 64) if args.tiny else int(p) for p in args.prompts.split(",")]
     modes = args.modes.split(",")
+    variants = set(args.variants.split(","))
 
     base = build(args.tiny, device, dtype)
     config = dict(r=16, lora_alpha=32, target_modules=TARGETS)
@@ -149,24 +160,36 @@ def main() -> None:
             for batch in batches:
                 inputs = prompt(batch, length, vocab, device)
                 row = {"mode": mode, "prompt": length, "batch": batch,
-                       "base": cell(base, inputs, device, new_tokens, **extra),
-                       "peft": cell(ref, inputs, device, new_tokens, **extra),
-                       "graphlora": cell(gm, inputs, device, new_tokens, **extra)}
-                gm.configure_banks(lora_dtype="auto")  # serving factors in the base dtype (vLLM's default)
-                try:
-                    row["graphlora_base_dtype"] = cell(gm, inputs, device, new_tokens, **extra)
-                finally:
-                    gm.configure_banks(lora_dtype="adapter")
-                gm.merge_adapter()
-                try:
-                    row["graphlora_merged"] = cell(gm, inputs, device, new_tokens, **extra)
-                finally:
-                    gm.unmerge_adapter()
+                       "base": cell(base, inputs, device, new_tokens, **extra)}
+                if "peft" in variants:
+                    row["peft"] = cell(ref, inputs, device, new_tokens, **extra)
+                if "graphlora" in variants:
+                    row["graphlora"] = cell(gm, inputs, device, new_tokens, **extra)
+                if "gemm" in variants:  # compiled few-row calls as GEMMs / Triton ops, not reductions
+                    from graphlora.passes import ops
+
+                    limit, ops.FUSIBLE_MAX_ROWS = ops.FUSIBLE_MAX_ROWS, 0
+                    try:
+                        row["graphlora_gemm"] = cell(gm, inputs, device, new_tokens, **extra)
+                    finally:
+                        ops.FUSIBLE_MAX_ROWS = limit
+                if "auto" in variants:
+                    gm.configure_banks(lora_dtype="auto")  # serving factors in the base dtype (vLLM's default)
+                    try:
+                        row["graphlora_base_dtype"] = cell(gm, inputs, device, new_tokens, **extra)
+                    finally:
+                        gm.configure_banks(lora_dtype="adapter")
+                if "merged" in variants:
+                    gm.merge_adapter()
+                    try:
+                        row["graphlora_merged"] = cell(gm, inputs, device, new_tokens, **extra)
+                    finally:
+                        gm.unmerge_adapter()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         mixed_batch = 8
         names = ["default"] + [f"a{i}" for i in range(1, 8)]
-        for length in prompts:
+        for length in (prompts if "mixed" in variants else []):
             inputs = prompt(mixed_batch, length, vocab, device)
             row = {"mode": mode, "prompt": length, "batch": mixed_batch, "mixed": 8,
                    "base": cell(base, inputs, device, new_tokens, **extra),
@@ -182,14 +205,15 @@ def main() -> None:
         return f"{a['tokens_per_s']:,.0f} ({a['tokens_per_s'] / b['tokens_per_s']:.2f}x)"
 
     print()
-    print("| mode | prompt | batch | base tok/s | PEFT | graphlora | graphlora, base-dtype serving | graphlora merged |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| mode | prompt | batch | base tok/s | PEFT | graphlora | graphlora, GEMM few-row form | "
+          "graphlora, base-dtype serving | graphlora merged |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         b = row["base"]
         base_cell = f"{b['tokens_per_s']:,.0f}" if "tokens_per_s" in b else b.get("error", "")[:40]
         label = f"{row['mode']}{' mixed 8' if row.get('mixed') else ''}"
         print(f"| {label} | {row['prompt']} | {row['batch']} | {base_cell} | {ratio(row, 'peft')} | "
-              f"{ratio(row, 'graphlora')} | {ratio(row, 'graphlora_base_dtype')} | {ratio(row, 'graphlora_merged')} |")
+              f"{ratio(row, 'graphlora')} | {ratio(row, 'graphlora_gemm')} | {ratio(row, 'graphlora_base_dtype')} | {ratio(row, 'graphlora_merged')} |")
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "dtype": str(dtype), "new_tokens": new_tokens, "rows": rows,

@@ -27,7 +27,14 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--cache", default="static", choices=["static", "dynamic"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fusible-rows", type=int, default=None,
+                    help="graphlora.passes.ops.FUSIBLE_MAX_ROWS for this run (0: compiled few-row calls keep the GEMMs)")
+    ap.add_argument("--kernels", type=int, default=30, help="rows of the table sorted by device time")
     args = ap.parse_args()
+    if args.fusible_rows is not None:
+        from graphlora.passes import ops
+
+        ops.FUSIBLE_MAX_ROWS = args.fusible_rows
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -59,9 +66,14 @@ def main() -> None:
             with profile(activities=acts) as tp:
                 model.generate(**kw)
                 sync()
-            table = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        lines += [f"===== {label}: {ms:.3f} ms per token", buf.getvalue(), table]
-        print(lines[-3], flush=True)
+            averages = tp.key_averages()
+            table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+            try:
+                kernels = averages.table(sort_by="self_device_time_total", row_limit=args.kernels)
+            except Exception:  # an older torch
+                kernels = averages.table(sort_by="self_cuda_time_total", row_limit=args.kernels)
+        lines += [f"===== {label}: {ms:.3f} ms per token", buf.getvalue(), table, kernels]
+        print(lines[-4], flush=True)
     text = "\n".join(lines)
     print(text)
     if args.out:

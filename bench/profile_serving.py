@@ -77,7 +77,14 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true",
                     help="profile torch.compile'd base and graphlora (fused / unfused) instead of eager")
     ap.add_argument("--out", default=None)  # accepted for bench/h200_run.sh; the report is stdout
+    ap.add_argument("--fusible-rows", type=int, default=None,
+                    help="graphlora.passes.ops.FUSIBLE_MAX_ROWS for this run (compiled calls of at most this many "
+                         "rows write the adapter's products as reductions; 0: never)")
     args = ap.parse_args()
+    if args.fusible_rows is not None:
+        from graphlora.passes import ops
+
+        ops.FUSIBLE_MAX_ROWS = args.fusible_rows
     if args.compiled:
         return compiled(args)
     import peft

@@ -331,7 +331,7 @@ def expand_ok(y: Tensor, h: Tensor, b: Tensor) -> bool:
     Python launch; under ``torch.compile`` Inductor fuses the add itself)."""
     if torch.compiler.is_compiling():  # first: dynamo must not trace into the Triton checks (a graph break)
         return False
-    return (h.dtype == torch.float32 and b.dtype == torch.float32 and y.shape[0] >= EXPAND_MIN_TOKENS
+    return (y.shape[0] >= EXPAND_MIN_TOKENS and h.dtype == torch.float32 and b.dtype == torch.float32
             and h.shape[1] <= EXPAND_MAX_RANK and y.stride(-1) == 1 and available(y)
             and max(_span(y), _span(h), _span(b)) < 2 ** 31)
 

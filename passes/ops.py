@@ -248,6 +248,28 @@ def lora_shrink(x: Tensor, mats: Sequence[Tensor]) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- adapter banks
+#: Compiled serving calls of at most this many rows (decode steps, batches of one token a row)
+#: compute the adapter's two products as broadcast reductions (:func:`fusible_rows`).
+FUSIBLE_MAX_ROWS = 32
+
+
+def fusible_rows(t: Tensor) -> bool:
+    r"""Whether a compiled serving op over the 2-D ``t`` ``[M, \cdot]`` writes its skinny products as
+    broadcast reductions, ``h = \sum_k x_{:,k} A_{:,k}`` and ``u = \sum_r h_{:,r} B_{:,r}``, in float32:
+    on CUDA with ``M`` at most :data:`FUSIBLE_MAX_ROWS`.
+
+    At a few rows each product is a few microseconds of launch, not of work: as GEMMs (or the
+    Triton ops) a decode step of 28 sites ran 60 kernels more than the base model's, 0.33 ms of
+    GPU time against its 0.64 (H200, batch 1, ``bench/profile_generate.py``). As reductions,
+    Inductor fuses the expand into the kernel that reads the site's output (RoPE, the SwiGLU
+    product, the residual add) and the shrink with the kernel that produces ``x``. Many rows stay
+    GEMMs: the reduction re-reads ``B`` for every row. Float32 products and sum, one rounding to
+    the output's dtype, as :func:`lora_expand`'s other forms. CUDA only (elsewhere the GEMM is
+    the fast form). Call it inside ``torch.compiler.is_compiling()`` only.
+    """
+    return t.is_cuda and t.shape[0] <= FUSIBLE_MAX_ROWS and not torch.is_grad_enabled()
+
+
 def lora_bank(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
     r"""A site's serving output from its adapter bank: the active adapters' sum, in two GEMMs.
 
@@ -280,6 +302,11 @@ def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
     Float32 factors over a bf16 / fp16 ``x`` on CUDA: :func:`.kernels.shrink` (``x`` read once in
     its dtype, a float32-accurate dot on tensor cores) where :func:`.kernels.shrink_ok` holds.
     """
+    if torch.compiler.is_compiling():  # first: a compiled graph traces none of the other branches
+        flat = x.reshape(-1, x.shape[-1])
+        if fusible_rows(flat):  # a handful of rows: a reduction Inductor fuses with x's producer
+            xs = flat.to(a_hat.dtype).to(torch.float32)  # the GEMM form's cast of x, then a float32 sum
+            return (xs[:, None, :] * a_hat.to(torch.float32)[None]).sum(-1).to(a_hat.dtype)
     if x.dtype != a_hat.dtype:
         flat = x.reshape(-1, x.shape[-1])
         if kernels.shrink_ok(flat, a_hat):
@@ -301,6 +328,9 @@ def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     d_out = b_hat.shape[0]
     if torch.compiler.is_compiling():  # first: a compiled graph traces none of the other branches
         flat = base.reshape(-1, d_out)
+        if fusible_rows(flat):  # a handful of rows: no kernel of its own, fused into its neighbours
+            u = (h.to(torch.float32)[:, None, :] * b_hat.to(torch.float32)[None]).sum(-1)
+            return (flat.to(torch.float32) + u).to(base.dtype).view(base.shape)
         if kernels.compiled_expand_ok(flat, h, b_hat):  # one Triton pass over the output
             return kernels.expand_op(flat, h, b_hat).view(base.shape)
     if h.dtype != base.dtype:  # the sum in the wider dtype (type promotion), rounded once to the base's

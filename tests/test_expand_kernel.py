@@ -211,3 +211,63 @@ def test_under_compile_the_triton_path_is_never_looked_at(monkeypatch):
 
 if __name__ == "__main__":  # the interpreter run: python tests/test_expand_kernel.py OUT.pt (TRITON_INTERPRET=1)
     _run(sys.argv[1])
+
+
+def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch):
+    """Under ``torch.compile`` a serving call of at most ``FUSIBLE_MAX_ROWS`` rows computes the
+    shrink and the expand as float32 broadcast reductions (which Inductor fuses into the
+    neighbouring kernels) instead of the GEMMs or the Triton ops; more rows keep the ops. On CUDA
+    that is ``ops.fusible_rows``; here its CUDA check is dropped, and the Triton ops are stood in for
+    by CPU custom ops that record their calls. Both forms equal eager's outputs."""
+    import torch.nn.functional as F
+
+    import graphlora
+    from graphlora.passes import kernels, ops
+    from models import randomize_b, tiny_llama, token_ids
+
+    calls = []
+
+    @torch.library.custom_op("graphlora_test::few_rows_expand", mutates_args=())
+    def expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append("expand")
+        return (y.float() + h.float() @ b.float().t()).to(y.dtype)
+
+    @expand.register_fake
+    def _(y, h, b):
+        return torch.empty_like(y)
+
+    @torch.library.custom_op("graphlora_test::few_rows_shrink", mutates_args=())
+    def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        calls.append("shrink")
+        return F.linear(x.float(), a)[None]
+
+    @shrink.register_fake
+    def _(x, a):
+        return x.new_empty((1, x.shape[0], a.shape[0]), dtype=torch.float32)
+
+    fused = []
+
+    def few_rows(t):
+        fused.append(t.shape[0])
+        return t.shape[0] <= ops.FUSIBLE_MAX_ROWS and not torch.is_grad_enabled()
+
+    monkeypatch.setattr(ops, "fusible_rows", few_rows)
+    monkeypatch.setattr(kernels, "compiled_expand_ok", lambda y, h, b: not torch.is_grad_enabled())
+    monkeypatch.setattr(kernels, "_EXPAND_OP", expand)
+    monkeypatch.setattr(kernels, "shrink_ok", lambda x, a: torch.compiler.is_compiling() and x.dtype != a.dtype)
+    monkeypatch.setattr(kernels, "_SHRINK_OP", shrink)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    gm = graphlora.inject(tiny_llama().to(torch.bfloat16), graphlora.LoraConfig(r=4, target_modules=targets)).eval()
+    randomize_b(gm)
+    for rows, takes_ops in ((5, False), (20, True)):  # 2 x 5 = 10 rows fuse; 2 x 20 = 40 do not
+        ids = token_ids(2, rows)
+        calls.clear()
+        fused.clear()
+        with torch.no_grad():
+            want = gm(input_ids=ids).logits
+            torch._dynamo.reset()
+            got = torch.compile(gm, backend="aot_eager")(input_ids=ids).logits
+        torch._dynamo.reset()
+        assert fused and all(n == 2 * rows for n in fused)  # asked at every shrink and expand
+        assert bool(calls) == takes_ops, (rows, calls)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
