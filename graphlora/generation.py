@@ -93,6 +93,7 @@ import functools
 import inspect
 import io
 import sys
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -227,8 +228,8 @@ def _cached_kv_heads(config: Any, heads: Union[int, None]) -> Union[int, None]:
     ``num_attention_heads``; Falcon's config names neither rightly (``num_kv_heads``; its
     ``multi_query`` attention caches one head; its ``new_decoder_architecture`` caches
     ``num_kv_heads`` where transformers' Falcon splits the fused projection itself, every head where
-    it still broadcasts the keys to the query heads first, in ``FalconAttention._split_heads``:
-    releases up to 5.2x)."""
+    it still broadcasts the keys to the query heads first, in ``FalconAttention._split_heads``
+    (5.17 does; 5.25 does not)."""
     if getattr(config, "model_type", None) == "falcon":
         if getattr(config, "new_decoder_architecture", False):
             from transformers.models.falcon import modeling_falcon
@@ -268,6 +269,47 @@ def ready_static_cache(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
                 "hidden_size (or head_dim). Call cache.early_initialization(...) first."
             )
         cache.early_initialization(first.shape[0], kv_heads, head_dim, model.dtype, first.device)
+        _reuse_static_tensors(model, cache)
+
+
+#: Per source model: the last ``StaticCache`` :func:`ready_static_cache` initialized (a weak
+#: reference) and its layers' tensors (:func:`_reuse_static_tensors`).
+_STATIC_TENSORS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+#: The tensors a ``StaticLayer`` allocates when it initializes (``cumulative_length``: transformers >= 5.2x).
+_LAYER_TENSORS = ("keys", "values", "cumulative_length")
+
+
+def _layer_tensors(cache: Any) -> list[dict[str, torch.Tensor]]:
+    return [{n: getattr(layer, n) for n in _LAYER_TENSORS if isinstance(getattr(layer, n, None), torch.Tensor)}
+            for layer in cache.layers]
+
+
+def _fits(old: list, new: list) -> bool:
+    return len(old) == len(new) and all(
+        a.keys() == b.keys() and all((a[n].shape, a[n].dtype, a[n].device) == (b[n].shape, b[n].dtype, b[n].device)
+                                     for n in a) for a, b in zip(old, new))
+
+
+def _reuse_static_tensors(model: nn.Module, cache: Any) -> None:
+    """Give a just initialized ``StaticCache`` the tensors of the last one initialized for ``model``,
+    zeroed, when that cache object is gone and they have the same shapes, dtypes and devices.
+
+    transformers makes a new ``StaticCache`` for every ``generate`` call; its new tensors get new
+    addresses, and a CUDA graph that writes the cache in place is recorded anew for them (the
+    decode step generate compiles: one more graph kept in the CUDA-graph tree, and its memory, per
+    call: ``bench/probe_static_graphs.py``). Reused, the addresses stay, so the recorded graph
+    replays. transformers 4.x reused its own cache the same way (``reset`` zeroes it in place). A
+    cache that is still referenced never gives its tensors away.
+    """
+    tensors = _layer_tensors(cache)
+    held = _STATIC_TENSORS.get(model)
+    if held is not None and held[0]() is None and _fits(held[1], tensors):
+        for layer, old in zip(cache.layers, held[1]):
+            for name, tensor in old.items():
+                tensor.zero_()
+                setattr(layer, name, tensor)
+        tensors = held[1]
+    _STATIC_TENSORS[model] = (weakref.ref(cache), tensors)
 
 
 @torch.compiler.disable

@@ -132,6 +132,43 @@ def test_static_cache_is_updated_in_place(trio):
         assert not targets & {"aten.copy_.default", "aten.index_copy.default", "aten._local_scalar_dense.default"}
 
 
+def test_a_new_static_cache_gets_the_tensors_of_a_dead_one_never_of_a_live_one(trio):
+    """transformers makes a new StaticCache for every generate call: graphlora initializes it with the
+    previous cache's tensors (zeroed) once that cache object is gone, so the addresses a CUDA graph
+    recorded stay valid; a cache still referenced keeps its own tensors and contents."""
+    import gc
+
+    from transformers import StaticCache
+
+    gm, _, _ = trio
+    name = _cache_name(gm.get_base_model())
+    config = gm.get_base_model().config
+    ids = token_ids(2, 5, seed=8)
+
+    def prefill(cache):
+        with torch.no_grad():
+            return gm(input_ids=ids, use_cache=True, **{name: cache}).logits
+
+    first = StaticCache(config=config, max_cache_len=12)
+    want = prefill(first)
+    address = first.layers[0].keys.data_ptr()
+    del first
+    gc.collect()
+    second = StaticCache(config=config, max_cache_len=12)
+    got = prefill(second)
+    assert second.layers[0].keys.data_ptr() == address  # the dead cache's tensors, zeroed before use
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    kept = second.layers[0].keys.clone()
+    third = StaticCache(config=config, max_cache_len=12)  # second is alive: third allocates its own
+    prefill(third)
+    assert third.layers[0].keys.data_ptr() != address and torch.equal(second.layers[0].keys, kept)
+    other = StaticCache(config=config, max_cache_len=20)  # another length: its own tensors
+    del second, third
+    gc.collect()
+    prefill(other)
+    assert other.layers[0].keys.shape[2] == 20
+
+
 @pytest.mark.parametrize("alias", [False, True], ids=["own-name", "alias"])
 def test_cache_call_contract_under_both_names(trio, alias):
     """``gm(ids, use_cache=True)`` returns a cache the next call takes as ``cache=`` or ``past_key_values=``."""
