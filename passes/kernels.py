@@ -61,7 +61,10 @@ def _triton():
     @triton.jit
     def add_kernel(y, h, b, out, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br, s_om, s_on,
                    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr = False):
-        # out = y + h @ b^T; IEEE: float32 h and b, a float32-accurate dot (see expand_kernel)
+        # out = y + h @ b^T (out may be y: each program reads its tile of y before it writes it).
+        # IEEE: float32 h and b, a float32-accurate dot on tensor cores (tf32x3: hi*hi + hi*lo +
+        # lo*hi of a tf32 split, off by ~2^-22 relative; "ieee" runs on CUDA cores, 59 us a site of
+        # 2048 x 4096 on an H200); the sum with y in float32, one rounding on store
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -107,28 +110,6 @@ def _triton():
             o_d.store([om, on], acc.to(o_d.dtype))
 
     @triton.jit
-    def expand_kernel(y, h, b, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br,
-                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-        # y[M, N] (bf16 / fp16) += h[M, R] @ b[N, R]^T with float32 h and b: a float32-accurate dot
-        # on tensor cores (tf32x3: hi*hi + hi*lo + lo*hi of a tf32 split, off by ~2^-22 relative;
-        # "ieee" runs on CUDA cores, 59 us a site of 2048 x 4096 on an H200), the sum with y in
-        # float32, one rounding on store
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rr = tl.arange(0, BR)
-        mask_m = rm < M
-        mask_n = rn < N
-        ht = tl.load(h + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
-        bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & (rr[None, :] < R), other=0.0)
-        acc = tl.dot(ht, tl.trans(bt), input_precision="tf32x3")
-        mask = mask_m[:, None] & mask_n[None, :]
-        ptrs = y + rm[:, None] * s_ym + rn[None, :] * s_yn
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, acc.to(y.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def shrink_kernel(x, a, out, M, K, R, s_xm, s_xk, s_ar, s_ak, s_os, s_om, s_or,
                       BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, K_PER: tl.constexpr):
         # out[s, M, R] (float32) = x[M, k-range s] (bf16 / fp16) @ a[R, k-range s]^T (float32): one
@@ -153,7 +134,7 @@ def _triton():
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         TensorDescriptor = None
-    return SimpleNamespace(triton=triton, add=add_kernel, expand=expand_kernel, shrink=shrink_kernel,
+    return SimpleNamespace(triton=triton, add=add_kernel, shrink=shrink_kernel,
                            linear=linear_tma_kernel,
                            descriptor=TensorDescriptor)
 
@@ -357,8 +338,8 @@ def expand_into(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG) -> 
     R = h.shape[1]
     BM, BN, warps = config
     grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
-    k.expand[grid](y, h, b, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
-                   BM=BM, BN=BN, BR=_rank_block(R), num_warps=warps)
+    k.add[grid](y, h, b, y, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
+                y.stride(0), y.stride(1), BM=BM, BN=BN, BR=_rank_block(R), IEEE=True, num_warps=warps)
     return y
 
 
