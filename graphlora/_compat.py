@@ -198,13 +198,21 @@ def layer_checkpointing(layers: "torch.nn.ModuleList") -> tuple[list[bool], dict
 
 
 # ---------------------------------------------------------------------- KV caches (generation)
+@functools.lru_cache(maxsize=None)
+def cache_class(name: str = "Cache") -> Any:
+    """``transformers.cache_utils.<name>`` (``None`` without transformers), looked up once: the
+    routing asks on every call, where an import statement costs more than the check."""
+    try:
+        from transformers import cache_utils
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return getattr(cache_utils, name, None)
+
+
 def is_cache(value: Any) -> bool:
     """True for a transformers ``Cache`` object (``DynamicCache``, ``EncoderDecoderCache``, ...)."""
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(value, Cache)
+    cls = cache_class()
+    return cls is not None and isinstance(value, cls)
 
 
 def register_cache_pytree() -> None:

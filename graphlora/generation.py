@@ -101,7 +101,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._compat import (cache_dynamic_shapes, dynamic_dims, export_with_shapes, is_cache, pytree_shapes,
+from ._compat import (cache_class, cache_dynamic_shapes, dynamic_dims, export_with_shapes, is_cache, pytree_shapes,
                       register_cache_pytree, static_layers_supported)
 from .errors import ConfigError
 
@@ -185,9 +185,8 @@ def is_cache_call(kwargs: Mapping[str, Any]) -> bool:
 
 # ---------------------------------------------------------------------- tracing
 def _is_static(cache: Any) -> bool:
-    from transformers.cache_utils import StaticCache
-
-    return isinstance(cache, StaticCache)
+    cls = cache_class("StaticCache")
+    return cls is not None and isinstance(cache, cls)
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ live in a nested module and the positions feed the higher-order call.
 
 Also here: :func:`size_hint`, whose torch function moved between releases;
 :func:`wrapper_subclass`, the private constructor a tensor subclass that holds other tensors
-needs (the quantized base weights of :mod:`.quantize`); and ``OpOverload`` /
-``OpOverloadPacket``, the types of ``torch.ops`` targets (in the private ``torch._ops``).
+needs (the quantized base weights of :mod:`.quantize`); :func:`autocast_on`, which asks torch's
+private ``_is_any_autocast_enabled`` first; and ``OpOverload`` / ``OpOverloadPacket``, the types of
+``torch.ops`` targets (in the private ``torch._ops``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,24 @@ from typing import Any, Union
 import torch
 import torch.fx as fx
 
-__all__ = ["called_graph_modules", "nested_graph_modules", "size_hint", "wrapper_subclass", "OpOverload",
-           "OpOverloadPacket"]
+__all__ = ["autocast_on", "called_graph_modules", "nested_graph_modules", "size_hint", "wrapper_subclass",
+           "OpOverload", "OpOverloadPacket"]
 
 #: the types of ``torch.ops.aten.mul.Tensor`` (an overload) and ``torch.ops.aten.mul`` (a packet)
 OpOverload = torch._ops.OpOverload
 OpOverloadPacket = torch._ops.OpOverloadPacket
+
+
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_on(t: torch.Tensor) -> bool:
+    """Whether ``torch.autocast`` is on for ``t``'s device (``False`` on "meta", which autocast does not
+    know: asking raises there). The serving ops ask at every site of every call: the private
+    any-device check is one C call (0.1 us on the CPU here), the device's own check 0.7 us."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():
+        return False
+    return t.device.type != "meta" and torch.is_autocast_enabled(t.device.type)
 
 
 def wrapper_subclass(cls: type, shape: tuple, dtype: torch.dtype, device: Any) -> torch.Tensor:

@@ -293,6 +293,8 @@ def shrink_ok(x: Tensor, a: Tensor) -> bool:
     compiling = torch.compiler.is_compiling()
     if compiling and _SHRINK_OP is None:  # first: dynamo must not trace into the Triton checks
         return False
+    if not compiling and x.shape[0] < EXPAND_MIN_TOKENS:  # the common eager answer (decode), asked first
+        return False
     return (a.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and x.dim() == 2
             and a.dim() == 2 and a.shape[0] <= SHRINK_MAX_RANK and not torch.is_grad_enabled()
             and (compiling or (x.shape[0] >= EXPAND_MIN_TOKENS and available(x)))

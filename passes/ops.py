@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+from ._compat import autocast_on
 
 __all__ = ["lora_switch", "lora_linear", "lora_down", "lora_shrink", "lora_bank", "lora_bank_", "lora_bank_rows"]
 
@@ -308,10 +309,12 @@ def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
             xs = flat.to(a_hat.dtype).to(torch.float32)  # the GEMM form's cast of x, then a float32 sum
             return (xs[:, None, :] * a_hat.to(torch.float32)[None]).sum(-1).to(a_hat.dtype)
     if x.dtype != a_hat.dtype:
-        flat = x.reshape(-1, x.shape[-1])
-        if kernels.shrink_ok(flat, a_hat):
-            return kernels.shrink(flat, a_hat)
-    h = F.linear(x if x.dtype == a_hat.dtype else x.to(a_hat.dtype), a_hat)
+        if x.is_cuda or torch.compiler.is_compiling():  # eager, the float32 shrink kernel serves CUDA only
+            flat = x.reshape(-1, x.shape[-1])
+            if kernels.shrink_ok(flat, a_hat):
+                return kernels.shrink(flat, a_hat)
+        x = x.to(a_hat.dtype)
+    h = F.linear(x, a_hat)
     return h.reshape(-1, h.shape[-1])
 
 
@@ -362,8 +365,7 @@ def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     """
     # autocast casts out-of-place ops only (and knows no "meta" device: asking raises there);
     # compiled, the out-of-place Triton op beats the in-place forms (see lora_expand)
-    if (torch.compiler.is_compiling() or not base.is_contiguous()
-            or (base.device.type != "meta" and torch.is_autocast_enabled(base.device.type))):
+    if torch.compiler.is_compiling() or not base.is_contiguous() or autocast_on(base):
         return lora_expand(base, h, b_hat)
     flat = base.view(-1, b_hat.shape[0])
     if h.dtype != base.dtype:
