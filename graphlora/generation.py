@@ -274,7 +274,7 @@ def ready_static_cache(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
 #: Per source model: the last ``StaticCache`` :func:`ready_static_cache` initialized (a weak
 #: reference) and its layers' tensors (:func:`_reuse_static_tensors`).
 _STATIC_TENSORS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-#: The tensors a ``StaticLayer`` allocates when it initializes (``cumulative_length``: transformers >= 5.2x).
+#: The tensors a ``StaticLayer`` allocates when it initializes (``cumulative_length``: 5.25 has it, not every release).
 _LAYER_TENSORS = ("keys", "values", "cumulative_length")
 
 

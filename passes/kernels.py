@@ -297,7 +297,7 @@ def shrink_ok(x: Tensor, a: Tensor) -> bool:
         return False
     return (a.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and x.dim() == 2
             and a.dim() == 2 and a.shape[0] <= SHRINK_MAX_RANK and not torch.is_grad_enabled()
-            and (compiling or (x.shape[0] >= EXPAND_MIN_TOKENS and available(x)))
+            and (compiling or available(x))
             and max(_span(x), _span(a)) < 2 ** 31)
 
 

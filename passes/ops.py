@@ -303,16 +303,15 @@ def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
     Float32 factors over a bf16 / fp16 ``x`` on CUDA: :func:`.kernels.shrink` (``x`` read once in
     its dtype, a float32-accurate dot on tensor cores) where :func:`.kernels.shrink_ok` holds.
     """
-    if torch.compiler.is_compiling():  # first: a compiled graph traces none of the other branches
+    compiling = torch.compiler.is_compiling()  # first: a compiled graph traces none of the eager checks
+    if compiling or (x.is_cuda and x.dtype != a_hat.dtype):  # eager, the float32 shrink kernel serves CUDA only
         flat = x.reshape(-1, x.shape[-1])
-        if fusible_rows(flat):  # a handful of rows: a reduction Inductor fuses with x's producer
+        if compiling and fusible_rows(flat):  # a handful of rows: a reduction Inductor fuses with x's producer
             xs = flat.to(a_hat.dtype).to(torch.float32)  # the GEMM form's cast of x, then a float32 sum
             return (xs[:, None, :] * a_hat.to(torch.float32)[None]).sum(-1).to(a_hat.dtype)
+        if x.dtype != a_hat.dtype and kernels.shrink_ok(flat, a_hat):
+            return kernels.shrink(flat, a_hat)
     if x.dtype != a_hat.dtype:
-        if x.is_cuda or torch.compiler.is_compiling():  # eager, the float32 shrink kernel serves CUDA only
-            flat = x.reshape(-1, x.shape[-1])
-            if kernels.shrink_ok(flat, a_hat):
-                return kernels.shrink(flat, a_hat)
         x = x.to(a_hat.dtype)
     h = F.linear(x, a_hat)
     return h.reshape(-1, h.shape[-1])
