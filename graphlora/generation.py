@@ -710,13 +710,16 @@ def _sliding_trace(model: nn.Module, seen: bool) -> Iterator[None]:
 
 def _one_step_static(kwargs: Mapping[str, Any]) -> bool:
     """A one-token ``StaticCache`` call with a 2-d mask over the cached and new positions (a manual
-    decode loop's step): if its trace fails on a data-dependent size, traced again under
-    :func:`_past_from_mask` (only then: reading the count as a size syncs with the host)."""
+    decode loop's step), or a ``StaticCache`` call without a mask: if its trace fails on a
+    data-dependent size, traced again under :func:`_past_from_mask` (only then: reading the count
+    as a size syncs with the host)."""
     _, cache = _cache_item(kwargs)
     mask = kwargs.get("attention_mask")
     # a mask as long as the cache may be a manual loop's at its last slot (past + new = max_cache_len),
-    # where the check holds; a spanning mask of generate (Bloom's) traces without a retry
-    return _is_static(cache) and _new_tokens(kwargs) == 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2
+    # where the check holds; a spanning mask of generate (Bloom's) traces without a retry. No mask:
+    # transformers 5.17's generate drops an all-ones one for a compileable cache (SDPA's is_causal).
+    one_step = _new_tokens(kwargs) == 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2
+    return _is_static(cache) and (mask is None or one_step)
 
 
 @contextlib.contextmanager
@@ -729,7 +732,11 @@ def _past_from_mask(model: nn.Module) -> Iterator[None]:
     know; with one new token, ``[B, 1, D] + [B, n, D]`` broadcasts either way and transformers'
     ``is_causal = q_len > 1`` cannot be decided. The call's contract (the mask covers the cached and
     the new positions) says ``n = mask length - new``; the check makes the program assert it at run
-    time (a mask of another length fails the call, nothing computed wrongly)."""
+    time (a mask of another length fails the call, nothing computed wrongly).
+
+    Without a mask (OPT then builds ``ones(B, n + new)`` itself) the count stays a data-dependent
+    size, bounded by the cache: ``0 <= n <= max_cache_len - new``, which decides the padding of that
+    mask to the cache's length; the program reads the count every step."""
     from transformers.cache_utils import StaticLayer
 
     seen: dict[str, Any] = {}
@@ -742,18 +749,42 @@ def _past_from_mask(model: nn.Module) -> Iterator[None]:
     def get_seq_length(self: Any) -> Any:
         count = original(self)
         mask, new = seen.get("mask"), seen.get("new")
-        if not isinstance(count, torch.Tensor) or not isinstance(mask, torch.Tensor) or new is None:
+        if not isinstance(count, torch.Tensor) or new is None:
             return count
-        value = count.item()
-        torch._check(value == mask.shape[1] - new)
-        return value
+        if mask is None:
+            value = count.item()
+            torch._check(value >= 0)
+            torch._check(value + new <= self.keys.shape[-2])  # the cache length, a size of the trace
+            return value
+        if not isinstance(mask, torch.Tensor):
+            return count
+        past = mask.shape[1] - new
+        torch._check(count.item() == past)  # kept in the program as its run-time check
+        return past  # a size of the mask's, not the unbacked read: slicing by it needs no guard
+
+    from transformers import masking_utils
+
+    original_pad = getattr(masking_utils, "prepare_padding_mask", None)
+
+    def prepare_padding_mask(attention_mask: Any, kv_length: Any, kv_offset: Any) -> Any:
+        # transformers pads only when ``pad > 0``, undecidable for ``pad = L - (n + new) >= 0``; a pad of
+        # 0 is the unpadded mask, so the program pads by ``pad`` either way
+        if attention_mask is None or seen.get("mask") is not None:
+            return original_pad(attention_mask, kv_length, kv_offset)
+        pad = kv_length + kv_offset - attention_mask.shape[-1]
+        torch._check(pad >= 0)
+        return torch.nn.functional.pad(attention_mask, (0, pad))
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     StaticLayer.get_seq_length = get_seq_length
+    if original_pad is not None:
+        masking_utils.prepare_padding_mask = prepare_padding_mask
     try:
         yield
     finally:
         StaticLayer.get_seq_length = original
+        if original_pad is not None:
+            masking_utils.prepare_padding_mask = original_pad
         handle.remove()
 
 

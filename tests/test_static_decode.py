@@ -178,3 +178,30 @@ def test_a_manual_loop_fills_the_cache_to_its_last_slot_as_peft(pair):
                 step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
         outs.append(torch.stack(logits))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_calls_without_a_mask_fill_a_static_cache_as_peft(pair):
+    """Without ``attention_mask`` (transformers 5.17's generate drops an all-ones one for a static
+    cache), OPT builds ``ones(B, past + new)`` from the cache's token count: the prompt, the steps
+    and the last slot (no padding left) are served with PEFT's logits."""
+    from transformers import StaticCache
+
+    arch, gm, ref = pair
+    if arch == "bloom":
+        pytest.skip("Bloom's StaticCache takes a cache-length mask only")
+    ids, _ = _prompt(False)
+    length = ids.shape[1] + 3
+
+    def run(model):
+        cache, logits = StaticCache(config=model.config, max_cache_len=length), []
+        own, step = _cache_name(model.get_base_model()), ids
+        with torch.no_grad():
+            for _ in range(4):  # the prompt, then three steps: the last fills slot length - 1
+                out = model(step, use_cache=True, **{own: cache})
+                logits.append(out.logits[:, -1])
+                step = out.logits[:, -1].argmax(-1)[:, None]
+        assert int(cache.layers[0].cumulative_length) == length
+        return logits
+
+    for ours, theirs in zip(run(gm), run(ref)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
