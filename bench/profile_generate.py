@@ -60,6 +60,7 @@ def main() -> None:
             prof.disable()
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)  # the call chain
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -710,14 +710,18 @@ def _sliding_trace(model: nn.Module, seen: bool) -> Iterator[None]:
 
 def _one_step_static(kwargs: Mapping[str, Any]) -> bool:
     """A one-token ``StaticCache`` call with a 2-d mask over the cached and new positions (a manual
-    decode loop's step), or a ``StaticCache`` call without a mask: if its trace fails on a
+    decode loop's step), or a ``StaticCache`` call without a mask (transformers 5.17's generate
+    drops an all-ones one for a compileable cache: SDPA's ``is_causal``): if its trace fails on a
     data-dependent size, traced again under :func:`_past_from_mask` (only then: reading the count
-    as a size syncs with the host)."""
+    as a size syncs with the host).
+
+    A mask as long as the cache may be a manual loop's at its last slot (past + new =
+    max_cache_len), where the check holds; a spanning mask of generate (Bloom's) traces without a
+    retry. Not retried: a multi-token call with a mask (a prompt), whose program must serve an
+    empty cache too (the count read from the mask specializes it to a filled one); torch 2.13
+    slices by the unbacked count there, torch 2.11 cannot (OPT's manual loops fail on it)."""
     _, cache = _cache_item(kwargs)
     mask = kwargs.get("attention_mask")
-    # a mask as long as the cache may be a manual loop's at its last slot (past + new = max_cache_len),
-    # where the check holds; a spanning mask of generate (Bloom's) traces without a retry. No mask:
-    # transformers 5.17's generate drops an all-ones one for a compileable cache (SDPA's is_causal).
     one_step = _new_tokens(kwargs) == 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2
     return _is_static(cache) and (mask is None or one_step)
 

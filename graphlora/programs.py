@@ -201,6 +201,7 @@ class ProgramSet:
         self.fuse_shrink: bool = fuse_shrink.ENABLED
         #: ``torch.compile`` options the routing runs programs with (:meth:`compiled`; ``None``: eager)
         self._compile: Union[dict[str, Any], None] = None
+        self._compile_key: tuple = ()
         #: options -> program key -> (module, its compiled wrapper)
         self._compiled: dict[tuple, dict[ProgramKey, tuple[fx.GraphModule, Any]]] = {}
         #: program key -> (its module's generated forward, the lowered eager callable)
@@ -211,11 +212,13 @@ class ProgramSet:
         """Inside the block, :meth:`runnable` gives programs compiled with ``torch.compile(**options)``
         (one compile per program and options, kept; a re-spliced program compiles again). generate
         uses it for the decode steps transformers asks to compile (:func:`graphlora.generation.generate`)."""
-        before, self._compile = self._compile, dict(options)
+        before = self._compile, self._compile_key
+        self._compile = dict(options)
+        self._compile_key = tuple(sorted((k, repr(v)) for k, v in options.items()))  # once, not per call
         try:
             yield
         finally:
-            self._compile = before
+            self._compile, self._compile_key = before
 
     @property
     def compiling(self) -> bool:
@@ -237,7 +240,7 @@ class ProgramSet:
         module = program.module
         if self._compile is None:
             return self.eager(program)
-        cache = self._compiled.setdefault(tuple(sorted((k, repr(v)) for k, v in self._compile.items())), {})
+        cache = self._compiled.setdefault(self._compile_key, {})
         held = cache.get(program.key)
         if held is None or held[0] is not module:
             held = cache[program.key] = (module, torch.compile(module, **self._compile))
