@@ -125,17 +125,34 @@ def describe_cache(cache: Any) -> tuple:
     Two caches with equal descriptions flatten to the same pytree spec, so one exported graph takes
     both: an empty ``DynamicCache`` (prefill) has 0 leaves, a filled one ``2 · layers``.
     """
+    static = _is_static(cache)
+    if static:  # a decode loop describes its one cache every step: once its layers hold their tensors, kept
+        known = _STATIC_DESCRIPTIONS.get(cache) if _hashable(cache) else None
+        if known is not None:
+            return known
     from torch.utils import _pytree as pytree
 
     register_cache_pytree()
     layers = getattr(cache, "layers", ())
     windows = tuple(getattr(layer, "sliding_window", None) for layer in layers)
     # -1: a cache export cannot take apart (a QuantizedCache, a sliding StaticCache): _export_cache_call refuses it
-    if _is_static(cache):  # every decode step is keyed: count its leaves without flattening it
+    if static:  # every decode step is keyed: count its leaves without flattening it
         leaves = 3 * sum(layer.is_initialized for layer in layers) if static_layers_supported(cache) else -1
     else:
         leaves = len(pytree.tree_flatten(cache)[0]) if type(cache) in pytree.SUPPORTED_NODES else -1
-    return ("cache", type(cache).__qualname__, len(layers), leaves, windows)
+    described = ("cache", type(cache).__qualname__, len(layers), leaves, windows)
+    if static and _hashable(cache) and all(layer.is_initialized for layer in layers):  # fixed from now on
+        _STATIC_DESCRIPTIONS[cache] = described  # (reset keeps the tensors)
+    return described
+
+
+def _hashable(value: Any) -> bool:
+    return type(value).__hash__ is not None
+
+
+#: :func:`describe_cache` of each live ``StaticCache`` whose layers all hold their tensors: its
+#: layers, their types and windows never change after that.
+_STATIC_DESCRIPTIONS: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
 
 
 #: The program-key entry of a decoder-only call with a filled cache (:func:`step_key`).
@@ -149,11 +166,13 @@ def _new_tokens(kwargs: Mapping[str, Any]) -> Union[int, None]:
     return first.shape[1] if first is not None and first.dim() > 1 else None
 
 
-def _spans_cache(kwargs: Mapping[str, Any]) -> bool:
+def _spans_cache(kwargs: Mapping[str, Any], cache: Any = None) -> bool:
     """A 2-d ``attention_mask`` as long as the ``StaticCache``'s ``max_cache_len`` (what generate gives
     Bloom, whose ALiBi bias is built from the mask and added to scores over every cache slot), rather
-    than covering the cached and new positions only (``[batch, past + new]``, a manual decode loop)."""
-    _, cache = _cache_item(kwargs)
+    than covering the cached and new positions only (``[batch, past + new]``, a manual decode loop).
+    ``cache``: the call's, if the caller found it already."""
+    if cache is None:
+        _, cache = _cache_item(kwargs)
     mask = kwargs.get("attention_mask")
     if not _is_static(cache) or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return False
@@ -175,7 +194,7 @@ def step_key(kwargs: Mapping[str, Any]) -> Union[tuple, None]:
     _, cache = _cache_item(kwargs)
     if cache is None or hasattr(cache, "cross_attention_cache") or "encoder_outputs" in kwargs:
         return None
-    return _new_tokens(kwargs) == 1, _spans_cache(kwargs)
+    return _new_tokens(kwargs) == 1, _spans_cache(kwargs, cache)
 
 
 def is_cache_call(kwargs: Mapping[str, Any]) -> bool:
