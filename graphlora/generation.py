@@ -51,10 +51,12 @@ and ``L`` (and on dims 0, 2 and 3 of the 4-d ``[B, 1, N, L]`` mask generate buil
 cache): new prompt lengths, ``max_new_tokens`` and batch sizes reuse them. A 2-d mask covers the
 cached and new positions (a manual loop: the graph's guard is ``L >`` its length), or spans the
 whole cache (``[B, L]``: what generate gives Bloom, whose ALiBi bias covers every slot); the key
-says which (:func:`step_key`), and the trace follows. A model that slices by the cache's count of
-tokens seen (OPT's positions when none are given) cannot be traced for one new token as it is;
-such a step is traced again reading the count as a size checked equal to the mask's length minus
-one (:func:`_past_from_mask`). The decode step generate runs has static addresses and no host sync
+says which (:func:`step_key`), and the trace follows. A prompt into an empty cache (its 2-d mask
+as long as its new tokens) is a program of its own, traced with nothing cached. A model that
+slices by the cache's count of tokens seen (OPT's positions when none are given) cannot be traced
+for one new token as it is (nor, under torch 2.11, for any masked call); such a call is traced
+again reading the count as a size checked equal to the mask's length minus the new tokens
+(:func:`_past_from_mask`); without a mask, as a data-dependent size bounded by the cache. The decode step generate runs has static addresses and no host sync
 (no ``.item()`` in the graph; OPT's own position code without ``position_ids`` has one), so a CUDA
 graph can replay it. transformers' generate compiles the decode step for a static cache on
 CUDA by asking the model's ``get_compiled_call``; :func:`generate` shadows that too, so the decode
@@ -181,7 +183,7 @@ def _spans_cache(kwargs: Mapping[str, Any], cache: Any = None) -> bool:
 
 
 def step_key(kwargs: Mapping[str, Any]) -> Union[tuple, None]:
-    """What a decoder-only call with a filled cache adds to its program key: ``(one, spans)``.
+    """What a decoder-only call with a filled cache adds to its program key: ``(one, spans, empty)``.
 
     ``one``: the call feeds one new token. Its graph is traced with one (``N = 1``) and a
     multi-token call's with two: torch.export takes every size it sees as 2 or more unless the
@@ -189,12 +191,25 @@ def step_key(kwargs: Mapping[str, Any]) -> Union[tuple, None]:
     ``N = 1`` call fails (transformers' ``is_causal = q_len > 1``; OPT's positions sliced by the
     cache's length, checked ``>= 2``). A decode loop thus runs one program for its prefill (``N >
     1``) and one for its steps. ``spans``: a 2-d mask spans a ``StaticCache`` (:func:`_spans_cache`),
-    traced so. ``None`` for encoder-decoder calls (traced on their own synthetic inputs).
+    traced so. ``empty``: a prompt into an empty ``StaticCache`` (:func:`_empty_prompt`), traced with
+    nothing cached. ``None`` for encoder-decoder calls (traced on their own synthetic inputs).
     """
     _, cache = _cache_item(kwargs)
     if cache is None or hasattr(cache, "cross_attention_cache") or "encoder_outputs" in kwargs:
         return None
-    return _new_tokens(kwargs) == 1, _spans_cache(kwargs, cache)
+    return _new_tokens(kwargs) == 1, _spans_cache(kwargs, cache), _empty_prompt(kwargs, cache)
+
+
+def _empty_prompt(kwargs: Mapping[str, Any], cache: Any) -> bool:
+    """A multi-token ``StaticCache`` call whose 2-d mask covers only the new positions: a prompt into
+    an empty cache (the mask covers the cached and the new positions), told apart from the shapes
+    alone (no read of the cache's count, no sync). Its program is traced with nothing cached: one
+    traced with a filled cache may read the count from the mask, ``past = mask length - new``, and
+    then holds a guard ``past != 0`` (a contiguity check of OPT's positions sliced by it)."""
+    mask = kwargs.get("attention_mask")
+    new = _new_tokens(kwargs)
+    return (new is not None and new > 1 and _is_static(cache) and isinstance(mask, torch.Tensor) and mask.dim() == 2
+            and mask.shape[1] == new)
 
 
 def is_cache_call(kwargs: Mapping[str, Any]) -> bool:
@@ -624,9 +639,10 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     filled = _filled(cache)
     if _encoder_decoder(model):  # the decoder's first step has one token: always synthetic
         example = example_cache_inputs(kwargs, past=TRACE_PAST if filled else 0, encoder=TRACE_ENCODER)
-    elif filled:  # one new token: its own trace (see step_key)
+    elif filled:  # one new token, a prompt into an empty StaticCache: their own traces (see step_key)
         new = 1 if _new_tokens(kwargs) == 1 else TRACE_NEW
-        example = example_cache_inputs(kwargs, past=_trace_past(kwargs), new=new)
+        past = 0 if _empty_prompt(kwargs, cache) else _trace_past(kwargs)
+        example = example_cache_inputs(kwargs, past=past, new=new)
     else:
         example = widen_for_trace(kwargs)
     shapes = {}
@@ -648,7 +664,7 @@ def _export_cache_call(model: nn.Module, kwargs: Mapping[str, Any]) -> fx.GraphM
     try:
         with _sliding_trace(model, SEEN in inputs), var_keyword_inputs(model, fixed, inputs):
             shapes = {k: v for k, v in shapes.items() if k in inputs}
-            if not _one_step_static(kwargs):
+            if not _count_retry(kwargs):
                 gm = export_with_shapes(model, inputs, shapes)
             else:
                 printed = io.StringIO()  # torch prints a failed trace's partial graph: only if it stays failed
@@ -727,22 +743,27 @@ def _sliding_trace(model: nn.Module, seen: bool) -> Iterator[None]:
             del model.forward
 
 
-def _one_step_static(kwargs: Mapping[str, Any]) -> bool:
-    """A one-token ``StaticCache`` call with a 2-d mask over the cached and new positions (a manual
-    decode loop's step), or a ``StaticCache`` call without a mask (transformers 5.17's generate
-    drops an all-ones one for a compileable cache: SDPA's ``is_causal``): if its trace fails on a
-    data-dependent size, traced again under :func:`_past_from_mask` (only then: reading the count
-    as a size syncs with the host).
+def _count_retry(kwargs: Mapping[str, Any]) -> bool:
+    """A ``StaticCache`` call whose trace, if it fails on a data-dependent size, is traced again
+    under :func:`_past_from_mask` (only then: reading the count as a size syncs with the host): one
+    with a 2-d mask over the cached and new positions (a manual decode loop's prompt, chunk or
+    step), or one without a mask (transformers 5.17's generate drops an all-ones one for a
+    compileable cache: SDPA's ``is_causal``).
 
-    A mask as long as the cache may be a manual loop's at its last slot (past + new =
-    max_cache_len), where the check holds; a spanning mask of generate (Bloom's) traces without a
-    retry. Not retried: a multi-token call with a mask (a prompt), whose program must serve an
-    empty cache too (the count read from the mask specializes it to a filled one); torch 2.13
-    slices by the unbacked count there, torch 2.11 cannot (OPT's manual loops fail on it)."""
+    torch 2.13 slices by the unbacked count (OPT's ``position_ids[:, past:]``), torch 2.11 cannot,
+    so there every masked call retries; a one-token step retries on both. A mask as long as the
+    cache may be a one-token step's at the last slot (past + new = max_cache_len), where the check
+    holds; a multi-token call with a mask spanning the cache (Bloom's in generate) traces without a
+    retry and is not retried (the mask's length is not past + new). A prompt into an empty cache
+    has its own program (:func:`_empty_prompt`), so a chunk's may assume ``past > 0``."""
     _, cache = _cache_item(kwargs)
     mask = kwargs.get("attention_mask")
-    one_step = _new_tokens(kwargs) == 1 and isinstance(mask, torch.Tensor) and mask.dim() == 2
-    return _is_static(cache) and (mask is None or one_step)
+    if not _is_static(cache):
+        return False
+    if mask is None:
+        return True
+    masked = isinstance(mask, torch.Tensor) and mask.dim() == 2
+    return masked and (_new_tokens(kwargs) == 1 or not _spans_cache(kwargs, cache))
 
 
 @contextlib.contextmanager

@@ -118,8 +118,10 @@ def test_static_cache_decode_loop_and_generate_equal_peft(pair, padded):
 
 
 def test_one_token_and_chunk_calls_are_separate_programs(pair):
-    """A filled-cache call's key says whether it feeds one token: a decode loop runs one program for its
-    prompt and one for its steps, whatever the batch, cache and prompt lengths."""
+    """A filled-cache call's key says whether it feeds one token and whether it is a prompt into an
+    empty StaticCache (its mask covers the new positions only): a decode loop runs one program for
+    its prompt, one for its steps and one for a later chunk, whatever the batch, cache and prompt
+    lengths. Bloom's masks span the cache, so its prompt and chunk share one."""
     from graphlora.calls import SWITCH
     from graphlora.generation import STEP
 
@@ -129,7 +131,10 @@ def test_one_token_and_chunk_calls_are_separate_programs(pair):
     loop = [dict(key[0]) for key in gm.programs.keys() if key[1] != SWITCH]
     loop = [key for key in loop if key.get("attention_mask") == ("tensor", torch.int64, 2)
             and "logits_to_keep" not in key]  # the manual loop's, not generate's
-    assert sorted(key[STEP][1] for key in loop) == [(False, arch == "bloom"), (True, arch == "bloom")]
+    bloom = arch == "bloom"
+    expected = [(False, True, False), (True, True, False)] if bloom else [
+        (False, False, False), (False, False, True), (True, False, False)]
+    assert sorted(key[STEP][1] for key in loop) == expected
     count = len(gm.programs)
     _loop(gm, arch, ids[:1, 1:], mask[:1, 1:])  # another batch and prompt length: no new trace
     assert len(gm.programs) == count
@@ -210,3 +215,38 @@ def test_calls_without_a_mask_fill_a_static_cache_as_peft(pair):
     for ours, theirs in zip(run(gm), run(ref)):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
+def test_a_loop_whose_first_traces_fail_on_the_count_is_traced_from_the_mask(monkeypatch, tmp_path, padded):
+    """torch 2.11 cannot slice by the cache's data-dependent count (OPT's ``position_ids[:, past:]``):
+    there every masked call of a manual loop fails its first trace, as a one-token step does on
+    every torch. The retry reads the count from the mask (``past = mask length - new``); the prompt
+    into the empty cache has its own program (traced with nothing cached), so the chunk's may hold
+    ``past != 0``. Here every first trace of a static call is made to fail as torch 2.11's does:
+    the logits still equal PEFT's."""
+    import peft
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    import graphlora.generation as generation
+
+    real, failed, plain = generation.export_with_shapes, [], StaticLayer.get_seq_length
+
+    def export_with_shapes(model, inputs, shapes):  # fails a first trace, not the retry (which patches the count)
+        if any(isinstance(v, StaticCache) for v in inputs.values()) and StaticLayer.get_seq_length is plain:
+            failed.append(True)
+            raise RuntimeError("Could not extract specialized integer from data-dependent expression u0")
+        return real(model, inputs, shapes)
+
+    monkeypatch.setattr(generation, "export_with_shapes", export_with_shapes)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MODELS["opt"][1], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.get_peft_model(_build("opt"), config).eval()
+        ref.save_pretrained(tmp_path)
+    gm = graphlora.inject(_build("opt"), str(tmp_path)).eval()
+    ids, mask = _prompt(padded)
+    for ours, theirs in zip(_loop(gm, "opt", ids, mask), _loop(ref, "opt", ids, mask)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert len(failed) == 3  # the prompt's, the steps' and the chunk's first traces
