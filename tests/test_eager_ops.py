@@ -11,7 +11,7 @@ from models import main_output, randomize_b, tiny_bert, tiny_gpt2, tiny_llama, t
 
 import graphlora
 from graphlora import LoraConfig
-from graphlora.passes.eager import TWINS, EagerOps, _slice, lower_graph
+from graphlora.passes.eager import TWINS, EagerOps, _slice, identity_slice, lower_graph
 
 MODELS = {
     "llama": (tiny_llama, ["q_proj", "v_proj", "gate_proj", "down_proj"]),
@@ -57,9 +57,31 @@ def test_gm_graph_keeps_its_aten_ops_and_the_eager_copy_has_none_of_the_lowered_
     assert torch.ops.aten.mul.Tensor in shown and torch.ops.aten.view.default in shown
     graph = fx.Graph()
     graph.graph_copy(gm.graph, {})
+    whole = sum(identity_slice(n) for n in graph.nodes)
+    assert whole >= 2  # export writes each x[:, ...] of the source as a slice of all of x
     assert lower_graph(graph)
     left = {n.target for n in graph.nodes if n.op == "call_function"} & set(TWINS)
     assert not left, left
+    assert not any(identity_slice(n) for n in graph.nodes)
+    # the slices that remain cut something: the lowered ones take a start, an end or a step
+    assert all(n.args[2:] != (0, 2 ** 63 - 1) for n in graph.nodes if n.target is _slice)
+
+
+@pytest.mark.parametrize("args,whole", [((0, 0, 2 ** 63 - 1), True), ((1,), True), ((1, None, None, 1), True),
+                                        ((1, 0, 5), False), ((1, 1, 2 ** 63 - 1), False), ((0, 0, 2 ** 63 - 1, 2), False)])
+def test_identity_slices_are_only_those_of_all_of_x(args, whole):
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    node = graph.call_function(torch.ops.aten.slice.Tensor, (x, *args))
+    graph.output(node)
+    assert identity_slice(node) is whole
+    t = torch.arange(6 * 7).reshape(6, 7)
+    lowered = fx.Graph()
+    lowered.output(lowered.graph_copy(graph, {}))
+    lower_graph(lowered)
+    want = torch.ops.aten.slice.Tensor(t, *args)
+    got = fx.GraphModule(torch.nn.Module(), lowered)(t)
+    assert torch.equal(got, want) and got.stride() == want.stride()
 
 
 def test_a_re_splice_gives_a_new_lowered_copy_that_applies_the_new_adapter():
