@@ -56,9 +56,10 @@ as long as its new tokens) is a program of its own, traced with nothing cached. 
 slices by the cache's count of tokens seen (OPT's positions when none are given) cannot be traced
 for one new token as it is (nor, under torch 2.11, for any masked call); such a call is traced
 again reading the count as a size checked equal to the mask's length minus the new tokens
-(:func:`_past_from_mask`); without a mask, as a data-dependent size bounded by the cache. The decode step generate runs has static addresses and no host sync
-(no ``.item()`` in the graph; OPT's own position code without ``position_ids`` has one), so a CUDA
-graph can replay it. transformers' generate compiles the decode step for a static cache on
+(:func:`_past_from_mask`); without a mask, as a data-dependent size bounded by the cache. The
+decode step generate runs has static addresses and no host sync (no ``.item()`` in the graph; OPT's
+own position code without ``position_ids`` has one, and so has a retried program), so a CUDA graph
+can replay it. transformers' generate compiles the decode step for a static cache on
 CUDA by asking the model's ``get_compiled_call``; :func:`generate` shadows that too, so the decode
 steps run graphlora's programs compiled with the ``CompileConfig``'s options
 (:meth:`graphlora.programs.ProgramSet.compiled`), while the routing stays eager outside them. Sliding-window or offloading static caches and

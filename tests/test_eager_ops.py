@@ -67,8 +67,9 @@ def test_gm_graph_keeps_its_aten_ops_and_the_eager_copy_has_none_of_the_lowered_
     assert all(n.args[2:] != (0, 2 ** 63 - 1) for n in graph.nodes if n.target is _slice)
 
 
-@pytest.mark.parametrize("args,whole", [((0, 0, 2 ** 63 - 1), True), ((1,), True), ((1, None, None, 1), True),
-                                        ((1, 0, 5), False), ((1, 1, 2 ** 63 - 1), False), ((0, 0, 2 ** 63 - 1, 2), False)])
+@pytest.mark.parametrize("args,whole", [
+    ((0, 0, 2 ** 63 - 1), True), ((1,), True), ((1, None, None, 1), True),
+    ((1, 0, 5), False), ((1, 1, 2 ** 63 - 1), False), ((0, 0, 2 ** 63 - 1, 2), False)])
 def test_identity_slices_are_only_those_of_all_of_x(args, whole):
     graph = fx.Graph()
     x = graph.placeholder("x")
