@@ -60,9 +60,9 @@ def _triton():
 
     @triton.jit
     def add_kernel(y, h, b, out, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br, s_om, s_on,
-                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr = False):
+                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr = False):
         # out = y + h @ b^T (out may be y: each program reads its tile of y before it writes it).
-        # IEEE: float32 h and b, a float32-accurate dot on tensor cores (tf32x3: hi*hi + hi*lo +
+        # F32_DOT: float32 h and b, a float32-accurate dot on tensor cores (tf32x3: hi*hi + hi*lo +
         # lo*hi of a tf32 split, off by ~2^-22 relative; "ieee" runs on CUDA cores, 59 us a site of
         # 2048 x 4096 on an H200); the sum with y in float32, one rounding on store
         pid_m = tl.program_id(0)
@@ -74,7 +74,7 @@ def _triton():
         mask_n = rn < N
         ht = tl.load(h + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
         bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & (rr[None, :] < R), other=0.0)
-        if IEEE:
+        if F32_DOT:
             acc = tl.dot(ht, tl.trans(bt), input_precision="tf32x3")
         else:
             acc = tl.dot(ht, tl.trans(bt))
@@ -207,7 +207,7 @@ def add_update(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG, _wra
     kernel = torch.library.wrap_triton(k.add) if _wrap else k.add
     kernel[grid](y, h, b, out, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
                  b.stride(0), b.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN, BR=_rank_block(R),
-                 IEEE=h.dtype == torch.float32, num_warps=warps)
+                 F32_DOT=h.dtype == torch.float32, num_warps=warps)
     return out
 
 
@@ -341,7 +341,7 @@ def expand_into(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG) -> 
     BM, BN, warps = config
     grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
     k.add[grid](y, h, b, y, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
-                y.stride(0), y.stride(1), BM=BM, BN=BN, BR=_rank_block(R), IEEE=True, num_warps=warps)
+                y.stride(0), y.stride(1), BM=BM, BN=BN, BR=_rank_block(R), F32_DOT=True, num_warps=warps)
     return y
 
 
