@@ -220,3 +220,30 @@ def test_t5_encoder_gives_each_row_its_adapter():
     torch.testing.assert_close(rows[0], only_default[0], atol=1e-6, rtol=1e-5)
     assert not torch.allclose(only_b[1], only_default[1])
     assert all(key[1] in MODES for key in gm.programs.keys())
+
+
+def test_a_dynamic_caches_leaves_are_counted_as_its_flatten_gives_them():
+    """The program key counts a ``DynamicCache``'s leaves without flattening it (every decode step
+    describes its cache): the count equals transformers' pytree flatten for empty, partly and fully
+    filled caches, sliding-window layers among them; other caches are left to the flatten."""
+    from torch.utils import _pytree as pytree
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    from graphlora._compat import register_cache_pytree
+    from graphlora.generation import _dynamic_leaves, describe_cache
+
+    register_cache_pytree()
+    kv = torch.zeros(1, 2, 3, 4)
+    for filled in ([], [0], [1, 3], [0, 1, 2, 3]):
+        cache = DynamicCache()
+        cache.layers = [DynamicSlidingWindowLayer(sliding_window=4) if i % 2 else DynamicLayer() for i in range(4)]
+        for i in filled:
+            cache.update(kv, kv, i)
+        assert _dynamic_leaves(cache) == len(pytree.tree_flatten(cache)[0]) == 2 * len(filled)
+        assert describe_cache(cache)[3] == 2 * len(filled)
+
+    class Other(DynamicCache):  # not the registered node: left to the flatten (and refused there)
+        pass
+
+    assert _dynamic_leaves(Other()) is None
