@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import generation
 from ._compat import export_module, is_cache, is_pretrained_model
 from .errors import TraceError
 
@@ -68,9 +69,7 @@ def _describe(value: Any) -> Any:
     if is_constant(value):
         return ("const", value)
     if is_cache(value):  # a KV cache: its type, layers and filled leaves (one program per pytree spec)
-        from .generation import describe_cache
-
-        return describe_cache(value)
+        return generation.describe_cache(value)
     if type(value) is dict:  # a pytree input (Qwen2's per-layer-type attention masks): its structure
         return ("dict", tuple(sorted((str(k), _describe(v)) for k, v in value.items())))
     return ("object", type(value).__qualname__)
@@ -82,11 +81,9 @@ def call_key(kwargs: Mapping[str, Any]) -> tuple:
     described = [(name, _describe(value)) for name, value in kwargs.items()]
     key = tuple(sorted(described))
     if any(d[0] == "cache" and d[3] > 0 for _, d in described):
-        from .generation import STEP, step_key
-
-        step = step_key(kwargs)
+        step = generation.step_key(kwargs)
         if step is not None:
-            key += ((STEP, ("const", step)),)
+            key += ((generation.STEP, ("const", step)),)
     return key
 
 

@@ -103,6 +103,7 @@ from typing import Any, Union
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ._compat import (cache_class, cache_dynamic_shapes, dynamic_dims, export_with_shapes, is_cache, pytree_shapes,
                       register_cache_pytree, static_layers_supported)
@@ -133,8 +134,6 @@ def describe_cache(cache: Any) -> tuple:
         known = _STATIC_DESCRIPTIONS.get(cache) if _hashable(cache) else None
         if known is not None:
             return known
-    from torch.utils import _pytree as pytree
-
     register_cache_pytree()
     layers = getattr(cache, "layers", ())
     windows = tuple(getattr(layer, "sliding_window", None) for layer in layers)
@@ -522,8 +521,6 @@ def _synthetic_cache(cache: Any, batch: int, past: int, encoder: int, new: int =
 
     ``length`` is ``past`` for self-attention layers and ``encoder`` for cross-attention ones.
     """
-    from torch.utils import _pytree as pytree
-
     cross = getattr(cache, "cross_attention_cache", None)
     if cross is not None:  # EncoderDecoderCache(self_attention_cache, cross_attention_cache)
         return type(cache)(_synthetic_cache(cache.self_attention_cache, batch, past, encoder),
@@ -545,7 +542,6 @@ def _synthetic_cache(cache: Any, batch: int, past: int, encoder: int, new: int =
 
 def _zeros_like_rows(value: Any, batch: int, length: int) -> Any:
     """``value`` (a tensor or a pytree of them, e.g. ``encoder_outputs``) as ``[batch, length, ...]`` zeros."""
-    from torch.utils import _pytree as pytree
 
     def fresh(t: Any) -> Any:
         if not isinstance(t, torch.Tensor) or t.dim() < 2:
