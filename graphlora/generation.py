@@ -225,17 +225,19 @@ def step_key(kwargs: Mapping[str, Any]) -> Union[tuple, None]:
     _, cache = _cache_item(kwargs)
     if cache is None or hasattr(cache, "cross_attention_cache") or "encoder_outputs" in kwargs:
         return None
-    return _new_tokens(kwargs) == 1, _spans_cache(kwargs, cache), _empty_prompt(kwargs, cache)
+    new = _new_tokens(kwargs)
+    return new == 1, _spans_cache(kwargs, cache), _empty_prompt(kwargs, cache, new)
 
 
-def _empty_prompt(kwargs: Mapping[str, Any], cache: Any) -> bool:
+def _empty_prompt(kwargs: Mapping[str, Any], cache: Any, new: Union[int, None] = None) -> bool:
     """A multi-token ``StaticCache`` call whose 2-d mask covers only the new positions: a prompt into
     an empty cache (the mask covers the cached and the new positions), told apart from the shapes
     alone (no read of the cache's count, no sync). Its program is traced with nothing cached: one
     traced with a filled cache may read the count from the mask, ``past = mask length - new``, and
-    then holds a guard ``past != 0`` (a contiguity check of OPT's positions sliced by it)."""
+    then holds a guard ``past != 0`` (a contiguity check of OPT's positions sliced by it). ``new``:
+    the call's new tokens, if the caller counted them already."""
     mask = kwargs.get("attention_mask")
-    new = _new_tokens(kwargs)
+    new = _new_tokens(kwargs) if new is None else new
     return (new is not None and new > 1 and _is_static(cache) and isinstance(mask, torch.Tensor) and mask.dim() == 2
             and mask.shape[1] == new)
 
