@@ -48,6 +48,7 @@ store's ``state_dict()`` gives each banked tensor as a contiguous copy of its ow
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,19 @@ def _count_step(*_: Any) -> None:
 
 
 register_optimizer_step_post_hook(_count_step)
+
+#: writes graphlora itself makes to the slots, gates and active slots outside a sync (a cleared slot,
+#: a bound copy, a pool's slot write): :meth:`BankSet.gather` re-gathers after any (their own version
+#: counters are not read: a check of a 32-layer model would read a thousand of them every call)
+_WRITES = [0]
+
+
+def note_write() -> None:
+    """Tell :meth:`BankSet.gather` that graphlora wrote a slot, a gate or the active slots in place."""
+    _WRITES[0] += 1
+
+
+_VERSION = operator.attrgetter("_version")
 
 #: the bank set's name on the adapter store (``graphlora._banks``)
 BANKS = "_banks"
@@ -117,10 +131,12 @@ class SiteBank(nn.Module):
             self.register_buffer("b_hat", torch.zeros(self.d_out, width * rank, **kw), persistent=False)
 
     def sources(self) -> tuple[torch.Tensor, ...]:
-        """What ``a_hat`` / ``b_hat`` are made of: the slots, the gates and the active adapters'
-        parameters (a write through a parameter, an optimizer step, bumps the parameter's version
-        counter, not the bank's: ``param.data = view`` shares storage, not the counter)."""
-        return (self.lora_A, self.lora_B, self.gate, *self.watched)
+        """What :meth:`BankSet.gather` watches of what ``a_hat`` / ``b_hat`` are made of: the active
+        adapters' parameters. A write through a parameter (a user's ``copy_``, a hotswap) bumps the
+        parameter's version counter, not the bank's (``param.data = view`` shares storage, not the
+        counter). The slots and gates are written by graphlora only, which says so
+        (:func:`note_write`), or by a sync, which re-gathers."""
+        return self.watched
 
     def gather(self, active: torch.Tensor) -> None:
         r"""Write the active slots' factors into ``a_hat`` / ``b_hat`` in place (:meth:`BankSet.gather`
@@ -181,6 +197,7 @@ class SiteBank(nn.Module):
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
+        note_write()
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.set_scale(slot, 0.0)
@@ -198,6 +215,7 @@ class SiteBank(nn.Module):
         if (values, id(self.gate), self.gate._version) != self._gates:
             with torch.no_grad():
                 self.gate.copy_(torch.tensor(values, dtype=self.gate.dtype), non_blocking=True)
+            note_write()
             self._gates = (values, id(self.gate), self.gate._version)
 
     @torch.no_grad()
@@ -292,6 +310,7 @@ class BankSet(nn.Module):
         device = next((bank.lora_A.device for _, bank in self.sites()), self.active.device)
         if (slots, id(self.active), self.active._version) != self._active:
             value = torch.tensor(slots, dtype=torch.long)
+            note_write()
             if self.active.shape == value.shape and self.active.device == device:
                 self.active.copy_(value, non_blocking=True)
             else:
@@ -304,12 +323,14 @@ class BankSet(nn.Module):
         """Gather every site's active factors (:meth:`SiteBank.gather`) if anything they are made of
         changed: the serving call's check, one pass over the sources' version counters.
 
-        Writes no version counter sees are caught too: every optimizer step (fused optimizers
-        write parameters without bumping their counters) and every ``train()`` / ``eval()`` of the
-        emitted module force a gather. A write through ``param.data`` is not seen: call
+        What is checked: the active adapters' parameters' version counters (a write through one),
+        the optimizer steps taken (fused optimizers write parameters without bumping their
+        counters) and graphlora's own writes to slots, gates and active slots (:func:`note_write`).
+        Every ``train()`` / ``eval()`` of the emitted module and every sync force a gather too. A
+        write through ``param.data``, or straight into a bank's buffers, is not seen: call
         ``gm.eval()`` after one.
         """
-        stamp = (_STEPS[0], *[t._version for t in self._sources])
+        stamp = (_STEPS[0], _WRITES[0], *map(_VERSION, self._sources))
         if stamp == self._gathered:
             return
         active = self.active
@@ -362,7 +383,7 @@ class BankSet(nn.Module):
 
     def forget_gathered(self) -> None:
         """The next :meth:`gather` gathers (new buffers, new active set, a mode change)."""
-        self._sources = [self.active, *(t for _, bank in self.sites() for t in bank.sources())]
+        self._sources = [t for _, bank in self.sites() for t in bank.sources()]
         self._gathered = ()
 
     def forget_written(self) -> None:
@@ -472,6 +493,7 @@ def _bind_slot(bank: SiteBank, slot: int, a: torch.Tensor, b: torch.Tensor, scal
             if param.data_ptr() != view.data_ptr() or param.stride() != view.stride():
                 if param.data_ptr() == 0 and param.numel():
                     continue  # meta or storage-less: nothing to bind yet
+                note_write()
                 if a.shape[0] < bank.rank:
                     bank.lora_A[slot].zero_() if param is a else bank.lora_B[slot].zero_()
                 view.copy_(param.detach())

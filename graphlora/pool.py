@@ -56,6 +56,7 @@ import torch
 from graphlora.passes.splice import site_key
 
 from . import peft_io
+from .banks import note_write
 from .config import LoraConfig
 from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, AdapterStateError, ConfigError
 from .peft_format import KEY_PREFIX
@@ -91,11 +92,11 @@ def _offload(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def _write_slot(gm: Any, inner: str, tensors: Mapping[str, torch.Tensor]) -> None:
     """Copy ``tensors`` (PEFT keys) into the bank slot of the module's adapter ``inner``, through the
-    banks' own slot views: the adapter's parameters are views of that slot too, and a write through
-    the bank (not through a parameter) also moves the bank's version counter, which is what tells
-    the serving path that the slot changed (:meth:`graphlora.banks.SiteBank.gather`)."""
+    banks' own slot views (the adapter's parameters are views of that slot too), and tell the serving
+    path that the slot changed (:func:`graphlora.banks.note_write`; its next call re-gathers)."""
     state = gm.adapter_state
     banks, slot = state.store.banks, state.banks.slots[inner]
+    note_write()
     for site in state.plans[inner]:
         a, b = (tensors[f"{KEY_PREFIX}{site}.{name}.weight"] for name in ("lora_A", "lora_B"))
         view_a, view_b = banks.site(site_key(site)).slot_views(slot, a.shape[0])

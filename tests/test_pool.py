@@ -85,6 +85,24 @@ def test_mixed_batches_through_two_slots_equal_the_adapters_loaded_directly(libr
     assert pool.swaps and pool.evictions
 
 
+def test_a_swap_into_the_active_slot_is_served_at_once(library):
+    """One slot, two adapters of one config: making the other adapter resident writes its tensors
+    into the slot the module has active (same active set, no sync), and the module's next call must
+    serve what the slot now holds, not the factors gathered before."""
+    direct = _direct(library, ["a1", "a5"])
+    ids = token_ids(batch=2, seq=5, seed=4)
+    with torch.no_grad():  # the references first: nothing may run between the swap and the call
+        want = {name: main_output(_ref_single(direct, name, ids)) for name in ("a1", "a5")}
+        pool = _pool(library, slots=1, names=["a1", "a3", "a5"])  # a1, a5 registered as tensors: one config
+        pool.set_adapter("a1")
+        torch.testing.assert_close(main_output(pool(ids)), want["a1"], atol=1e-6, rtol=1e-5)
+        swaps = pool.swaps
+        pool.ensure(["a5"])  # as a request for a5 begins
+        assert pool.swaps == swaps + 1 and pool.module.active_adapters == [pool.placement["a5"]]
+        torch.testing.assert_close(main_output(pool.module(ids)), want["a5"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(main_output(pool(ids)), want["a1"], atol=1e-6, rtol=1e-5)
+
+
 def test_one_pooled_adapter_equals_peft(library):
     from peft_oracle import peft_from_pretrained, run
 
