@@ -121,3 +121,32 @@ def test_hotswap_under_compile_changes_outputs_without_recompiling(tmp_path):
         assert _graphs() == warm == 1
         assert not torch.allclose(before, after)
         torch.testing.assert_close(after, donor(input_ids=ids).logits)
+
+
+def test_a_plain_compiled_call_runs_the_program_from_the_call_frame_itself(monkeypatch):
+    """Dynamo checks each frame of a ``recursive=False``-disabled function again on every call (a
+    walk over its bytecode), so a call without hooks runs the program from ``__call__``'s own frame,
+    not through the hooked path's two frames; with a hook the hooked path runs, the hook too
+    (eagerly: a pre-hook's context manager under ``fullgraph=True`` is a graph break, before too)."""
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    _random_b(gm)
+    compiled = torch.compile(gm, fullgraph=True, backend="eager")
+    ids = token_ids(2, 5)
+    with torch.no_grad():
+        want = gm(ids, use_cache=False).logits
+        compiled(ids, use_cache=False)
+        cls = type(gm)
+
+        def hooked(*_args, **_kwargs):
+            raise AssertionError("a call without hooks took the hooked path")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(cls, "_hooked_call", hooked)
+            patch.setattr(cls, "_serve", hooked)
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, want)
+            torch.testing.assert_close(gm(ids, use_cache=False).logits, want)
+        seen = []
+        handle = gm.register_forward_pre_hook(lambda module, args: seen.append(len(args)))
+        torch.testing.assert_close(gm(ids, use_cache=False).logits, want)
+        handle.remove()
+    assert seen == [1] and _graphs() >= 1
