@@ -11,6 +11,7 @@ the min and median of ``--repeat`` repeats (issue 13's target: 15 adds in at mos
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -38,11 +39,28 @@ def fifteen(add, device) -> float:
     return time.perf_counter() - start
 
 
+def _profile(device, dtype, tiny: bool) -> None:
+    import cProfile
+    import pstats
+
+    gm = graphlora.inject(build(tiny, device, dtype)[0], graphlora.LoraConfig(**LORA))
+    gm.configure_banks(max_loras=17, max_lora_rank=16)
+    gm.add_adapter("warm", graphlora.LoraConfig(**LORA))
+    prof = cProfile.Profile()
+    prof.enable()
+    fifteen(lambda name: gm.add_adapter(name, graphlora.LoraConfig(**LORA)), device)
+    prof.disable()
+    stats = pstats.Stats(prof).strip_dirs()
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="then cProfile 15 more graphlora adds (top 30 by own time)")
     args = ap.parse_args()
     import peft
 
@@ -59,7 +77,9 @@ def main() -> None:
             pm = peft.get_peft_model(build(args.tiny, device, dtype)[0], peft.LoraConfig(**LORA))
             pm.add_adapter("warm", peft.LoraConfig(**LORA))
             theirs.append(fifteen(lambda name: pm.add_adapter(name, peft.LoraConfig(**LORA)), device))
-    result = {"device": str(device), "graphlora_s": ours, "peft_s": theirs}
+    result = {"device": str(device), "graphlora_s": ours, "peft_s": theirs, "gc_gen2": gc.get_stats()[2]}
+    if args.profile:
+        _profile(device, dtype, args.tiny)
     for label, times in (("graphlora", ours), ("peft", theirs)):
         print(f"15 add_adapter, {label}: min {min(times):.3f} s, median {statistics.median(times):.3f} s", flush=True)
     if args.out:
