@@ -5,10 +5,9 @@ Tested with torch 2.11 and 2.13, transformers 5.17 and 5.24.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -111,54 +110,65 @@ except ImportError:  # pragma: no cover - other torch builds
     _frame_callback = None
 
 
-#: serializes :func:`forward_replaced` blocks (re-entrant: a hook may call the module again)
+#: serializes :func:`lend_forward` lends (re-entrant: a hook may call the module again)
 _LENT_FORWARD = threading.RLock()
 _ABSENT = object()
-_LENT_NAME = "_glora_lent_forward"  # the instance forward a forward_replaced block lent, if any
+_LENT_NAME = "_glora_lent_forward"  # the instance forward lend_forward lent, if any
 
 
-@contextlib.contextmanager
-def forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
-    """Inside the block, ``module.forward`` is ``forward``: ``nn.Module.__call__`` runs the
-    module's hooks around whatever ``self.forward`` is (an instance attribute first), so calling
-    the module runs its own hooks around another program's forward. What the instance held
-    before (nothing, or a wrapper someone assigned) is put back on exit; blocks nest (a hook that
-    calls the module again) and other threads wait for the block to end (one lent forward at a time)."""
-    with _LENT_FORWARD:
-        previous = module.__dict__.get("forward", _ABSENT)
-        lent_before = module.__dict__.get(_LENT_NAME)
-        object.__setattr__(module, "forward", forward)
-        object.__setattr__(module, _LENT_NAME, forward)
-        try:
-            yield
-        finally:
-            object.__setattr__(module, _LENT_NAME, lent_before)
-            if previous is _ABSENT:
-                object.__delattr__(module, "forward")
-            else:
-                object.__setattr__(module, "forward", previous)
+@torch.compiler.disable
+def lend_forward(module: torch.nn.Module, forward: Any) -> tuple:
+    """Make ``module.forward`` be ``forward`` until :func:`return_forward` (``nn.Module.__call__``
+    runs the module's hooks around whatever ``self.forward`` is, an instance attribute first), so
+    calling the module runs its own hooks around another program's forward; returns what to put
+    back. Lends nest (a hook that calls the module again) and other threads wait for the lend to end
+    (one lent forward at a time).
+
+    A function pair, not a context manager: its callers are frames dynamo skips but does not trace
+    past, and a context manager's generator there is traced (under ``fullgraph=True``, an error)."""
+    _LENT_FORWARD.acquire()
+    token = (module.__dict__.get("forward", _ABSENT), module.__dict__.get(_LENT_NAME))
+    object.__setattr__(module, "forward", forward)
+    object.__setattr__(module, _LENT_NAME, forward)
+    return token
+
+
+@torch.compiler.disable
+def return_forward(module: torch.nn.Module, token: tuple) -> None:
+    """Undo :func:`lend_forward`: what the instance held before (nothing, or a wrapper someone
+    assigned) is put back."""
+    previous, lent_before = token
+    try:
+        object.__setattr__(module, _LENT_NAME, lent_before)
+        if previous is _ABSENT:
+            object.__delattr__(module, "forward")
+        else:
+            object.__setattr__(module, "forward", previous)
+    finally:
+        _LENT_FORWARD.release()
 
 
 def assigned_forward(module: torch.nn.Module) -> Any:
     """The ``forward`` someone assigned on ``module``'s instance (accelerate's autocast wrapper,
     TRL's fused LM head), or ``None``: none is assigned, or the instance one is lent by
-    :func:`forward_replaced`."""
+    :func:`lend_forward`."""
     forward = module.__dict__.get("forward")
     if forward is None or forward is module.__dict__.get(_LENT_NAME):
         return None
     return forward
 
 
-@contextlib.contextmanager
-def pre_hooks_applied(module: torch.nn.Module, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict]]:
+@torch.compiler.disable
+def apply_pre_hooks(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
     """Run ``module``'s own forward pre-hooks on ``(args, kwargs)`` now, as ``nn.Module.__call__``
     would (a hook registered ``with_kwargs`` gets and may replace both; another gets the positional
-    arguments and may replace them), and yield the arguments they give. Inside the block the
-    module has no pre-hooks, so calling it does not run them a second time; they are put back on
-    exit (the same registry object: removal handles keep working). Blocks are serialized with
-    :func:`forward_replaced`'s lock. Global pre-hooks (``register_module_forward_pre_hook``) are
-    left to ``nn.Module.__call__``."""
-    with _LENT_FORWARD:
+    arguments and may replace them); returns the arguments they give and the hooks, which are taken
+    off the module until :func:`restore_pre_hooks` (so calling it does not run them a second time;
+    the same registry object: removal handles keep working). Serialized with :func:`lend_forward`'s
+    lock. Global pre-hooks (``register_module_forward_pre_hook``) are left to ``nn.Module.__call__``.
+    A function pair for the reason :func:`lend_forward` gives."""
+    _LENT_FORWARD.acquire()
+    try:
         hooks = module._forward_pre_hooks
         with_kwargs = module._forward_pre_hooks_with_kwargs
         for hook_id, hook in list(hooks.items()):
@@ -175,10 +185,19 @@ def pre_hooks_applied(module: torch.nn.Module, args: tuple, kwargs: dict) -> Ite
                     args = result if isinstance(result, tuple) else (result,)
         saved = dict(hooks)
         hooks.clear()
-        try:
-            yield args, dict(kwargs)
-        finally:
-            hooks.update(saved)
+    except BaseException:
+        _LENT_FORWARD.release()
+        raise
+    return args, dict(kwargs), saved
+
+
+@torch.compiler.disable
+def restore_pre_hooks(module: torch.nn.Module, saved: dict) -> None:
+    """Put back the hooks :func:`apply_pre_hooks` took off."""
+    try:
+        module._forward_pre_hooks.update(saved)
+    finally:
+        _LENT_FORWARD.release()
 
 
 def layer_checkpointing(layers: "torch.nn.ModuleList") -> tuple[list[bool], dict[str, Any]]:

@@ -46,8 +46,8 @@ from . import peft_io
 from . import status
 from . import surface
 from ._checks import check_fx_call, check_placement
-from ._compat import (assigned_forward, current_graph, forward_replaced, has_call_hooks, is_pretrained_model,
-                      pre_hooks_applied, under_outer_compile)
+from ._compat import (apply_pre_hooks, assigned_forward, current_graph, has_call_hooks, is_pretrained_model,
+                      lend_forward, restore_pre_hooks, return_forward, under_outer_compile)
 from .calls import BANK, BASE, MIXED, SWITCH, CallSpec, raise_for_guard, raise_for_runtime_assert
 from .capture import Captured
 from .checkpointing import settings_for
@@ -333,8 +333,11 @@ class AdaptedGraphModule(fx.GraphModule):
             with _flag(self, True):
                 return super().__call__(*args, **kwargs)
         if self._forward_pre_hooks:
-            with pre_hooks_applied(self, args, kwargs) as (args, kwargs):
+            args, kwargs, saved = apply_pre_hooks(self, args, kwargs)
+            try:
                 return self._serve(args, kwargs)
+            finally:
+                restore_pre_hooks(self, saved)
         return self._serve(args, kwargs)
 
     @torch.compiler.disable(recursive=False)
@@ -347,8 +350,11 @@ class AdaptedGraphModule(fx.GraphModule):
                 if target is self:
                     out = super().__call__(*args, **kwargs)
                 elif has_call_hooks(self):  # this module's hooks run around whichever program serves the call
-                    with forward_replaced(self, target):
+                    token = lend_forward(self, target)
+                    try:
                         out = super().__call__(*args, **kwargs)
+                    finally:
+                        return_forward(self, token)
                 else:
                     out = target(*args, **kwargs)
             except TypeError as exc:  # say what was traced when the arguments do not fit

@@ -126,8 +126,9 @@ def test_hotswap_under_compile_changes_outputs_without_recompiling(tmp_path):
 def test_a_plain_compiled_call_runs_the_program_from_the_call_frame_itself(monkeypatch):
     """Dynamo checks each frame of a ``recursive=False``-disabled function again on every call (a
     walk over its bytecode), so a call without hooks runs the program from ``__call__``'s own frame,
-    not through the hooked path's two frames; with a hook the hooked path runs, the hook too
-    (eagerly: a pre-hook's context manager under ``fullgraph=True`` is a graph break, before too)."""
+    not through the hooked path's two frames; with hooks the hooked path runs them, also under
+    ``fullgraph=True`` (their registries are swapped by function pairs: a context manager's
+    generator in those frames was traced, an error under ``fullgraph=True``)."""
     gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
     _random_b(gm)
     compiled = torch.compile(gm, fullgraph=True, backend="eager")
@@ -146,7 +147,11 @@ def test_a_plain_compiled_call_runs_the_program_from_the_call_frame_itself(monke
             torch.testing.assert_close(compiled(ids, use_cache=False).logits, want)
             torch.testing.assert_close(gm(ids, use_cache=False).logits, want)
         seen = []
-        handle = gm.register_forward_pre_hook(lambda module, args: seen.append(len(args)))
-        torch.testing.assert_close(gm(ids, use_cache=False).logits, want)
-        handle.remove()
-    assert seen == [1] and _graphs() >= 1
+        pre = gm.register_forward_pre_hook(lambda module, args: seen.append(len(args)))
+        post = gm.register_forward_hook(lambda module, args, out: out.__setitem__("logits", out["logits"] * 2))
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, want * 2)
+        torch.testing.assert_close(gm(ids, use_cache=False).logits, want * 2)
+        pre.remove()
+        post.remove()
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, want)
+    assert seen == [1, 1] and _graphs() >= 1
