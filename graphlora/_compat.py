@@ -117,31 +117,34 @@ _LENT_NAME = "_glora_lent_forward"  # the instance forward lend_forward lent, if
 
 
 @torch.compiler.disable
-def lend_forward(module: torch.nn.Module, forward: Any) -> tuple:
+def lend_forward(module: torch.nn.Module, forward: Any, token: list) -> None:
     """Make ``module.forward`` be ``forward`` until :func:`return_forward` (``nn.Module.__call__``
     runs the module's hooks around whatever ``self.forward`` is, an instance attribute first), so
-    calling the module runs its own hooks around another program's forward; returns what to put
-    back. Lends nest (a hook that calls the module again) and other threads wait for the lend to end
-    (one lent forward at a time).
+    calling the module runs its own hooks around another program's forward. ``token``: an empty
+    list the caller made before its ``try``; it records what to put back, so the ``finally``'s
+    :func:`return_forward` undoes exactly what was done, also when this was interrupted. Lends nest
+    (a hook that calls the module again) and other threads wait for the lend to end (one lent
+    forward at a time).
 
     A function pair, not a context manager: its callers are frames dynamo skips but does not trace
     past, and a context manager's generator there is traced (under ``fullgraph=True``, an error)."""
     _LENT_FORWARD.acquire()
-    token = (module.__dict__.get("forward", _ABSENT), module.__dict__.get(_LENT_NAME))
+    token.append((module.__dict__.get("forward", _ABSENT), module.__dict__.get(_LENT_NAME)))
     object.__setattr__(module, "forward", forward)
     object.__setattr__(module, _LENT_NAME, forward)
-    return token
 
 
 @torch.compiler.disable
-def return_forward(module: torch.nn.Module, token: tuple) -> None:
-    """Undo :func:`lend_forward`: what the instance held before (nothing, or a wrapper someone
-    assigned) is put back."""
-    previous, lent_before = token
+def return_forward(module: torch.nn.Module, token: list) -> None:
+    """Undo :func:`lend_forward` (nothing when it did not get as far as holding the lock): what the
+    instance held before (nothing, or a wrapper someone assigned) is put back."""
+    if not token:
+        return
+    previous, lent_before = token.pop()
     try:
         object.__setattr__(module, _LENT_NAME, lent_before)
         if previous is _ABSENT:
-            object.__delattr__(module, "forward")
+            module.__dict__.pop("forward", None)
         else:
             object.__setattr__(module, "forward", previous)
     finally:
@@ -159,43 +162,46 @@ def assigned_forward(module: torch.nn.Module) -> Any:
 
 
 @torch.compiler.disable
-def apply_pre_hooks(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
+def apply_pre_hooks(module: torch.nn.Module, args: tuple, kwargs: dict, token: list) -> tuple[tuple, dict]:
     """Run ``module``'s own forward pre-hooks on ``(args, kwargs)`` now, as ``nn.Module.__call__``
     would (a hook registered ``with_kwargs`` gets and may replace both; another gets the positional
-    arguments and may replace them); returns the arguments they give and the hooks, which are taken
-    off the module until :func:`restore_pre_hooks` (so calling it does not run them a second time;
-    the same registry object: removal handles keep working). Serialized with :func:`lend_forward`'s
-    lock. Global pre-hooks (``register_module_forward_pre_hook``) are left to ``nn.Module.__call__``.
-    A function pair for the reason :func:`lend_forward` gives."""
+    arguments and may replace them), and return the arguments they give. The hooks are taken off
+    the module until :func:`restore_pre_hooks` (so calling it does not run them a second time; the
+    same registry object: removal handles keep working), recorded in ``token`` (as
+    :func:`lend_forward`'s). Serialized with :func:`lend_forward`'s lock. Global pre-hooks
+    (``register_module_forward_pre_hook``) are left to ``nn.Module.__call__``. A function pair for
+    the reason :func:`lend_forward` gives."""
     _LENT_FORWARD.acquire()
-    try:
-        hooks = module._forward_pre_hooks
-        with_kwargs = module._forward_pre_hooks_with_kwargs
-        for hook_id, hook in list(hooks.items()):
-            if hook_id in with_kwargs:
-                result = hook(module, args, kwargs)
-                if result is not None:
-                    if not (isinstance(result, tuple) and len(result) == 2):
-                        raise RuntimeError("forward pre-hook must return None or a tuple of (new_args, new_kwargs), "
-                                           f"but got {result}.")
-                    args, kwargs = result
-            else:
-                result = hook(module, args)
-                if result is not None:
-                    args = result if isinstance(result, tuple) else (result,)
-        saved = dict(hooks)
-        hooks.clear()
-    except BaseException:
-        _LENT_FORWARD.release()
-        raise
-    return args, dict(kwargs), saved
+    token.append(None)  # the lock is held: restore_pre_hooks releases it
+    hooks = module._forward_pre_hooks
+    with_kwargs = module._forward_pre_hooks_with_kwargs
+    for hook_id, hook in list(hooks.items()):
+        if hook_id in with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError("forward pre-hook must return None or a tuple of (new_args, new_kwargs), "
+                                       f"but got {result}.")
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    token[-1] = dict(hooks)
+    hooks.clear()
+    return args, dict(kwargs)
 
 
 @torch.compiler.disable
-def restore_pre_hooks(module: torch.nn.Module, saved: dict) -> None:
-    """Put back the hooks :func:`apply_pre_hooks` took off."""
+def restore_pre_hooks(module: torch.nn.Module, token: list) -> None:
+    """Put back the hooks :func:`apply_pre_hooks` took off, and release its lock (nothing when it
+    did not get as far as holding it)."""
+    if not token:
+        return
+    saved = token.pop()
     try:
-        module._forward_pre_hooks.update(saved)
+        if saved is not None:
+            module._forward_pre_hooks.update(saved)
     finally:
         _LENT_FORWARD.release()
 

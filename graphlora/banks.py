@@ -73,7 +73,7 @@ def _count_step(*_: Any) -> None:
 
 register_optimizer_step_post_hook(_count_step)
 
-#: writes graphlora itself makes to the slots, gates and active slots outside a sync (a cleared slot,
+#: writes graphlora itself makes to the slots, gates and active slots outside a sync, counted after each write (a cleared slot,
 #: a bound copy, a pool's slot write): :meth:`BankSet.gather` re-gathers after any (their own version
 #: counters are not read: a check of a 32-layer model would read a thousand of them every call)
 _WRITES = [0]
@@ -197,10 +197,10 @@ class SiteBank(nn.Module):
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
-        note_write()
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.set_scale(slot, 0.0)
+        note_write()  # after the write: a gather in between reads the old count and gathers again
 
     def set_scale(self, slot: int, value: float) -> None:
         """Write ``scale[slot]`` (only when it changed: every add visits every slot of every site)."""
@@ -310,13 +310,13 @@ class BankSet(nn.Module):
         device = next((bank.lora_A.device for _, bank in self.sites()), self.active.device)
         if (slots, id(self.active), self.active._version) != self._active:
             value = torch.tensor(slots, dtype=torch.long)
-            note_write()
             if self.active.shape == value.shape and self.active.device == device:
                 self.active.copy_(value, non_blocking=True)
             else:
                 with torch.inference_mode(False):  # a normal tensor, also when made in inference mode
                     self.register_buffer("active", torch.tensor(slots, dtype=torch.long, device=device),
                                          persistent=False)
+            note_write()
             self._active = (slots, id(self.active), self.active._version)
 
     def gather(self) -> None:
@@ -493,11 +493,11 @@ def _bind_slot(bank: SiteBank, slot: int, a: torch.Tensor, b: torch.Tensor, scal
             if param.data_ptr() != view.data_ptr() or param.stride() != view.stride():
                 if param.data_ptr() == 0 and param.numel():
                     continue  # meta or storage-less: nothing to bind yet
-                note_write()
                 if a.shape[0] < bank.rank:
                     bank.lora_A[slot].zero_() if param is a else bank.lora_B[slot].zero_()
                 view.copy_(param.detach())
                 param.data = view
+                note_write()  # after the write (see SiteBank.clear)
     bank.set_scale(slot, float(scaling))
 
 

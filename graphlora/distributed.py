@@ -54,6 +54,7 @@ from graphlora.passes import run_passes
 from graphlora.passes.blocks import BLOCK_PREFIX, RUN, BlockRegion, BlockRegions, region_calls
 
 from ._atomic import AtomicWriter
+from .banks import note_write
 from .errors import ConfigError
 from .peft_format import CONFIG_NAME, WEIGHTS_NAME, adapter_subdir
 from .repeat import layer_stack
@@ -261,6 +262,8 @@ def load_full_state_dict(gm: nn.Module, state_dict: Mapping[str, torch.Tensor], 
         if name in state_dict:
             _fill(target, state_dict[name], name)
             filled.append(name)
+    if any(name.startswith(STORE + ".") for name in filled):
+        note_write()  # bank slots or gates written in place: the next serving call gathers anew
     return filled
 
 

@@ -117,6 +117,17 @@ def _fresh_forward(cls: type) -> None:
     cls.forward = forward
 
 
+@torch.compiler.disable
+def _finish_call(saved: list, kwargs: dict, out: Any) -> Any:
+    """The call's output with the caller's cache object carried (:func:`carry_cache`); what the
+    call allocated is put back if that fails."""
+    try:
+        return carry_cache(kwargs, out)
+    except BaseException:
+        static_restore(saved)
+        raise
+
+
 #: set on the instance while an assigned ``forward`` runs (see ``AdaptedGraphModule.__call__``)
 _ROUTE_FORWARD = "_glora_route_forward"
 
@@ -296,10 +307,11 @@ class AdaptedGraphModule(fx.GraphModule):
         # ``_serve``), so the routing and the error handling live in fully disabled helpers
         saved, target, args, kwargs = self._enter(args, kwargs, under_outer_compile())
         try:
-            return carry_cache(kwargs, super().__call__(*args, **kwargs) if target is self else target(*args, **kwargs))
+            out = super().__call__(*args, **kwargs) if target is self else target(*args, **kwargs)
         except BaseException as exc:
             self._call_failed(exc, saved, args, kwargs)  # raises the error that says what went wrong
             raise
+        return _finish_call(saved, kwargs, out)
 
     @torch.compiler.disable
     def _enter(self, args: tuple, kwargs: dict, compiling: bool) -> tuple[list, Any, tuple, dict]:
@@ -333,11 +345,12 @@ class AdaptedGraphModule(fx.GraphModule):
             with _flag(self, True):
                 return super().__call__(*args, **kwargs)
         if self._forward_pre_hooks:
-            args, kwargs, saved = apply_pre_hooks(self, args, kwargs)
+            token: list = []
             try:
+                args, kwargs = apply_pre_hooks(self, args, kwargs, token)
                 return self._serve(args, kwargs)
             finally:
-                restore_pre_hooks(self, saved)
+                restore_pre_hooks(self, token)
         return self._serve(args, kwargs)
 
     @torch.compiler.disable(recursive=False)
@@ -350,8 +363,9 @@ class AdaptedGraphModule(fx.GraphModule):
                 if target is self:
                     out = super().__call__(*args, **kwargs)
                 elif has_call_hooks(self):  # this module's hooks run around whichever program serves the call
-                    token = lend_forward(self, target)
+                    token: list = []
                     try:
+                        lend_forward(self, target, token)
                         out = super().__call__(*args, **kwargs)
                     finally:
                         return_forward(self, token)

@@ -96,12 +96,14 @@ def _write_slot(gm: Any, inner: str, tensors: Mapping[str, torch.Tensor]) -> Non
     path that the slot changed (:func:`graphlora.banks.note_write`; its next call re-gathers)."""
     state = gm.adapter_state
     banks, slot = state.store.banks, state.banks.slots[inner]
-    note_write()
-    for site in state.plans[inner]:
-        a, b = (tensors[f"{KEY_PREFIX}{site}.{name}.weight"] for name in ("lora_A", "lora_B"))
-        view_a, view_b = banks.site(site_key(site)).slot_views(slot, a.shape[0])
-        view_a.copy_(a, non_blocking=True)
-        view_b.copy_(b, non_blocking=True)
+    try:
+        for site in state.plans[inner]:
+            a, b = (tensors[f"{KEY_PREFIX}{site}.{name}.weight"] for name in ("lora_A", "lora_B"))
+            view_a, view_b = banks.site(site_key(site)).slot_views(slot, a.shape[0])
+            view_a.copy_(a, non_blocking=True)
+            view_b.copy_(b, non_blocking=True)
+    finally:
+        note_write()  # after the writes, also a partial one (see graphlora.banks.SiteBank.clear)
 
 
 def _positive(name: str, value: Any) -> int:

@@ -416,3 +416,21 @@ def test_an_add_that_fits_places_only_the_new_adapter(monkeypatch):
     assert gm.adapter_state.banks.slots["new"] not in {gm.adapter_state.banks.slots[a] for a in ("default", "a1")}
     gm.set_adapter("a1")  # the adapters placed before still serve from their slots
     torch.testing.assert_close(_serve(gm, ids), _switch(gm, ids), atol=1e-6, rtol=1e-5)
+
+
+def test_bank_buffers_written_by_load_full_state_dict_are_served_at_once():
+    """``graphlora.distributed.load_full_state_dict`` copies straight into the bank buffers (no
+    adapter parameter is written, no sync runs): the next serving call must serve the new slots."""
+    from graphlora import distributed
+
+    gm, other = _gm(adapters=2), _gm(adapters=2)
+    randomize_b(other, "default", seed=7)
+    ids = token_ids()
+    want = _serve(other, ids)
+    banks = {k: v.clone() for k, v in distributed.full_state_dict(other).items()
+             if "._banks." in k and k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "gate", "active")}
+    before = _serve(gm, ids)  # the last thing before the load: nothing else may make it gather
+    distributed.load_full_state_dict(gm, banks, strict=False)
+    after = _serve(gm, ids)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, want, atol=1e-6, rtol=1e-5)

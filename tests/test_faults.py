@@ -239,3 +239,86 @@ def test_add_failing_half_way_leaves_module_unchanged(monkeypatch, owner, name):
         serve_eval=True)
     assert calls >= failures and failures > 0, f"{name} was never failed: not a step of this add"
     assert gm.active_adapters == ["fresh"]
+
+
+def test_an_interrupt_at_any_line_of_a_hooked_call_leaves_no_lock_no_lent_forward_and_the_hooks(monkeypatch):
+    """A call with hooks takes the lent-forward lock and the module's pre-hooks off it for the call;
+    a ``KeyboardInterrupt`` delivered at any line of its two frames (outside the ``finally`` that
+    puts them back) leaves the lock free for another thread, no ``forward`` on the instance and
+    the hooks registered."""
+    import sys
+    import threading
+
+    from models import tiny_llama, token_ids
+
+    from graphlora import _compat
+
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).eval()
+    gm.register_forward_pre_hook(lambda module, args: None)
+    gm.register_forward_hook(lambda module, args, out: out)
+    ids = token_ids(2, 5)
+    frames = ("_hooked_call", "_serve")
+
+    def lines() -> list[int]:
+        seen = []
+
+        def tracer(frame, event, arg):
+            if frame.f_code.co_name not in frames:
+                return None
+
+            def local(f, e, a):
+                if e == "line":
+                    seen.append(f.f_lineno)
+                return local
+            return local
+        sys.settrace(tracer)
+        try:
+            gm(ids, use_cache=False)
+        finally:
+            sys.settrace(None)
+        import linecache
+
+        source = AdaptedGraphModule._serve.__wrapped__.__code__.co_filename
+        return sorted({n for n in seen if "restore_pre_hooks(" not in linecache.getline(source, n)
+                       and "return_forward(" not in linecache.getline(source, n)})
+
+    def lock_free() -> bool:
+        got = []
+
+        def take() -> None:
+            got.append(_compat._LENT_FORWARD.acquire(timeout=2))
+            if got[0]:
+                _compat._LENT_FORWARD.release()
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join()
+        return bool(got and got[0])
+
+    with torch.no_grad():
+        want = gm(ids, use_cache=False).logits
+        targets = lines()
+        assert len(targets) > 5
+        for target in targets:
+            fired = []
+
+            def tracer(frame, event, arg):
+                if frame.f_code.co_name not in frames:
+                    return None
+
+                def local(f, e, a):
+                    if e == "line" and f.f_lineno == target and not fired:
+                        fired.append(target)
+                        raise KeyboardInterrupt
+                    return local
+                return local
+            sys.settrace(tracer)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    gm(ids, use_cache=False)
+            finally:
+                sys.settrace(None)
+            assert fired == [target]
+            assert lock_free(), f"line {target}: the lock is still held"
+            assert "forward" not in gm.__dict__, f"line {target}: the forward is still lent"
+            assert len(gm._forward_pre_hooks) == 1 and len(gm._forward_hooks) == 1, f"line {target}"
+        torch.testing.assert_close(gm(ids, use_cache=False).logits, want)
