@@ -73,9 +73,10 @@ def _count_step(*_: Any) -> None:
 
 register_optimizer_step_post_hook(_count_step)
 
-#: writes graphlora itself makes to the slots, gates and active slots outside a sync, counted after each write (a cleared slot,
-#: a bound copy, a pool's slot write): :meth:`BankSet.gather` re-gathers after any (their own version
-#: counters are not read: a check of a 32-layer model would read a thousand of them every call)
+#: writes graphlora itself makes to the slots, gates and active slots outside a sync, counted after
+#: each write (a cleared slot, a bound copy, a pool's slot write): :meth:`BankSet.gather` re-gathers
+#: after any (their own version counters are not read: a check of a 32-layer model would read a
+#: thousand of them every call)
 _WRITES = [0]
 
 
