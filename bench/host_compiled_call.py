@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--skip-base", action="store_true")
+    ap.add_argument("--mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -53,14 +54,14 @@ def main() -> None:
     result = {}
     with torch.no_grad():
         if not args.skip_base:
-            cb = torch.compile(base)
-            result[f"base compiled {args.tokens}"] = issue_ms(lambda: cb(input_ids=ids, use_cache=False), device,
-                                                           args.rounds, args.calls)
-            print(f"base compiled {args.tokens}: {result[f'base compiled {args.tokens}']:.3f} ms", flush=True)
+            cb = torch.compile(base, mode=args.mode)
+            key = f"base compiled {args.mode or 'default'} {args.tokens}"
+            result[key] = issue_ms(lambda: cb(input_ids=ids, use_cache=False), device, args.rounds, args.calls)
+            print(f"{key}: {result[key]:.3f} ms", flush=True)
         gm = graphlora.inject(base, graphlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         randomize_lora(gm, 0)
-        cg = torch.compile(gm.eval())
-        key = f"graphlora compiled {args.tokens}"
+        cg = torch.compile(gm.eval(), mode=args.mode)
+        key = f"graphlora compiled {args.mode or 'default'} {args.tokens}"
         result[key] = issue_ms(lambda: cg(input_ids=ids), device, args.rounds, args.calls)
         print(f"{key}: {result[key]:.3f} ms", flush=True)
     if args.out:
