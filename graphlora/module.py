@@ -105,7 +105,15 @@ def _fresh_forward(cls: type) -> None:
 
     def forward(self: "AdaptedGraphModule", *args: Any, **kwargs: Any) -> Any:
         if self.__dict__.get(_ROUTE_FORWARD):  # an assigned forward calls this one: route the call
-            return self._run(args, kwargs)
+            # routed in disabled helpers and the program called from this frame, so that under
+            # torch.compile (dynamo breaks the graph at the helper) the program itself is compiled
+            saved, before, target, args, kwargs = _routed_enter(self, args, kwargs, torch.compiler.is_compiling())
+            try:
+                out = type(self).forward(self, *args, **kwargs) if target is self else target(*args, **kwargs)
+            except BaseException as exc:
+                _routed_failed(self, exc, saved, before, kwargs)
+                raise
+            return _routed_finish(self, saved, before, kwargs, out)
         programs = self.__dict__.get("_programs")
         if programs is not None and programs.primary.version != programs.version:
             _refresh_primary(self)
@@ -126,6 +134,42 @@ def _finish_call(saved: list, kwargs: dict, out: Any) -> Any:
     except BaseException:
         static_restore(saved)
         raise
+
+
+@torch.compiler.disable
+def _routed_enter(module: "AdaptedGraphModule", args: tuple, kwargs: dict, compiling: bool) -> tuple:
+    """The class ``forward``'s routed call (an assigned ``forward`` called it): what to put back if
+    it fails (:func:`static_restore`), the routing flag as it was (off for the call: the program may
+    be the module's own generated forward), and the program with its arguments (:meth:`_route`)."""
+    saved = static_snapshot((*args, *kwargs.values()))
+    before = module.__dict__.get(_ROUTE_FORWARD, False)
+    object.__setattr__(module, _ROUTE_FORWARD, False)
+    try:
+        return (saved, before, *module._route(args, kwargs, compiling))
+    except BaseException:
+        object.__setattr__(module, _ROUTE_FORWARD, before)
+        static_restore(saved)
+        raise
+
+
+@torch.compiler.disable
+def _routed_failed(module: "AdaptedGraphModule", exc: BaseException, saved: list, before: bool, kwargs: dict) -> None:
+    """After the routed program raised ``exc``: the error that names the cause where one applies,
+    the flag and the caller's static cache put back."""
+    try:
+        if isinstance(exc, AssertionError):  # an exported program's shape guard
+            raise_for_guard(exc, kwargs)
+        elif isinstance(exc, RuntimeError):  # a size relation it checks while it runs
+            raise_for_runtime_assert(exc, kwargs)
+    finally:
+        object.__setattr__(module, _ROUTE_FORWARD, before)
+        static_restore(saved)
+
+
+@torch.compiler.disable
+def _routed_finish(module: "AdaptedGraphModule", saved: list, before: bool, kwargs: dict, out: Any) -> Any:
+    object.__setattr__(module, _ROUTE_FORWARD, before)
+    return _finish_call(saved, kwargs, out)
 
 
 #: set on the instance while an assigned ``forward`` runs (see ``AdaptedGraphModule.__call__``)

@@ -155,3 +155,46 @@ def test_a_plain_compiled_call_runs_the_program_from_the_call_frame_itself(monke
         post.remove()
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, want)
     assert seen == [1, 1] and _graphs() >= 1
+
+
+def test_an_assigned_forward_under_compile_compiles_the_program():
+    """accelerate's mixed-precision wrapper is an instance ``forward`` that calls the class one; under
+    ``torch.compile(gm)`` the program must be compiled too (it ran eagerly inside a disabled frame),
+    equal to eager, with gradients, and eval switching must not recompile it."""
+    import functools
+
+    graphs = []
+
+    def backend(graph, inputs):
+        graphs.append(sum(1 for n in graph.graph.nodes if n.op == "call_function"))
+        return graph.forward
+
+    gm = graphlora.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    gm.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"]))
+    _random_b(gm)
+    gm.set_adapter("default")
+    ids = token_ids(2, 5)
+    want = gm(ids, use_cache=False).logits
+    original = gm.forward
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            return original(*args, **kwargs)
+
+    gm.forward = wrapper
+    compiled = torch.compile(gm, backend=backend)
+    out = compiled(ids, use_cache=False).logits
+    torch.testing.assert_close(out, want)
+    out.square().mean().backward()
+    assert all(p.grad is not None for n, p in gm.named_parameters() if p.requires_grad)
+    assert max(graphs) > 50  # the program's graph, not only the wrapper's pieces around it
+    gm.eval()
+    with torch.no_grad():
+        compiled(ids, use_cache=False)
+        before = len(graphs)
+        for name in ["b", "default"]:
+            gm.set_adapter(name)
+            eager = gm(ids, use_cache=False).logits
+            torch.testing.assert_close(compiled(ids, use_cache=False).logits, eager)
+    assert len(graphs) == before
