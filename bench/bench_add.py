@@ -39,13 +39,19 @@ def fifteen(add, device) -> float:
     return time.perf_counter() - start
 
 
+def _ready(tiny: bool, device, dtype):
+    """A fresh module with room for the default, a warm-up and 15 adds, the warm-up added."""
+    gm = graphlora.inject(build(tiny, device, dtype)[0], graphlora.LoraConfig(**LORA))
+    gm.configure_banks(max_loras=17, max_lora_rank=16)
+    gm.add_adapter("warm", graphlora.LoraConfig(**LORA))
+    return gm
+
+
 def _profile(device, dtype, tiny: bool) -> None:
     import cProfile
     import pstats
 
-    gm = graphlora.inject(build(tiny, device, dtype)[0], graphlora.LoraConfig(**LORA))
-    gm.configure_banks(max_loras=17, max_lora_rank=16)
-    gm.add_adapter("warm", graphlora.LoraConfig(**LORA))
+    gm = _ready(tiny, device, dtype)
     prof = cProfile.Profile()
     prof.enable()
     fifteen(lambda name: gm.add_adapter(name, graphlora.LoraConfig(**LORA)), device)
@@ -68,9 +74,7 @@ def main() -> None:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     ours, theirs = [], []
     for _ in range(args.repeat):
-        gm = graphlora.inject(build(args.tiny, device, dtype)[0], graphlora.LoraConfig(**LORA))
-        gm.configure_banks(max_loras=17, max_lora_rank=16)  # default, warm-up and 15 adds
-        gm.add_adapter("warm", graphlora.LoraConfig(**LORA))
+        gm = _ready(args.tiny, device, dtype)
         ours.append(fifteen(lambda name: gm.add_adapter(name, graphlora.LoraConfig(**LORA)), device))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -110,7 +110,7 @@ from ._compat import (cache_class, cache_dynamic_shapes, dynamic_dims, export_wi
 from .errors import ConfigError
 
 __all__ = ["generate", "describe_cache", "step_key", "STEP", "is_cache_call", "trace_call", "example_cache_inputs",
-           "ready_static_cache", "static_cache_rollback", "static_snapshot", "static_restore", "carry_cache",
+           "ready_static_cache", "static_snapshot", "static_restore", "carry_cache",
            "sliding_count_input", "SEEN"]
 
 #: Synthetic decode trace: batch, past length, new tokens (none 0 or 1: torch.export keeps them dynamic).
@@ -253,25 +253,13 @@ def _is_static(cache: Any) -> bool:
     return cls is not None and isinstance(cache, cls)
 
 
-@contextlib.contextmanager
-def static_cache_rollback(values: Any) -> Iterator[None]:
-    """Put back the attributes of every not yet initialized ``StaticCache`` layer among ``values``
-    (a call's arguments) if the body raises: a call that is refused (a sliding-window cache), fails
-    to trace or fails a shape guard leaves the caller's cache as it was, with no tensors, instead of
-    allocated by :func:`ready_static_cache`."""
-    saved = static_snapshot(values)
-    try:
-        yield
-    except BaseException:
-        static_restore(saved)
-        raise
-
-
 @torch.compiler.disable
 def static_snapshot(values: Any) -> list:
     """The attributes of every not yet initialized ``StaticCache`` layer among ``values``, for
-    :func:`static_restore` (a function pair, not a context manager: callable from the module's
-    ``__call__``, a frame dynamo does not skip the callees of)."""
+    :func:`static_restore` if the call fails (a call that is refused, fails to trace or fails a
+    shape guard leaves the caller's cache as it was, with no tensors, instead of allocated by
+    :func:`ready_static_cache`). A function pair, not a context manager: callable from the module's
+    ``__call__``, a frame dynamo does not skip the callees of."""
     return [(layer, dict(vars(layer))) for cache in values if _is_static(cache)
             for layer in cache.layers if not layer.is_initialized]
 

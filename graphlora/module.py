@@ -53,7 +53,7 @@ from .capture import Captured
 from .checkpointing import settings_for
 from .config import IA3Config, LoraConfig
 from .errors import AdapterStateError, ConfigError, MergeError
-from .generation import (carry_cache, ready_static_cache, sliding_count_input, static_cache_rollback, static_restore,
+from .generation import (carry_cache, ready_static_cache, sliding_count_input, static_restore,
                          static_snapshot)
 from .methods import as_config, rule_for
 from .mixed import write_row_index
@@ -107,7 +107,7 @@ def _fresh_forward(cls: type) -> None:
         if self.__dict__.get(_ROUTE_FORWARD):  # an assigned forward calls this one: route the call
             # routed in disabled helpers and the program called from this frame, so that under
             # torch.compile (dynamo breaks the graph at the helper) the program itself is compiled
-            saved, before, target, args, kwargs = _routed_enter(self, args, kwargs, torch.compiler.is_compiling())
+            before, saved, target, args, kwargs = _routed_enter(self, args, kwargs, torch.compiler.is_compiling())
             try:
                 out = type(self).forward(self, *args, **kwargs) if target is self else target(*args, **kwargs)
             except BaseException as exc:
@@ -138,32 +138,24 @@ def _finish_call(saved: list, kwargs: dict, out: Any) -> Any:
 
 @torch.compiler.disable
 def _routed_enter(module: "AdaptedGraphModule", args: tuple, kwargs: dict, compiling: bool) -> tuple:
-    """The class ``forward``'s routed call (an assigned ``forward`` called it): what to put back if
-    it fails (:func:`static_restore`), the routing flag as it was (off for the call: the program may
-    be the module's own generated forward), and the program with its arguments (:meth:`_route`)."""
-    saved = static_snapshot((*args, *kwargs.values()))
+    """The class ``forward``'s routed call (an assigned ``forward`` called it): the routing flag as
+    it was (off for the call: the program may be the module's own generated forward), then
+    :meth:`AdaptedGraphModule._enter`'s answer."""
     before = module.__dict__.get(_ROUTE_FORWARD, False)
     object.__setattr__(module, _ROUTE_FORWARD, False)
     try:
-        return (saved, before, *module._route(args, kwargs, compiling))
+        return (before, *module._enter(args, kwargs, compiling))
     except BaseException:
         object.__setattr__(module, _ROUTE_FORWARD, before)
-        static_restore(saved)
         raise
 
 
 @torch.compiler.disable
 def _routed_failed(module: "AdaptedGraphModule", exc: BaseException, saved: list, before: bool, kwargs: dict) -> None:
-    """After the routed program raised ``exc``: the error that names the cause where one applies,
-    the flag and the caller's static cache put back."""
-    try:
-        if isinstance(exc, AssertionError):  # an exported program's shape guard
-            raise_for_guard(exc, kwargs)
-        elif isinstance(exc, RuntimeError):  # a size relation it checks while it runs
-            raise_for_runtime_assert(exc, kwargs)
-    finally:
-        object.__setattr__(module, _ROUTE_FORWARD, before)
-        static_restore(saved)
+    """After the routed program raised ``exc``: the flag put back, then
+    :meth:`AdaptedGraphModule._call_failed`."""
+    object.__setattr__(module, _ROUTE_FORWARD, before)
+    module._call_failed(exc, saved, (), kwargs, signature=False)
 
 
 @torch.compiler.disable
@@ -368,12 +360,13 @@ class AdaptedGraphModule(fx.GraphModule):
             raise
 
     @torch.compiler.disable
-    def _call_failed(self, exc: BaseException, saved: list, args: tuple, kwargs: dict) -> None:
+    def _call_failed(self, exc: BaseException, saved: list, args: tuple, kwargs: dict, signature: bool = True) -> None:
         """Put back what the failed call allocated, raising the error that names the cause where one
-        applies (the caller re-raises ``exc`` otherwise)."""
+        applies (the caller re-raises ``exc`` otherwise). ``signature``: a ``TypeError`` is checked
+        against the traced signature (not for the class ``forward``'s routed call)."""
         try:
             if isinstance(exc, TypeError):  # say what was traced when the arguments do not fit
-                if self._calls.frontend == "fx":
+                if signature and self._calls.frontend == "fx":
                     check_fx_call(self.forward, args, kwargs, exc)
             elif isinstance(exc, AssertionError):  # an exported program's shape guard, checked before it computes
                 raise_for_guard(exc, kwargs)
@@ -400,52 +393,30 @@ class AdaptedGraphModule(fx.GraphModule):
     @torch.compiler.disable(recursive=False)
     def _serve(self, args: tuple, kwargs: dict) -> Any:
         """Route the call (:meth:`_route`) and run the program, this module's hooks around it."""
-        saved = static_snapshot((*args, *kwargs.values()))  # a failed guard too leaves it unallocated
+        saved, target, args, kwargs = self._enter(args, kwargs, under_outer_compile())
         try:
-            target, args, kwargs = self._route(args, kwargs, under_outer_compile())
-            try:
-                if target is self:
+            if target is self:
+                out = super().__call__(*args, **kwargs)
+            elif has_call_hooks(self):  # this module's hooks run around whichever program serves the call
+                token: list = []
+                try:
+                    lend_forward(self, target, token)
                     out = super().__call__(*args, **kwargs)
-                elif has_call_hooks(self):  # this module's hooks run around whichever program serves the call
-                    token: list = []
-                    try:
-                        lend_forward(self, target, token)
-                        out = super().__call__(*args, **kwargs)
-                    finally:
-                        return_forward(self, token)
-                else:
-                    out = target(*args, **kwargs)
-            except TypeError as exc:  # say what was traced when the arguments do not fit
-                if self._calls.frontend == "fx":
-                    check_fx_call(self.forward, args, kwargs, exc)
-                raise
-            except AssertionError as exc:  # an exported program's shape guard, checked before it computes
-                raise_for_guard(exc, kwargs)
-                raise
-            except RuntimeError as exc:  # a size relation it checks while it runs
-                raise_for_runtime_assert(exc, kwargs)
-                raise
-            return carry_cache(kwargs, out)
-        except BaseException:
-            static_restore(saved)
+                finally:
+                    return_forward(self, token)
+            else:
+                out = target(*args, **kwargs)
+        except BaseException as exc:
+            self._call_failed(exc, saved, args, kwargs)
             raise
+        return _finish_call(saved, kwargs, out)
 
     @torch.compiler.disable
     def _run(self, args: tuple, kwargs: dict) -> Any:
-        """Route and run the program, without this module's hooks or an assigned ``forward``: the
-        class ``forward`` called from an assigned one (``nn.Module.__call__`` runs the hooks around
-        that), and ``gm.base_model(...)``."""
-        with _flag(self, False), static_cache_rollback((*args, *kwargs.values())):  # a disabled frame
-            target, args, kwargs = self._route(args, kwargs, under_outer_compile())
-            try:
-                out = type(self).forward(self, *args, **kwargs) if target is self else target(*args, **kwargs)
-            except AssertionError as exc:
-                raise_for_guard(exc, kwargs)
-                raise
-            except RuntimeError as exc:
-                raise_for_runtime_assert(exc, kwargs)
-                raise
-            return carry_cache(kwargs, out)
+        """Route and run the program, without this module's hooks or an assigned ``forward``
+        (``gm.base_model(...)``): the class ``forward``'s routed branch, in a disabled frame."""
+        with _flag(self, True):
+            return type(self).forward(self, *args, **kwargs)
 
     @torch.compiler.disable
     def _route(self, args: tuple, kwargs: dict, compiling: bool = False) -> tuple[Any, tuple, dict]:
