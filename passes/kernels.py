@@ -39,6 +39,13 @@ EXPAND_MAX_RANK = 64
 ADD_CONFIG = (64, 128, 4)
 #: ``shrink_parts`` tiles: (BM, BK, K_PER: the ``K`` each program sums, num_warps).
 SHRINK_CONFIG = (64, 64, 512, 4)
+#: Compiled calls of at most this many rows keep the shrink's split-K partial sums ``[S, M, R]``
+#: for the expand kernel to add (:func:`add_update`): no sum kernel per group of sites. At few
+#: rows a compiled call is bound by the host launching kernels, and the partials are small.
+PARTS_MAX_ROWS = 256
+#: ... and their shrink tiles (more programs over ``K`` for few rows, which one split-K column of
+#: :data:`SHRINK_CONFIG` leaves to 2 x 8 programs at 128 rows)
+SHRINK_FEW_CONFIG = (32, 64, 256, 4)
 #: ... and stacked ranks up to this (q / k / v of a bank of rank 32 stack 96 rows)
 SHRINK_MAX_RANK = 128
 #: ``lora_linear`` tiles: (BM, BN, BK, GROUP_M, num_warps, num_stages, flatten, warp_specialize, programs).
@@ -59,9 +66,12 @@ def _triton():
         return None
 
     @triton.jit
-    def add_kernel(y, h, b, out, M, N, R, s_ym, s_yn, s_hm, s_hr, s_bn, s_br, s_om, s_on,
-                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, F32_DOT: tl.constexpr = False):
-        # out = y + h @ b^T (out may be y: each program reads its tile of y before it writes it).
+    def add_kernel(y, h, b, out, M, N, R, s_ym, s_yn, s_hs, s_hm, s_hr, s_bn, s_br, s_om, s_on,
+                   BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, S: tl.constexpr = 1,
+                   F32_DOT: tl.constexpr = False):
+        # out = y + (sum_s h[s]) @ b^T (out may be y: each program reads its tile of y before it
+        # writes it). S > 1: h holds a shrink's split-K partial sums, added here in a fixed order
+        # (s = 0, 1, ...) in float32, so no kernel of their own sums them first.
         # F32_DOT: float32 h and b, a float32-accurate dot on tensor cores (tf32x3: hi*hi + hi*lo +
         # lo*hi of a tf32 split, off by ~2^-22 relative; "ieee" runs on CUDA cores, 59 us a site of
         # 2048 x 4096 on an H200); the sum with y in float32, one rounding on store
@@ -72,7 +82,14 @@ def _triton():
         rr = tl.arange(0, BR)
         mask_m = rm < M
         mask_n = rn < N
-        ht = tl.load(h + rm[:, None] * s_hm + rr[None, :] * s_hr, mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
+        h_ptr = h + rm[:, None] * s_hm + rr[None, :] * s_hr
+        h_mask = mask_m[:, None] & (rr[None, :] < R)
+        ht = tl.load(h_ptr, mask=h_mask, other=0.0)
+        if S > 1:
+            hs = ht.to(tl.float32)
+            for s in tl.static_range(1, S):
+                hs += tl.load(h_ptr + s * s_hs, mask=h_mask, other=0.0).to(tl.float32)
+            ht = hs.to(ht.dtype)
         bt = tl.load(b + rn[:, None] * s_bn + rr[None, :] * s_br, mask=mask_n[:, None] & (rr[None, :] < R), other=0.0)
         if F32_DOT:
             acc = tl.dot(ht, tl.trans(bt), input_precision="tf32x3")
@@ -191,7 +208,9 @@ def lora_add(y: Tensor, hs: Sequence[Tensor], bs: Sequence[Tensor], config: tupl
 
 def add_update(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG, _wrap: bool = False) -> Tensor:
     r"""``out = y + h B^\top`` out of place, in one pass over ``y`` ``[M, N]`` (bf16 / fp16), for
-    ``h`` ``[M, R]`` and ``B`` ``[N, R]`` both of ``y``'s dtype or both float32.
+    ``h`` ``[M, R]`` and ``B`` ``[N, R]`` both of ``y``'s dtype or both float32. A 3-D float32 ``h``
+    ``[S, M, R]`` is a shrink's split-K partial sums (:func:`shrink_parts`): the kernel adds
+    ``h = \sum_s h_s`` itself (in float32, ``s = 0, 1, ...``), so the sum costs no launch.
 
     The dot accumulates in float32 (float32 factors: a float32-accurate dot on tensor cores,
     ``input_precision="tf32x3"``, ~2^-22 relative, not tf32's 2^-11), the sum with ``y`` is in float32 and rounds once on store: PEFT's
@@ -200,14 +219,15 @@ def add_update(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG, _wra
     ``torch.library.triton_op`` (:func:`expand_op`)."""
     k = _triton()
     M, N = y.shape
-    R = h.shape[1]
+    parts = h if h.dim() == 3 else h[None]
+    S, _, R = parts.shape
     BM, BN, warps = config
     out = torch.empty((M, N), device=y.device, dtype=y.dtype)
     grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
     kernel = torch.library.wrap_triton(k.add) if _wrap else k.add
-    kernel[grid](y, h, b, out, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
-                 b.stride(0), b.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN, BR=_rank_block(R),
-                 F32_DOT=h.dtype == torch.float32, num_warps=warps)
+    kernel[grid](y, parts, b, out, M, N, R, y.stride(0), y.stride(1), parts.stride(0), parts.stride(1),
+                 parts.stride(2), b.stride(0), b.stride(1), out.stride(0), out.stride(1), BM=BM, BN=BN,
+                 BR=_rank_block(R), S=S, F32_DOT=h.dtype == torch.float32, num_warps=warps)
     return out
 
 
@@ -237,7 +257,8 @@ def compiled_expand_ok(y: Tensor, h: Tensor, b: Tensor) -> bool:
     into a float32 ``[M, N]`` temporary (1.2 ms of the same call,
     ``bench/h200-2026-12-03/profile-serving-compiled-before-op.log``)."""
     return (_EXPAND_OP is not None and y.is_cuda and y.dtype in (torch.bfloat16, torch.float16) and y.dim() == 2
-            and h.dtype == b.dtype and h.dtype in (torch.float32, y.dtype) and h.shape[1] <= EXPAND_MAX_RANK
+            and h.dtype == b.dtype and h.dtype in (torch.float32, y.dtype) and h.shape[-1] <= EXPAND_MAX_RANK
+            and (h.dim() == 2 or h.dtype == torch.float32)
             and y.stride(-1) == 1 and not torch.is_grad_enabled()
             and max(_span(y), _span(h), _span(b)) < 2 ** 31)
 
@@ -274,10 +295,10 @@ def shrink_parts(x: Tensor, a: Tensor, config: tuple = SHRINK_CONFIG, _wrap: boo
 
 def _register_shrink_op():
     """``graphlora::lora_shrink_parts``: :func:`shrink_parts` as a ``torch.library.triton_op`` (see
-    :func:`_register_expand_op`)."""
+    :func:`_register_expand_op`), with its tile configuration as arguments (constants in a graph)."""
     @torch.library.triton_op("graphlora::lora_shrink_parts", mutates_args=())
-    def lora_shrink_parts(x: Tensor, a: Tensor) -> Tensor:
-        return shrink_parts(x, a, _wrap=True)
+    def lora_shrink_parts(x: Tensor, a: Tensor, block_m: int, block_k: int, k_per: int, warps: int) -> Tensor:
+        return shrink_parts(x, a, (block_m, block_k, k_per, warps), _wrap=True)
 
     return lora_shrink_parts
 
@@ -302,8 +323,19 @@ def shrink_ok(x: Tensor, a: Tensor) -> bool:
 
 
 def shrink(x: Tensor, a: Tensor) -> Tensor:
-    r"""``h = x A^\top`` ``[M, R]`` in float32 from :func:`shrink_parts` (where :func:`shrink_ok` holds)."""
-    parts = _SHRINK_OP(x, a) if torch.compiler.is_compiling() else shrink_parts(x, a)
+    r"""``h = x A^\top`` ``[M, R]`` in float32 from :func:`shrink_parts` (where :func:`shrink_ok` holds).
+
+    Compiled, for at most :data:`PARTS_MAX_ROWS` rows, the split-K partial sums ``[S, M, R]``
+    themselves (``h = \sum_s h_s``), which the compiled expand adds in its own kernel
+    (:func:`add_update`; :func:`graphlora.passes.ops.lora_expand` sums them where it cannot)."""
+    few = x.shape[0] <= PARTS_MAX_ROWS
+    config = SHRINK_FEW_CONFIG if few else SHRINK_CONFIG
+    if torch.compiler.is_compiling():
+        parts = _SHRINK_OP(x, a, *config)
+        if few:
+            return parts
+    else:
+        parts = shrink_parts(x, a, config)
     return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
@@ -320,7 +352,7 @@ def expand_ok(y: Tensor, h: Tensor, b: Tensor) -> bool:
 
 
 def _span(t: Tensor) -> int:
-    """The largest element offset a 2-D ``t`` reaches (the kernel computes offsets in int32)."""
+    """The largest element offset ``t`` reaches (the kernels compute offsets in int32)."""
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
 
 
@@ -340,8 +372,8 @@ def expand_into(y: Tensor, h: Tensor, b: Tensor, config: tuple = ADD_CONFIG) -> 
     R = h.shape[1]
     BM, BN, warps = config
     grid = (k.triton.cdiv(M, BM), k.triton.cdiv(N, BN))
-    k.add[grid](y, h, b, y, M, N, R, y.stride(0), y.stride(1), h.stride(0), h.stride(1), b.stride(0), b.stride(1),
-                y.stride(0), y.stride(1), BM=BM, BN=BN, BR=_rank_block(R), F32_DOT=True, num_warps=warps)
+    k.add[grid](y, h, b, y, M, N, R, y.stride(0), y.stride(1), 0, h.stride(0), h.stride(1), b.stride(0),
+                b.stride(1), y.stride(0), y.stride(1), BM=BM, BN=BN, BR=_rank_block(R), F32_DOT=True, num_warps=warps)
     return y
 
 

@@ -301,7 +301,9 @@ def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
     (:class:`~graphlora.passes.fuse_shrink.FuseBankShrink`: ``q`` / ``k`` / ``v`` read one ``x``, so one
     GEMM and one cast serve the three; each site's ``h`` is a column block of the result).
     Float32 factors over a bf16 / fp16 ``x`` on CUDA: :func:`.kernels.shrink` (``x`` read once in
-    its dtype, a float32-accurate dot on tensor cores) where :func:`.kernels.shrink_ok` holds.
+    its dtype, a float32-accurate dot on tensor cores) where :func:`.kernels.shrink_ok` holds;
+    compiled, at most :data:`.kernels.PARTS_MAX_ROWS` rows, that kernel's split-K partial sums
+    ``[S, tokens, rows]`` (``h = \sum_s h_s``), which :func:`lora_expand` adds in its kernel.
     """
     compiling = torch.compiler.is_compiling()  # first: a compiled graph traces none of the eager checks
     if compiling or (x.is_cuda and x.dtype != a_hat.dtype):  # eager, the float32 shrink kernel serves CUDA only
@@ -330,6 +332,10 @@ def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     d_out = b_hat.shape[0]
     if torch.compiler.is_compiling():  # first: a compiled graph traces none of the other branches
         flat = base.reshape(-1, d_out)
+        if h.dim() == 3:  # a few-row shrink's split-K partials (kernels.shrink): summed in the expand kernel
+            if kernels.compiled_expand_ok(flat, h, b_hat):
+                return kernels.expand_op(flat, h, b_hat).view(base.shape)
+            h = h.sum(0)
         if fusible_rows(flat):  # a handful of rows: no kernel of its own, fused into its neighbours
             u = (h.to(torch.float32)[:, None, :] * b_hat.to(torch.float32)[None]).sum(-1)
             return (flat.to(torch.float32) + u).to(base.dtype).view(base.shape)

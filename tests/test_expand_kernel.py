@@ -45,6 +45,14 @@ def _run(path: str) -> None:
         y16 = y.half()
         results["add"].append((kernels.add_update(y, h, b), kernels.add_update(y16, h.half(), b.half()), y))
     results["shrink"] = [(x, a, kernels.shrink(x, a)) for x, a in _shrink_cases()]
+    # the few-row path: partials from the few-row tiles, summed by the expand kernel itself
+    results["parts"] = []
+    for (x, a), (y, _, _) in zip(_shrink_cases(), _cases()):
+        parts = kernels.shrink_parts(x[: y.shape[0]], a, kernels.SHRINK_FEW_CONFIG)
+        block = parts[..., 1: 1 + min(a.shape[0] - 1, 16)]  # a column block (strided), as a fused group's sites read
+        b = torch.randn(y.shape[1], block.shape[-1], generator=torch.Generator().manual_seed(2))
+        rows = min(y.shape[0], x.shape[0])
+        results["parts"].append((parts, y[:rows], block[:, :rows], b, kernels.add_update(y[:rows], block[:, :rows], b)))
     torch.save(results, path)
 
 
@@ -102,6 +110,19 @@ def test_the_float32_shrink_matches_peft_form_under_the_interpreter(interpreted)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_expand_kernel_sums_split_k_partials_under_the_interpreter(interpreted):
+    """The few-row compiled path: ``shrink_parts`` with the few-row tiles gives several split-K
+    partials, and ``add_update`` over a 3-D (strided column block of) partials equals the float32
+    reference ``y + (sum_s h_s) B^T`` rounded once."""
+    assert any(parts.shape[0] > 1 for parts, *_ in interpreted["parts"])  # the cases do split K
+    for (x, a), (parts, y, block, b, got) in zip(_shrink_cases(), interpreted["parts"]):
+        torch.testing.assert_close(parts.sum(0), torch.nn.functional.linear(x[: parts.shape[1]].float(), a),
+                                   rtol=1e-5, atol=1e-5)
+        want = y.float().add_(torch.mm(block.sum(0), b.t())).to(y.dtype)
+        assert got.dtype == y.dtype and got.shape == y.shape
+        torch.testing.assert_close(got, want)
+
+
 def test_compiled_serving_takes_the_expand_op_and_eager_does_not(monkeypatch):
     """Under ``torch.compile`` a serving call's updates go through ``kernels.expand_op`` wherever
     ``compiled_expand_ok`` holds (on CUDA: bf16 / fp16 outputs); eager calls keep the PyTorch
@@ -151,13 +172,15 @@ def test_compiled_serving_takes_the_float32_shrink_op(monkeypatch):
     calls = []
 
     @torch.library.custom_op("graphlora_test::lora_shrink_parts", mutates_args=())
-    def stand_in(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def stand_in(x: torch.Tensor, a: torch.Tensor, block_m: int, block_k: int, k_per: int, warps: int) -> torch.Tensor:
         calls.append(tuple(x.shape))
-        return F.linear(x.float(), a)[None]
+        # the kernel's contract: split-K partials [S, M, R] (here two uneven splits of K)
+        cut = x.shape[1] // 3
+        return torch.stack([F.linear(x[:, :cut].float(), a[:, :cut]), F.linear(x[:, cut:].float(), a[:, cut:])])
 
     @stand_in.register_fake
-    def _(x, a):
-        return x.new_empty((1, x.shape[0], a.shape[0]), dtype=torch.float32)
+    def _(x, a, block_m, block_k, k_per, warps):
+        return x.new_empty((2, x.shape[0], a.shape[0]), dtype=torch.float32)
 
     monkeypatch.setattr(kernels, "shrink_ok", lambda x, a: torch.compiler.is_compiling() and x.dtype != a.dtype
                         and not torch.is_grad_enabled())
@@ -229,7 +252,8 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch)
 
     @torch.library.custom_op("graphlora_test::few_rows_expand", mutates_args=())
     def expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        calls.append("expand")
+        calls.append(f"expand{h.dim()}")
+        h = h.sum(0) if h.dim() == 3 else h  # the kernel's contract: split-K partials are summed in it
         return (y.float() + h.float() @ b.float().t()).to(y.dtype)
 
     @expand.register_fake
@@ -237,13 +261,14 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch)
         return torch.empty_like(y)
 
     @torch.library.custom_op("graphlora_test::few_rows_shrink", mutates_args=())
-    def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def shrink(x: torch.Tensor, a: torch.Tensor, block_m: int, block_k: int, k_per: int, warps: int) -> torch.Tensor:
         calls.append("shrink")
-        return F.linear(x.float(), a)[None]
+        cut = x.shape[1] // 2
+        return torch.stack([F.linear(x[:, :cut].float(), a[:, :cut]), F.linear(x[:, cut:].float(), a[:, cut:])])
 
     @shrink.register_fake
-    def _(x, a):
-        return x.new_empty((1, x.shape[0], a.shape[0]), dtype=torch.float32)
+    def _(x, a, block_m, block_k, k_per, warps):
+        return x.new_empty((2, x.shape[0], a.shape[0]), dtype=torch.float32)
 
     fused = []
 
@@ -270,4 +295,6 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch)
         torch._dynamo.reset()
         assert fused and all(n == 2 * rows for n in fused)  # asked at every shrink and expand
         assert bool(calls) == takes_ops, (rows, calls)
+        # 40 rows (at most kernels.PARTS_MAX_ROWS): the expand op gets the shrink's partials, no sum kernel
+        assert not takes_ops or set(calls) == {"shrink", "expand3"}, calls
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
