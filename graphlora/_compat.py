@@ -165,10 +165,12 @@ def assigned_forward(module: torch.nn.Module) -> Any:
 def apply_pre_hooks(module: torch.nn.Module, args: tuple, kwargs: dict, token: list) -> tuple[tuple, dict]:
     """Run ``module``'s own forward pre-hooks on ``(args, kwargs)`` now, as ``nn.Module.__call__``
     would (a hook registered ``with_kwargs`` gets and may replace both; another gets the positional
-    arguments and may replace them), and return the arguments they give. The hooks are taken off
-    the module until :func:`restore_pre_hooks` (so calling it does not run them a second time; the
-    same registry object: removal handles keep working), recorded in ``token`` (as
-    :func:`lend_forward`'s). Serialized with :func:`lend_forward`'s lock. Global pre-hooks
+    arguments and may replace them), and return the arguments they give. Until
+    :func:`restore_pre_hooks` each hook's entry in the module's registry holds a no-op in its
+    place (so calling the module does not run them a second time), the hooks recorded in
+    ``token`` (as :func:`lend_forward`'s): the registry keeps its entries and its identity, so a
+    removal handle used during the call removes its hook for good, and one registered during the
+    call stays with a handle that works. Serialized with :func:`lend_forward`'s lock. Global pre-hooks
     (``register_module_forward_pre_hook``) are left to ``nn.Module.__call__``. A function pair for
     the reason :func:`lend_forward` gives."""
     _LENT_FORWARD.acquire()
@@ -188,20 +190,28 @@ def apply_pre_hooks(module: torch.nn.Module, args: tuple, kwargs: dict, token: l
             if result is not None:
                 args = result if isinstance(result, tuple) else (result,)
     token[-1] = dict(hooks)
-    hooks.clear()
+    for hook_id in token[-1]:
+        hooks[hook_id] = _ran_already  # same key, same place: the registry's order is kept
     return args, dict(kwargs)
+
+
+def _ran_already(*_: Any) -> None:
+    """A pre-hook's stand-in while the call it already ran for is running (:func:`apply_pre_hooks`)."""
 
 
 @torch.compiler.disable
 def restore_pre_hooks(module: torch.nn.Module, token: list) -> None:
-    """Put back the hooks :func:`apply_pre_hooks` took off, and release its lock (nothing when it
-    did not get as far as holding it)."""
+    """Put back the hooks :func:`apply_pre_hooks` stood in for, except those removed during the call,
+    and release its lock (nothing when it did not get as far as holding it)."""
     if not token:
         return
     saved = token.pop()
     try:
         if saved is not None:
-            module._forward_pre_hooks.update(saved)
+            hooks = module._forward_pre_hooks
+            for hook_id, hook in saved.items():
+                if hooks.get(hook_id) is _ran_already:
+                    hooks[hook_id] = hook
     finally:
         _LENT_FORWARD.release()
 

@@ -254,3 +254,31 @@ def test_a_pre_hook_that_changes_the_arguments_runs_once_before_the_program_is_c
         plain = gm(input_ids=ids)
     assert calls == ["kwargs", "args"] and getattr(plain, "loss", None) is None
     assert not gm._forward_pre_hooks
+
+
+def test_a_pre_hook_removed_during_the_call_stays_removed(gm):
+    """A one-shot pair (a forward hook that removes its pre-hook, as run-once patterns do): the
+    pre-hook ran once, was removed while the program ran, and does not come back after the call;
+    a with_kwargs pre-hook removed that way too, and one registered during the call stays."""
+    ids = token_ids()
+    calls = []
+    handles = {"args": gm.register_forward_pre_hook(lambda module, args: calls.append("args")),
+               "kwargs": gm.register_forward_pre_hook(lambda module, args, kwargs: calls.append("kwargs"),
+                                                      with_kwargs=True)}
+    late = []
+
+    def remove_both(module, args, out):
+        calls.append("post")
+        handles.pop("args").remove()
+        handles.pop("kwargs").remove()
+        late.append(module.register_forward_pre_hook(lambda module, args: calls.append("late")))
+
+    post = gm.register_forward_hook(remove_both)
+    with torch.no_grad():
+        gm(input_ids=ids)
+        post.remove()
+        gm(input_ids=ids)
+    assert calls == ["args", "kwargs", "post", "late"]
+    assert len(gm._forward_pre_hooks) == 1 and not gm._forward_pre_hooks_with_kwargs
+    late[0].remove()
+    assert not gm._forward_pre_hooks
