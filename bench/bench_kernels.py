@@ -24,6 +24,50 @@ TMA = [(128, 256, 64, 8, 8, 3, False, False, 0), (128, 256, 64, 8, 8, 3, True, F
        (256, 128, 64, 8, 8, 3, True, False, 0), (128, 256, 64, 8, 8, 3, False, False, 100000)]
 
 
+#: few-row tiles (a 128-row call: one row block, the programs spread over N)
+TMA_FEW = [(64, 64, 128, 1, 4, 4, False, False, 0), (128, 64, 128, 1, 4, 4, False, False, 0),
+           (128, 32, 128, 1, 4, 5, False, False, 0), (64, 32, 128, 1, 4, 5, False, False, 0),
+           (128, 64, 64, 1, 4, 6, False, False, 0), (64, 128, 64, 8, 4, 4, False, False, 0),
+           (128, 128, 64, 8, 8, 4, False, False, 0), (128, 64, 256, 1, 8, 3, False, False, 0),
+           (64, 64, 256, 1, 4, 3, False, False, 0), (128, 32, 256, 1, 4, 3, False, False, 0)]
+
+
+def few(rows: list[int], report: dict) -> None:
+    """``--few``: at few rows, the fused linear (base GEMM with the rank-16 epilogue) per
+    :data:`TMA_FEW` config against cuBLAS's base GEMM alone and cuBLAS + ``add_update``, GPU time
+    under CUDA graphs (``do_bench_cudagraph``: the Python launch is not timed)."""
+    from triton.testing import do_bench_cudagraph
+
+    def us(fn) -> float:
+        return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    for m in rows:
+        for _, n, k in SHAPES:
+            torch.manual_seed(0)
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            w = torch.randn(n, k, device=dev, dtype=dt) * k ** -0.5
+            h = torch.randn(m, 16, device=dev, dtype=dt)
+            b = torch.randn(n, 16, device=dev, dtype=dt) * 0.1
+            ref = x.double() @ w.double().T + h.double() @ b.double().T
+            row = {"cuBLAS base": us(lambda: F.linear(x, w)),
+                   "cuBLAS base + add_update": us(lambda: kernels.add_update(F.linear(x, w), h, b)),
+                   "cuBLAS base + add_update fp32 factors": us(lambda: kernels.add_update(F.linear(x, w), h.float(), b.float())),
+                   "tma": {}}
+            for c in TMA_FEW:
+                try:
+                    row["tma"][str(c)] = (us(lambda c=c: kernels.lora_linear(x, w, None, [h], [b], c)),
+                                          rel(kernels.lora_linear(x, w, None, [h], [b], c), ref))
+                except Exception as exc:  # a config that does not compile on this GPU
+                    print("tma", c, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
+            report["shapes"][f"few {m}x{n}x{k}"] = row
+            print(f"== few rows {m} out {n} in {k}: cuBLAS {row['cuBLAS base']:.2f} us, + add_update "
+                  f"{row['cuBLAS base + add_update']:.2f} (fp32 factors {row['cuBLAS base + add_update fp32 factors']:.2f})",
+                  flush=True)
+            for c, (t, e) in sorted(row["tma"].items(), key=lambda kv: kv[1][0]):
+                print(f"== fused {c:<48s} {t:8.2f} us  err {e:.1e}", flush=True)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -33,9 +77,16 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--few", default=None, help="rows, e.g. 128,256: only the few-row fused-linear sweep")
     args = parser.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     report: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    if args.few:
+        few([int(v) for v in args.few.split(",")], report)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(report, fh, indent=1)
+        return
 
     def us(fn) -> float:
         return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3

@@ -11,7 +11,7 @@ python3 -m pip install -q --no-deps --no-build-isolation . >/dev/null 2>&1 || ec
 nvidia-smi -L
 for job in "$@"; do
   limit=${job%%:*}; rest=${job#*:}; script=${rest%%:*}; args=${rest#*:}
-  tag=$(basename "$script" .py)$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-24)
+  tag=$(basename "$script" .py)$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-90)
   echo "=== $script $args (limit ${limit}s)"
   start=$(date +%s)
   timeout "$limit" python3 "$script" $args --out "$OUT/$tag.json" 2>&1 | tee "$OUT/$tag.log" | grep -v "^ \{2,\}" | tail -60

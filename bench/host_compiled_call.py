@@ -71,8 +71,16 @@ def main() -> None:
     ap.add_argument("--mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)')
     ap.add_argument("--mixed", type=int, default=0, help="rows of a mixed batch, each its own adapter")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--parts-max-rows", type=int, default=None, help="kernels.PARTS_MAX_ROWS (0: sum kernels)")
+    ap.add_argument("--shrink-few", default=None, help="kernels.SHRINK_FEW_CONFIG as BM,BK,K_PER,WARPS")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    from graphlora.passes import kernels
+
+    if args.parts_max_rows is not None:
+        kernels.PARTS_MAX_ROWS = args.parts_max_rows
+    if args.shrink_few:
+        kernels.SHRINK_FEW_CONFIG = tuple(int(v) for v in args.shrink_few.split(","))
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     base, cfg = build(args.tiny, device, dtype)
@@ -90,6 +98,9 @@ def main() -> None:
             calls[key] = lambda: cb(input_ids=ids, use_cache=False)
             result[key] = issue_ms(calls[key], device, args.rounds, args.calls)
             print(f"{key}: {result[key]:.3f} ms", flush=True)
+            eager, compiled = base(input_ids=ids, use_cache=False).logits.float(), calls[key]().logits.float()
+            result["base compiled vs eager: rel diff"] = ((compiled - eager).norm() / eager.norm()).item()
+            print(f"base compiled vs eager: rel diff {result['base compiled vs eager: rel diff']:.2e}")
         gm = graphlora.inject(base, graphlora.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         randomize_lora(gm, 0)
         kwargs = {}

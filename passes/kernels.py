@@ -39,13 +39,18 @@ EXPAND_MAX_RANK = 64
 ADD_CONFIG = (64, 128, 4)
 #: ``shrink_parts`` tiles: (BM, BK, K_PER: the ``K`` each program sums, num_warps).
 SHRINK_CONFIG = (64, 64, 512, 4)
-#: Compiled calls of at most this many rows keep the shrink's split-K partial sums ``[S, M, R]``
-#: for the expand kernel to add (:func:`add_update`): no sum kernel per group of sites. At few
-#: rows a compiled call is bound by the host launching kernels, and the partials are small.
-PARTS_MAX_ROWS = 256
-#: ... and their shrink tiles (more programs over ``K`` for few rows, which one split-K column of
-#: :data:`SHRINK_CONFIG` leaves to 2 x 8 programs at 128 rows)
+#: Calls of at most this many rows take :data:`SHRINK_FEW_CONFIG`: more programs over ``K``, where
+#: :data:`SHRINK_CONFIG` leaves 2 x 8 programs at 128 rows. H200, a compiled 8 x 16-token call of
+#: the 4-layer Llama-7B-shape benchmark: its 16 shrinks 0.228 -> 0.145 ms of CUDA time
+#: (``bench/h200-2026-12-04-s11``; per-shape tiles in ``sweep-few-rows.json``).
+SHRINK_FEW_MAX_ROWS = 256
 SHRINK_FEW_CONFIG = (32, 64, 256, 4)
+#: Compiled calls of at most this many rows hand the shrink's split-K partials ``[S, M, R]`` to the
+#: expand kernel, which sums them (:func:`add_update`): one launch less per group of sites (16 in
+#: a 4-layer call), but on the GPU the expand's S loads cost more than the sum kernel saves: the
+#: 8 x 16 call above measured 1.25 ms of CUDA time with it at 256, 1.11 ms without (under CUDA
+#: graphs 1.61x against 1.53x the base). Off (0) by default; launch-bound callers may set it.
+PARTS_MAX_ROWS = 0
 #: ... and stacked ranks up to this (q / k / v of a bank of rank 32 stack 96 rows)
 SHRINK_MAX_RANK = 128
 #: ``lora_linear`` tiles: (BM, BN, BK, GROUP_M, num_warps, num_stages, flatten, warp_specialize, programs).
@@ -328,11 +333,10 @@ def shrink(x: Tensor, a: Tensor) -> Tensor:
     Compiled, for at most :data:`PARTS_MAX_ROWS` rows, the split-K partial sums ``[S, M, R]``
     themselves (``h = \sum_s h_s``), which the compiled expand adds in its own kernel
     (:func:`add_update`; :func:`graphlora.passes.ops.lora_expand` sums them where it cannot)."""
-    few = x.shape[0] <= PARTS_MAX_ROWS
-    config = SHRINK_FEW_CONFIG if few else SHRINK_CONFIG
+    config = SHRINK_FEW_CONFIG if x.shape[0] <= SHRINK_FEW_MAX_ROWS else SHRINK_CONFIG
     if torch.compiler.is_compiling():
         parts = _SHRINK_OP(x, a, *config)
-        if few:
+        if x.shape[0] <= PARTS_MAX_ROWS:
             return parts
     else:
         parts = shrink_parts(x, a, config)

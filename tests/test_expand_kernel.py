@@ -169,11 +169,12 @@ def test_compiled_serving_takes_the_float32_shrink_op(monkeypatch):
     from graphlora.passes import kernels
     from models import randomize_b, tiny_llama, token_ids
 
-    calls = []
+    calls, configs = [], []
 
     @torch.library.custom_op("graphlora_test::lora_shrink_parts", mutates_args=())
     def stand_in(x: torch.Tensor, a: torch.Tensor, block_m: int, block_k: int, k_per: int, warps: int) -> torch.Tensor:
         calls.append(tuple(x.shape))
+        configs.append((block_m, block_k, k_per, warps))
         # the kernel's contract: split-K partials [S, M, R] (here two uneven splits of K)
         cut = x.shape[1] // 3
         return torch.stack([F.linear(x[:, :cut].float(), a[:, :cut]), F.linear(x[:, cut:].float(), a[:, cut:])])
@@ -197,6 +198,7 @@ def test_compiled_serving_takes_the_float32_shrink_op(monkeypatch):
         got = torch.compile(gm, backend="aot_eager")(input_ids=ids).logits
     torch._dynamo.reset()
     assert calls and all(shape[0] == 10 for shape in calls)  # the shrinks, of 2 x 5 rows
+    assert set(configs) == {kernels.SHRINK_FEW_CONFIG}  # few rows: the few-row tiles
     torch.testing.assert_close(got, want)
 
 
@@ -236,7 +238,8 @@ if __name__ == "__main__":  # the interpreter run: python tests/test_expand_kern
     _run(sys.argv[1])
 
 
-def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch):
+@pytest.mark.parametrize("parts_rows", [0, 256])
+def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch, parts_rows):
     """Under ``torch.compile`` a serving call of at most ``FUSIBLE_MAX_ROWS`` rows computes the
     shrink and the expand as float32 broadcast reductions (which Inductor fuses into the
     neighbouring kernels) instead of the GEMMs or the Triton ops; more rows keep the ops. On CUDA
@@ -281,6 +284,7 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch)
     monkeypatch.setattr(kernels, "_EXPAND_OP", expand)
     monkeypatch.setattr(kernels, "shrink_ok", lambda x, a: torch.compiler.is_compiling() and x.dtype != a.dtype)
     monkeypatch.setattr(kernels, "_SHRINK_OP", shrink)
+    monkeypatch.setattr(kernels, "PARTS_MAX_ROWS", parts_rows)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     gm = graphlora.inject(tiny_llama().to(torch.bfloat16), graphlora.LoraConfig(r=4, target_modules=targets)).eval()
     randomize_b(gm)
@@ -295,6 +299,7 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch)
         torch._dynamo.reset()
         assert fused and all(n == 2 * rows for n in fused)  # asked at every shrink and expand
         assert bool(calls) == takes_ops, (rows, calls)
-        # 40 rows (at most kernels.PARTS_MAX_ROWS): the expand op gets the shrink's partials, no sum kernel
-        assert not takes_ops or set(calls) == {"shrink", "expand3"}, calls
+        # 40 rows: with kernels.PARTS_MAX_ROWS at 256 the expand op gets the shrink's partials (no
+        # sum kernel), at 0 their sum
+        assert not takes_ops or set(calls) == {"shrink", "expand3" if parts_rows else "expand2"}, calls
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
