@@ -32,11 +32,21 @@ TMA_FEW = [(64, 64, 128, 1, 4, 4, False, False, 0), (128, 64, 128, 1, 4, 4, Fals
            (64, 64, 256, 1, 4, 3, False, False, 0), (128, 32, 256, 1, 4, 3, False, False, 0)]
 
 
+#: ``passes/linear_few.py`` tiles: (BM, BN, BK, num_warps, num_stages)
+LINEAR_FEW = [(128, 32, 128, 4, 4), (128, 64, 128, 4, 4), (64, 32, 128, 4, 4), (128, 32, 64, 4, 6),
+              (128, 64, 64, 4, 5), (64, 64, 128, 4, 4), (128, 32, 256, 8, 3), (128, 16, 128, 4, 4),
+              (64, 32, 256, 4, 3), (128, 64, 128, 8, 4)]
+
+
 def few(rows: list[int], report: dict) -> None:
-    """``--few``: at few rows, the fused linear (base GEMM with the rank-16 epilogue) per
-    :data:`TMA_FEW` config against cuBLAS's base GEMM alone and cuBLAS + ``add_update``, GPU time
-    under CUDA graphs (``do_bench_cudagraph``: the Python launch is not timed)."""
+    """``--few``: at few rows, the fused linears (base GEMM with the rank-16 epilogue: the TMA
+    kernel per :data:`TMA_FEW` config with bf16 factors, ``passes/linear_few.py`` per
+    :data:`LINEAR_FEW` config with float32 factors, PEFT's default) against cuBLAS's base GEMM
+    alone and cuBLAS + ``add_update``, GPU time under CUDA graphs (``do_bench_cudagraph``: the
+    Python launch is not timed)."""
     from triton.testing import do_bench_cudagraph
+
+    from graphlora.passes import linear_few
 
     def us(fn) -> float:
         return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
@@ -60,12 +70,23 @@ def few(rows: list[int], report: dict) -> None:
                                           rel(kernels.lora_linear(x, w, None, [h], [b], c), ref))
                 except Exception as exc:  # a config that does not compile on this GPU
                     print("tma", c, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
+            h32, b32 = h.float(), b.float()
+            ref32 = x.double() @ w.double().T + h32.double() @ b32.double().T
+            row["linear_few fp32 factors"] = {}
+            for c in LINEAR_FEW:
+                try:
+                    row["linear_few fp32 factors"][str(c)] = (
+                        us(lambda c=c: linear_few.linear_few(x, w, None, h32, b32, c)),
+                        rel(linear_few.linear_few(x, w, None, h32, b32, c), ref32))
+                except Exception as exc:  # a config that does not compile on this GPU
+                    print("linear_few", c, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
             report["shapes"][f"few {m}x{n}x{k}"] = row
             print(f"== few rows {m} out {n} in {k}: cuBLAS {row['cuBLAS base']:.2f} us, + add_update "
                   f"{row['cuBLAS base + add_update']:.2f} (fp32 factors {row['cuBLAS base + add_update fp32 factors']:.2f})",
                   flush=True)
-            for c, (t, e) in sorted(row["tma"].items(), key=lambda kv: kv[1][0]):
-                print(f"== fused {c:<48s} {t:8.2f} us  err {e:.1e}", flush=True)
+            for key in ("tma", "linear_few fp32 factors"):
+                for c, (t, e) in sorted(row[key].items(), key=lambda kv: kv[1][0]):
+                    print(f"== {key} {c:<48s} {t:8.2f} us  err {e:.1e}", flush=True)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
