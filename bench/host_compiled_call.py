@@ -73,9 +73,18 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parts-max-rows", type=int, default=None, help="kernels.PARTS_MAX_ROWS (0: sum kernels)")
     ap.add_argument("--shrink-few", default=None, help="kernels.SHRINK_FEW_CONFIG as BM,BK,K_PER,WARPS")
+    ap.add_argument("--linear-few-rows", type=int, default=None,
+                    help="linear_few.MAX_ROWS: compiled calls of at most this many rows fuse each site's base "
+                         "linear and update (0: off, the default)")
+    ap.add_argument("--linear-few", default=None, help="linear_few.CONFIG as BM,BN,BK,WARPS,STAGES")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from graphlora.passes import kernels
+    from graphlora.passes import kernels, linear_few
+
+    if args.linear_few_rows is not None:
+        linear_few.MAX_ROWS = args.linear_few_rows
+    if args.linear_few:
+        linear_few.CONFIG = tuple(int(v) for v in args.linear_few.split(","))
 
     if args.parts_max_rows is not None:
         kernels.PARTS_MAX_ROWS = args.parts_max_rows

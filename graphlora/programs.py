@@ -44,6 +44,7 @@ from graphlora.passes import (CheckpointBlocks, DetachedReads, RetargetDevice, S
                               release_regions, run_passes)
 from graphlora.passes.checkpoint import REGION_PREFIX
 from graphlora.passes import fuse_shrink
+from graphlora.passes.fuse_linear import AttachBaseLinear
 from graphlora.passes.eager import lower_graph
 from graphlora.passes.sites import getattr_path
 
@@ -394,6 +395,8 @@ class ProgramSet:
             steps.append(fuse_shrink.FuseShrink())
         if program.mode == BANK and self.fuse_shrink:  # sibling sites' bank shrinks as one GEMM
             steps.append(fuse_shrink.FuseBankShrink(self._stack))
+        if program.mode == BANK:  # the updates know their base linear (a fused op at few rows, compiled)
+            steps.append(AttachBaseLinear())
         if program.mode in (BANK, BASE):  # grad-free: set_adapter's requires_grad flips never recompile
             steps.append(DetachedReads(STORE))
         release_regions(module)  # checkpoint regions of the graph this one replaces (snapshot keeps them)

@@ -41,7 +41,8 @@ through :func:`run_passes` (``PassManager`` with a lint check after each pass, :
   ``lora_down``, ``lora_switch``, ``lora_linear``, and the bank updates ``lora_bank`` /
   ``lora_bank_rows``); :mod:`.method_ops` the scaling switch ``scale_switch``; :mod:`.kernels`
   their Triton kernels; :mod:`.linear_few` a base linear with the adapter update as its epilogue
-  for few-row calls (benchmarked, not yet used by the serving programs).
+  for few-row compiled calls (off until measured on the GPU), which :mod:`.fuse_linear` prepares
+  the serving programs for.
 """
 
 from .attention import CausalAttention, causal_sdpa

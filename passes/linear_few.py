@@ -15,8 +15,12 @@ Why: at few rows (a compiled 8 x 16-token call, 128 rows) a serving site is the 
 Llama-7B-shape call on an H200, 0.12 of its 1.11 ms CUDA time, and 28 launches
 (``bench/h200-2026-12-04-s11``). Here the update costs no kernel and no pass over ``y``. It pays
 only if this GEMM keeps up with cuBLAS's at these shapes (cuBLAS reads ``W`` at ~2.5 TB/s at
-128 x 4096 x 4096): ``bench/bench_kernels.py --few`` measures both. It is not wired into the
-serving programs until that has been measured on the GPU.
+128 x 4096 x 4096): ``bench/bench_kernels.py --few`` measures both. Compiled serving programs
+take it (``graphlora::lora_linear_few``) for calls of at most :data:`MAX_ROWS` rows; that is 0,
+off, until it has been measured on the GPU (``bench/host_compiled_call.py --linear-few-rows``).
+The serving programs' bank updates carry their base linear's inputs for it
+(:class:`~graphlora.passes.fuse_linear.AttachBaseLinear`); where it serves, the base linear's
+own node is left unused and Inductor drops it.
 
 Rounding differs from the two-kernel form by at most one unit in the last place of ``y``: that
 form rounds ``x W^\top + b`` to ``y``'s dtype before adding the update; this adds in float32.
@@ -29,16 +33,21 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .kernels import _rank_block
+from .kernels import _rank_block, _span
 
-__all__ = ["CONFIG", "linear_few"]
+__all__ = ["CONFIG", "MAX_ROWS", "compiled_ok", "linear_few", "linear_few_op"]
 
 #: (BM, BN, BK, num_warps, num_stages): one row block of 128 rows, the programs spread over ``N``
 CONFIG = (128, 32, 128, 4, 4)
+#: Compiled serving calls of at most this many rows take the fused op (0: never; see the module doc)
+MAX_ROWS = 0
+#: ... and summed ranks up to this (the epilogue's float32 ``h`` and ``B`` tiles)
+MAX_RANK = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,21 +98,58 @@ def _kernel():
     return SimpleNamespace(triton=triton, linear=linear_few_kernel)
 
 
-def linear_few(x: Tensor, w: Tensor, bias: Tensor | None, h: Tensor, b: Tensor, config: tuple = CONFIG) -> Tensor:
+def linear_few(x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tensor, b: Tensor,
+               config: Optional[tuple] = None, _wrap: bool = False) -> Tensor:
     r"""``x W^\top + bias + h B^\top`` (module doc) for 2-D ``x`` ``[M, K]``, ``W`` ``[N, K]``, ``h``
     ``[M, R]`` or partials ``[S, M, R]``, ``B`` ``[N, R]``; ``h`` may be a column block of a wider
-    tensor (any strides). ``config``: (BM, BN, BK, num_warps, num_stages)."""
+    tensor (any strides). ``config``: (BM, BN, BK, num_warps, num_stages), :data:`CONFIG` by default. ``_wrap``: launched from
+    the ``torch.library.triton_op`` (:func:`linear_few_op`)."""
     k = _kernel()
     M, K = x.shape
     N = w.shape[0]
     parts = h if h.dim() == 3 else h[None]
     S, _, R = parts.shape
-    BM, BN, BK, warps, stages = config
+    BM, BN, BK, warps, stages = CONFIG if config is None else config
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid = (k.triton.cdiv(N, BN), k.triton.cdiv(M, BM))
-    k.linear[grid](x, w, parts, b, bias if bias is not None else x, out, M, N, R,
-                   x.stride(0), x.stride(1), w.stride(0), w.stride(1), parts.stride(0), parts.stride(1),
-                   parts.stride(2), b.stride(0), b.stride(1), out.stride(0), out.stride(1), K=K,
-                   HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK, BR=_rank_block(R), S=S,
-                   F32_DOT=b.dtype == torch.float32, num_warps=warps, num_stages=stages)
+    kernel = torch.library.wrap_triton(k.linear) if _wrap else k.linear
+    kernel[grid](x, w, parts, b, bias if bias is not None else x, out, M, N, R,
+                 x.stride(0), x.stride(1), w.stride(0), w.stride(1), parts.stride(0), parts.stride(1),
+                 parts.stride(2), b.stride(0), b.stride(1), out.stride(0), out.stride(1), K=K,
+                 HAS_BIAS=bias is not None, BM=BM, BN=BN, BK=BK, BR=_rank_block(R), S=S,
+                 F32_DOT=b.dtype == torch.float32, num_warps=warps, num_stages=stages)
     return out
+
+
+def _register_op():
+    """``graphlora::lora_linear_few``: :func:`linear_few` as a ``torch.library.triton_op`` (Inductor
+    launches it from a compiled graph: no Python dispatch, CUDA-graph safe). Registered only where
+    CUDA is available, as :mod:`.kernels`' ops are."""
+    @torch.library.triton_op("graphlora::lora_linear_few", mutates_args=())
+    def lora_linear_few(x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tensor, b: Tensor) -> Tensor:
+        return linear_few(x, w, bias, h, b, _wrap=True)
+
+    return lora_linear_few
+
+
+_OP = _register_op() if torch.cuda.is_available() and _kernel() is not None else None
+
+
+def compiled_ok(rows: int, x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tensor, b: Tensor) -> bool:
+    """Whether a compiled serving update takes :func:`linear_few_op` for its base linear: at most
+    :data:`MAX_ROWS` rows, a 2-D CUDA bf16 / fp16 ``x`` and a plain ``W`` (no quantized or other
+    tensor subclass) of its dtype, factors both float32 or both of its dtype, a summed rank of at
+    most :data:`MAX_RANK`, a bias of ``x``'s dtype if any, int32 offsets, and no grad (the op has
+    no backward). Call it inside ``torch.compiler.is_compiling()`` only."""
+    if not 0 < rows <= MAX_ROWS or _OP is None:  # first, and off by default: nothing else is traced
+        return False
+    return (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
+            and type(w) in (torch.Tensor, torch.nn.Parameter) and w.dim() == 2 and w.dtype == x.dtype
+            and h.dtype == b.dtype and h.dtype in (torch.float32, x.dtype) and h.shape[-1] <= MAX_RANK
+            and not torch.is_grad_enabled() and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1))
+            and max(_span(x), _span(w), _span(h), _span(b)) < 2 ** 31)
+
+
+def linear_few_op(x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tensor, b: Tensor) -> Tensor:
+    """``x W^T + bias + h B^T`` through ``graphlora::lora_linear_few`` (where :func:`compiled_ok` holds)."""
+    return _OP(x, w, bias, h, b)

@@ -8,12 +8,13 @@ CUDA with bf16/fp16 the switches run Triton kernels (:mod:`.kernels`) and, under
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from . import kernels, linear_few
 from ._compat import autocast_on
 
 __all__ = ["lora_switch", "lora_linear", "lora_down", "lora_shrink", "lora_bank", "lora_bank_", "lora_bank_rows"]
@@ -271,7 +272,7 @@ def fusible_rows(t: Tensor) -> bool:
     return t.is_cuda and t.shape[0] <= FUSIBLE_MAX_ROWS and not torch.is_grad_enabled()
 
 
-def lora_bank(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
+def lora_bank(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor, linear: Optional[tuple] = None) -> Tensor:
     r"""A site's serving output from its adapter bank: the active adapters' sum, in two GEMMs.
 
     .. math::
@@ -290,8 +291,9 @@ def lora_bank(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
     Args:
         base: the base op's output ``[..., d_out]``; x: its input ``[..., d_in]``.
         a_hat / b_hat: the gathered factors (unused positions hold zeros).
+        linear: the base linear's ``(x, W, bias)`` (:func:`lora_expand`).
     """
-    return lora_expand(base, bank_shrink(x, a_hat), b_hat)
+    return lora_expand(base, bank_shrink(x, a_hat), b_hat, linear)
 
 
 def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
@@ -319,7 +321,7 @@ def bank_shrink(x: Tensor, a_hat: Tensor) -> Tensor:
     return h.reshape(-1, h.shape[-1])
 
 
-def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
+def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor, linear: Optional[tuple] = None) -> Tensor:
     r"""``y = \text{base} + h \hat B^\top`` out of place (``h`` ``[tokens, K R]`` from :func:`bank_shrink`).
 
     Factors of another dtype than the base: ``u = h \hat B^\top`` in theirs, the sum in the
@@ -328,10 +330,20 @@ def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     base (``configure_banks(lora_dtype=torch.bfloat16)``) never round the base output. Compiled on
     CUDA over a bf16 / fp16 base, it is the Triton op ``graphlora::lora_expand``
     (:func:`.kernels.compiled_expand_ok`): one pass over the output, the same float32 sum.
+
+    ``linear``: ``base``'s own inputs ``(x, W, bias)`` when ``base`` is a linear's fresh output
+    (:class:`~graphlora.passes.fuse_linear.AttachBaseLinear`). Compiled, where
+    :func:`.linear_few.compiled_ok` holds (few rows; off by default), the result is computed from
+    them in one kernel, the update as the GEMM's epilogue, and ``base`` goes unread.
     """
     d_out = b_hat.shape[0]
     if torch.compiler.is_compiling():  # first: a compiled graph traces none of the other branches
         flat = base.reshape(-1, d_out)
+        if linear is not None:
+            x, w, bias = linear
+            x2 = x.reshape(-1, x.shape[-1])
+            if linear_few.compiled_ok(flat.shape[0], x2, w, bias, h, b_hat):
+                return linear_few.linear_few_op(x2, w, bias, h, b_hat).view(base.shape)
         if h.dim() == 3:  # a few-row shrink's split-K partials (kernels.shrink): summed in the expand kernel
             if kernels.compiled_expand_ok(flat, h, b_hat):
                 return kernels.expand_op(flat, h, b_hat).view(base.shape)
@@ -346,17 +358,17 @@ def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     return torch.addmm(base.reshape(-1, d_out), h, b_hat.t()).view(base.shape)
 
 
-def lora_bank_(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor) -> Tensor:
+def lora_bank_(base: Tensor, x: Tensor, a_hat: Tensor, b_hat: Tensor, linear: Optional[tuple] = None) -> Tensor:
     r""":func:`lora_bank` adding into ``base`` in place: ``base += (x \hat A^\top) \hat B^\top``.
 
     The splice uses it where nothing else reads ``base`` (the base op's fresh output, no branch
     reading it: :meth:`~graphlora.passes.splice.SiteBuilder.add_update`). Serving programs only:
     they run without grad. See :func:`lora_expand_`.
     """
-    return lora_expand_(base, bank_shrink(x, a_hat), b_hat)
+    return lora_expand_(base, bank_shrink(x, a_hat), b_hat, linear)
 
 
-def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
+def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor, linear: Optional[tuple] = None) -> Tensor:
     r""":func:`lora_expand` into ``base`` in place: ``base += h \hat B^\top``.
 
     An out-of-place ``addmm`` first copies ``base`` into its result (one more kernel and a pass
@@ -371,7 +383,7 @@ def lora_expand_(base: Tensor, h: Tensor, b_hat: Tensor) -> Tensor:
     # autocast casts out-of-place ops only (and knows no "meta" device: asking raises there);
     # compiled, the out-of-place Triton op beats the in-place forms (see lora_expand)
     if torch.compiler.is_compiling() or not base.is_contiguous() or autocast_on(base):
-        return lora_expand(base, h, b_hat)
+        return lora_expand(base, h, b_hat, linear)
     flat = base.view(-1, b_hat.shape[0])
     if h.dtype != base.dtype:
         if kernels.expand_ok(flat, h, b_hat):  # CUDA, many tokens: one pass over the output (Triton)
