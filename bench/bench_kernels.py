@@ -62,24 +62,12 @@ def few(rows: list[int], report: dict) -> None:
             ref = x.double() @ w.double().T + h.double() @ b.double().T
             row = {"cuBLAS base": us(lambda: F.linear(x, w)),
                    "cuBLAS base + add_update": us(lambda: kernels.add_update(F.linear(x, w), h, b)),
-                   "cuBLAS base + add_update fp32 factors": us(lambda: kernels.add_update(F.linear(x, w), h.float(), b.float())),
-                   "tma": {}}
-            for c in TMA_FEW:
-                try:
-                    row["tma"][str(c)] = (us(lambda c=c: kernels.lora_linear(x, w, None, [h], [b], c)),
-                                          rel(kernels.lora_linear(x, w, None, [h], [b], c), ref))
-                except Exception as exc:  # a config that does not compile on this GPU
-                    print("tma", c, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
+                   "cuBLAS base + add_update fp32 factors": us(lambda: kernels.add_update(F.linear(x, w), h.float(), b.float()))}
+            row["tma"] = configs("tma", TMA_FEW, lambda c: kernels.lora_linear(x, w, None, [h], [b], c), ref, us)
             h32, b32 = h.float(), b.float()
             ref32 = x.double() @ w.double().T + h32.double() @ b32.double().T
-            row["linear_few fp32 factors"] = {}
-            for c in LINEAR_FEW:
-                try:
-                    row["linear_few fp32 factors"][str(c)] = (
-                        us(lambda c=c: linear_few.linear_few(x, w, None, h32, b32, c)),
-                        rel(linear_few.linear_few(x, w, None, h32, b32, c), ref32))
-                except Exception as exc:  # a config that does not compile on this GPU
-                    print("linear_few", c, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
+            row["linear_few fp32 factors"] = configs(
+                "linear_few", LINEAR_FEW, lambda c: linear_few.linear_few(x, w, None, h32, b32, c), ref32, us)
             report["shapes"][f"few {m}x{n}x{k}"] = row
             print(f"== few rows {m} out {n} in {k}: cuBLAS {row['cuBLAS base']:.2f} us, + add_update "
                   f"{row['cuBLAS base + add_update']:.2f} (fp32 factors {row['cuBLAS base + add_update fp32 factors']:.2f})",
@@ -87,6 +75,17 @@ def few(rows: list[int], report: dict) -> None:
             for key in ("tma", "linear_few fp32 factors"):
                 for c, (t, e) in sorted(row[key].items(), key=lambda kv: kv[1][0]):
                     print(f"== {key} {c:<48s} {t:8.2f} us  err {e:.1e}", flush=True)
+
+
+def configs(label: str, tiles: list, run, ref: torch.Tensor, us) -> dict:
+    """``{str(config): (us, error against ref)}`` of ``run(config)`` for each config that compiles here."""
+    out = {}
+    for c in tiles:
+        try:
+            out[str(c)] = (us(lambda c=c: run(c)), rel(run(c), ref))
+        except Exception as exc:  # a config that does not compile on this GPU
+            print(label, c, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
+    return out
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -126,13 +125,7 @@ def main() -> None:
         row: dict = {"base cuBLAS": us(lambda: F.linear(x, w)), "xA cuBLAS + mul": us(lambda: F.linear(x, a) * g)}
         row["add"] = {str(c): (us(lambda c=c: kernels.lora_add(y, [h], [b], c)), rel(kernels.lora_add(y, [h], [b], c), ref))
                       for c in ADD}
-        row["tma"] = {}
-        for c in TMA:
-            try:
-                row["tma"][str(c)] = (us(lambda c=c: kernels.lora_linear(x, w, None, [h], [b], c)),
-                                      rel(kernels.lora_linear(x, w, None, [h], [b], c), ref))
-            except Exception as exc:  # a config that does not compile on this GPU
-                print("tma", c, "failed:", type(exc).__name__, str(exc)[:200], flush=True)
+        row["tma"] = configs("tma", TMA, lambda c: kernels.lora_linear(x, w, None, [h], [b], c), ref, us)
         best = {key: min(row[key], key=lambda c: row[key][c][0]) for key in ("add", "tma")}
         row["best"] = best
         cfg = {key: eval(best[key]) for key in best}  # noqa: S307 (our own tuple reprs)

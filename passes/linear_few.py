@@ -44,7 +44,8 @@ __all__ = ["CONFIG", "MAX_ROWS", "compiled_ok", "linear_few", "linear_few_op"]
 
 #: (BM, BN, BK, num_warps, num_stages): one row block of 128 rows, the programs spread over ``N``
 CONFIG = (128, 32, 128, 4, 4)
-#: Compiled serving calls of at most this many rows take the fused op (0: never; see the module doc)
+#: Compiled serving calls of at most this many rows take the fused op (0: never; see the module doc);
+#: it comes before the decode steps' broadcast reductions (``ops.FUSIBLE_MAX_ROWS``) where both apply
 MAX_ROWS = 0
 #: ... and summed ranks up to this (the epilogue's float32 ``h`` and ``B`` tiles)
 MAX_RANK = 64
@@ -141,7 +142,7 @@ def compiled_ok(rows: int, x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tens
     tensor subclass) of its dtype, factors both float32 or both of its dtype, a summed rank of at
     most :data:`MAX_RANK`, a bias of ``x``'s dtype if any, int32 offsets, and no grad (the op has
     no backward). Call it inside ``torch.compiler.is_compiling()`` only."""
-    if not 0 < rows <= MAX_ROWS or _OP is None:  # first, and off by default: nothing else is traced
+    if MAX_ROWS <= 0 or _OP is None or rows > MAX_ROWS:  # off by default: then no size is even looked at
         return False
     return (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
             and type(w) in (torch.Tensor, torch.nn.Parameter) and w.dim() == 2 and w.dtype == x.dtype

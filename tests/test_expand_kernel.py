@@ -8,13 +8,12 @@ replaces on CUDA: ``y += mm(h, B^T)`` in float32, rounded once into ``y``.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 KERNELS_FILE = Path(__file__).resolve().parents[1] / "passes" / "kernels.py"
 
@@ -73,11 +72,7 @@ def _shrink_cases():
 def interpreted(tmp_path_factory):
     """The kernels' outputs for :func:`_cases`, computed under Triton's interpreter in a subprocess."""
     pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("kernels") / "expand.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"the interpreter run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return torch.load(out)
+    return run_interpreted(__file__, tmp_path_factory.mktemp("kernels") / "expand.pt")
 
 
 def test_expand_into_matches_the_float32_reference_under_the_interpreter(interpreted):

@@ -62,7 +62,7 @@ def test_compiled_few_row_calls_take_the_fused_linear_where_it_is_on(monkeypatch
     monkeypatch.setattr(linear_few, "MAX_ROWS", max_rows)
     monkeypatch.setattr(linear_few, "_OP", stand_in)
     monkeypatch.setattr(linear_few, "compiled_ok",
-                        lambda rows, x, w, bias, h, b: 0 < rows <= linear_few.MAX_ROWS and not torch.is_grad_enabled())
+                        lambda rows, x, w, bias, h, b: rows <= linear_few.MAX_ROWS and not torch.is_grad_enabled())
     gm = graphlora.inject(models.tiny_llama(), graphlora.LoraConfig(r=4, target_modules=ALL)).eval()
     models.randomize_b(gm)
     for rows, fused in ((5, bool(max_rows)), (40, False)):  # 2 x 5 = 10 rows; 2 x 40 = 80

@@ -7,12 +7,11 @@ adapters' update ``(sum_s h_s) B^T`` in float32, rounded once.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreted import run_interpreted
 
 
 def _cases():
@@ -47,12 +46,9 @@ def _run(path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
+    """The kernels' outputs, computed under Triton's interpreter in a subprocess."""
     pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("linear_few") / "out.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"the interpreter run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return torch.load(out)
+    return run_interpreted(__file__, tmp_path_factory.mktemp("linear_few") / "out.pt")
 
 
 def test_the_fused_linear_matches_the_two_kernel_form_under_the_interpreter(interpreted):
