@@ -138,13 +138,13 @@ _OP = _register_op() if torch.cuda.is_available() and _kernel() is not None else
 
 def compiled_ok(rows: int, x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tensor, b: Tensor) -> bool:
     """Whether a compiled serving update takes :func:`linear_few_op` for its base linear: at most
-    :data:`MAX_ROWS` rows, a 2-D CUDA bf16 / fp16 ``x`` and a plain ``W`` (no quantized or other
+    :data:`MAX_ROWS` rows (``x``'s leading dimensions flattened), a CUDA bf16 / fp16 ``x`` and a plain ``W`` (no quantized or other
     tensor subclass) of its dtype, factors both float32 or both of its dtype, a summed rank of at
     most :data:`MAX_RANK`, a bias of ``x``'s dtype if any, int32 offsets, and no grad (the op has
     no backward). Call it inside ``torch.compiler.is_compiling()`` only."""
     if MAX_ROWS <= 0 or _OP is None or rows > MAX_ROWS:  # off by default: then no size is even looked at
         return False
-    return (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
+    return (x.is_cuda and x.dim() >= 2 and x.dtype in (torch.bfloat16, torch.float16)
             and type(w) in (torch.Tensor, torch.nn.Parameter) and w.dim() == 2 and w.dtype == x.dtype
             and h.dtype == b.dtype and h.dtype in (torch.float32, x.dtype) and h.shape[-1] <= MAX_RANK
             and not torch.is_grad_enabled() and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1))
@@ -152,5 +152,6 @@ def compiled_ok(rows: int, x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tens
 
 
 def linear_few_op(x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tensor, b: Tensor) -> Tensor:
-    """``x W^T + bias + h B^T`` through ``graphlora::lora_linear_few`` (where :func:`compiled_ok` holds)."""
-    return _OP(x, w, bias, h, b)
+    """``x W^T + bias + h B^T`` through ``graphlora::lora_linear_few`` (where :func:`compiled_ok` holds),
+    ``[rows, N]`` for ``x`` ``[..., K]``."""
+    return _OP(x.reshape(-1, x.shape[-1]), w, bias, h, b)

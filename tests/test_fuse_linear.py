@@ -50,7 +50,7 @@ def test_compiled_few_row_calls_take_the_fused_linear_where_it_is_on(monkeypatch
     @torch.library.custom_op("graphlora_test::lora_linear_few", mutates_args=())
     def stand_in(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
                  b: torch.Tensor) -> torch.Tensor:
-        calls.append(x.shape[0])
+        calls.append(x.shape[0])  # x flattened to rows
         h = h.sum(0) if h.dim() == 3 else h
         out = x.float() @ w.float().t() + h.float() @ b.float().t()
         return (out + bias.float() if bias is not None else out).to(x.dtype)
