@@ -333,6 +333,7 @@ def shrink(x: Tensor, a: Tensor) -> Tensor:
     Compiled, for at most :data:`PARTS_MAX_ROWS` rows, the split-K partial sums ``[S, M, R]``
     themselves (``h = \sum_s h_s``), which the compiled expand adds in its own kernel
     (:func:`add_update`; :func:`graphlora.passes.ops.lora_expand` sums them where it cannot)."""
+    # compiled with a dynamic row count, a size check: the graph recompiles when a call crosses it
     config = SHRINK_FEW_CONFIG if x.shape[0] <= SHRINK_FEW_MAX_ROWS else SHRINK_CONFIG
     if torch.compiler.is_compiling():
         parts = _SHRINK_OP(x, a, *config)

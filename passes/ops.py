@@ -339,7 +339,7 @@ def lora_expand(base: Tensor, h: Tensor, b_hat: Tensor, linear: Optional[tuple] 
     d_out = b_hat.shape[0]
     if torch.compiler.is_compiling():  # first: a compiled graph traces none of the other branches
         flat = base.reshape(-1, d_out)
-        if linear is not None and linear_few.compiled_ok(flat.shape[0], *linear, h, b_hat):
+        if linear is not None and linear_few.compiled_ok(flat, *linear, h, b_hat):
             return linear_few.linear_few_op(*linear, h, b_hat).view(base.shape)
         if h.dim() == 3:  # a few-row shrink's split-K partials (kernels.shrink): summed in the expand kernel
             if kernels.compiled_expand_ok(flat, h, b_hat):

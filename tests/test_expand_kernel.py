@@ -43,7 +43,9 @@ def _run(path: str) -> None:
         # (the interpreter's bf16 dot is wrong, numpy has no bf16: factors in y's dtype run as fp16)
         y16 = y.half()
         results["add"].append((kernels.add_update(y, h, b), kernels.add_update(y16, h.half(), b.half()), y))
-    results["shrink"] = [(x, a, kernels.shrink(x, a)) for x, a in _shrink_cases()]
+    results["shrink"] = [(x, a, kernels.shrink(x, a)) for x, a in _shrink_cases()]  # few rows: the few-row tiles
+    # the tiles of calls of more rows (every eager shrink: 512 rows and up)
+    results["shrink_main"] = [kernels.shrink_parts(x, a, kernels.SHRINK_CONFIG).sum(0) for x, a in _shrink_cases()]
     # the few-row path: partials from the few-row tiles, summed by the expand kernel itself
     results["parts"] = []
     for (x, a), (y, _, _) in zip(_shrink_cases(), _cases()):
@@ -99,10 +101,11 @@ def test_the_compiled_expand_op_matches_the_pytorch_forms_under_the_interpreter(
 def test_the_float32_shrink_matches_peft_form_under_the_interpreter(interpreted):
     """``kernels.shrink``: ``x A^T`` from a bf16 / fp16 ``x`` and float32 ``A`` equals PEFT's
     ``lora_A(x.float())`` to float32 accuracy (the tf32x3 dot), over one split of ``K`` and several."""
-    for x, a, got in interpreted["shrink"]:
+    for (x, a, got), main in zip(interpreted["shrink"], interpreted["shrink_main"]):
         want = torch.nn.functional.linear(x.float(), a)
         assert got.dtype == torch.float32 and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(main, want, rtol=1e-5, atol=1e-5)  # SHRINK_CONFIG's tiles too
 
 
 def test_the_expand_kernel_sums_split_k_partials_under_the_interpreter(interpreted):
@@ -233,13 +236,15 @@ if __name__ == "__main__":  # the interpreter run: python tests/test_expand_kern
     _run(sys.argv[1])
 
 
-@pytest.mark.parametrize("parts_rows", [0, 256])
-def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch, parts_rows):
+@pytest.mark.parametrize("parts_rows, expand_takes_parts", [(0, True), (256, True), (256, False)])
+def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch, parts_rows, expand_takes_parts):
     """Under ``torch.compile`` a serving call of at most ``FUSIBLE_MAX_ROWS`` rows computes the
     shrink and the expand as float32 broadcast reductions (which Inductor fuses into the
     neighbouring kernels) instead of the GEMMs or the Triton ops; more rows keep the ops. On CUDA
     that is ``ops.fusible_rows``; here its CUDA check is dropped, and the Triton ops are stood in for
-    by CPU custom ops that record their calls. Both forms equal eager's outputs."""
+    by CPU custom ops that record their calls. With ``kernels.PARTS_MAX_ROWS`` covering the call,
+    the expand op gets the shrink's split-K partials, or their sum where it does not take them
+    (``expand_takes_parts`` False). Every form equals eager's outputs."""
     import torch.nn.functional as F
 
     import graphlora
@@ -275,7 +280,8 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch,
         return t.shape[0] <= ops.FUSIBLE_MAX_ROWS and not torch.is_grad_enabled()
 
     monkeypatch.setattr(ops, "fusible_rows", few_rows)
-    monkeypatch.setattr(kernels, "compiled_expand_ok", lambda y, h, b: not torch.is_grad_enabled())
+    monkeypatch.setattr(kernels, "compiled_expand_ok",
+                        lambda y, h, b: not torch.is_grad_enabled() and (expand_takes_parts or h.dim() == 2))
     monkeypatch.setattr(kernels, "_EXPAND_OP", expand)
     monkeypatch.setattr(kernels, "shrink_ok", lambda x, a: torch.compiler.is_compiling() and x.dtype != a.dtype)
     monkeypatch.setattr(kernels, "_SHRINK_OP", shrink)
@@ -296,5 +302,5 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch,
         assert bool(calls) == takes_ops, (rows, calls)
         # 40 rows: with kernels.PARTS_MAX_ROWS at 256 the expand op gets the shrink's partials (no
         # sum kernel), at 0 their sum
-        assert not takes_ops or set(calls) == {"shrink", "expand3" if parts_rows else "expand2"}, calls
+        assert not takes_ops or set(calls) == {"shrink", "expand3" if parts_rows and expand_takes_parts else "expand2"}, calls
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -26,7 +26,7 @@ def _serving(gm, ids):
 
 def test_every_bank_update_knows_its_base_linear():
     """Each site's update is its base linear's one reader and carries that linear's ``(x, W, bias)``;
-    the base node stays in the graph, so eager serving computes exactly what it did."""
+    the base node stays in the graph (eager calls ignore the keyword)."""
     gm = graphlora.inject(models.tiny_llama(), graphlora.LoraConfig(r=4, target_modules=ALL))
     module = _serving(gm, models.token_ids(2, 5))
     updates = [n for n in module.graph.nodes if n.op == "call_function" and n.target in UPDATES]
@@ -41,9 +41,10 @@ def test_every_bank_update_knows_its_base_linear():
 
 @pytest.mark.parametrize("max_rows", [0, 64])
 def test_compiled_few_row_calls_take_the_fused_linear_where_it_is_on(monkeypatch, max_rows):
-    """With ``linear_few.MAX_ROWS`` at 64, a compiled serving call of 10 rows computes every site
-    as one fused op from the base linear's inputs (stood in for by a CPU custom op with the
-    kernel's contract; its CUDA checks dropped), a call of 80 rows keeps the two ops, and the
+    """With ``linear_few.MAX_ROWS`` at 64, a compiled serving call of 10 rows of a bf16 model with
+    float32 adapters (PEFT's default) computes every site as one fused op from the base linear's
+    inputs (stood in for by a CPU custom op with the kernel's contract; ``compiled_ok``'s own
+    checks run, only its CUDA check is dropped), a call of 80 rows keeps the two ops, and the
     outputs equal eager's; at 0 (the default) no call takes it."""
     calls = []
 
@@ -61,9 +62,9 @@ def test_compiled_few_row_calls_take_the_fused_linear_where_it_is_on(monkeypatch
 
     monkeypatch.setattr(linear_few, "MAX_ROWS", max_rows)
     monkeypatch.setattr(linear_few, "_OP", stand_in)
-    monkeypatch.setattr(linear_few, "compiled_ok",
-                        lambda rows, x, w, bias, h, b: rows <= linear_few.MAX_ROWS and not torch.is_grad_enabled())
-    gm = graphlora.inject(models.tiny_llama(), graphlora.LoraConfig(r=4, target_modules=ALL)).eval()
+    monkeypatch.setattr(linear_few, "_serves", lambda x: True)
+    gm = graphlora.inject(models.tiny_llama().to(torch.bfloat16), graphlora.LoraConfig(r=4, target_modules=ALL)).eval()
+    assert all(p.dtype == torch.float32 for n, p in gm.named_parameters() if "lora_" in n)
     models.randomize_b(gm)
     for rows, fused in ((5, bool(max_rows)), (40, False)):  # 2 x 5 = 10 rows; 2 x 40 = 80
         ids = models.token_ids(2, rows)
@@ -74,4 +75,5 @@ def test_compiled_few_row_calls_take_the_fused_linear_where_it_is_on(monkeypatch
             got = torch.compile(gm, backend="aot_eager")(input_ids=ids).logits
         torch._dynamo.reset()
         assert calls == ([2 * rows] * 2 * len(ALL) if fused else []), (rows, calls)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # one rounding of the float32 sum (fused) against two (eager): bf16 noise
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
