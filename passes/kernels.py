@@ -47,9 +47,9 @@ SHRINK_FEW_MAX_ROWS = 256
 SHRINK_FEW_CONFIG = (32, 64, 256, 4)
 #: Compiled calls of at most this many rows hand the shrink's split-K partials ``[S, M, R]`` to the
 #: expand kernel, which sums them (:func:`add_update`): one launch less per group of sites (16 in
-#: a 4-layer call), but on the GPU the expand's S loads cost more than the sum kernel saves: the
-#: 8 x 16 call above measured 1.25 ms of CUDA time with it at 256, 1.11 ms without (under CUDA
-#: graphs 1.61x against 1.53x the base). Off (0) by default; launch-bound callers may set it.
+#: a 4-layer call), but on the GPU the expand's S loads cost more than the sum kernel saves: in
+#: the 8 x 16 call above its 28 expands took 0.33-0.37 ms of CUDA time (S = 16) against 0.12 ms
+#: (the 16 sums: 0.04 ms). Off (0) by default; launch-bound callers may set it.
 PARTS_MAX_ROWS = 0
 #: ... and stacked ranks up to this (q / k / v of a bank of rank 32 stack 96 rows)
 SHRINK_MAX_RANK = 128
