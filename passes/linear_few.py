@@ -103,8 +103,8 @@ def linear_few(x: Tensor, w: Tensor, bias: Optional[Tensor], h: Tensor, b: Tenso
                config: Optional[tuple] = None, _wrap: bool = False) -> Tensor:
     r"""``x W^\top + bias + h B^\top`` (module doc) for 2-D ``x`` ``[M, K]``, ``W`` ``[N, K]``, ``h``
     ``[M, R]`` or partials ``[S, M, R]``, ``B`` ``[N, R]``; ``h`` may be a column block of a wider
-    tensor (any strides). ``config``: (BM, BN, BK, num_warps, num_stages), :data:`CONFIG` by default. ``_wrap``: launched from
-    the ``torch.library.triton_op`` (:func:`linear_few_op`)."""
+    tensor (any strides). ``config``: (BM, BN, BK, num_warps, num_stages), :data:`CONFIG` by
+    default. ``_wrap``: launched from the ``torch.library.triton_op`` (:func:`linear_few_op`)."""
     k = _kernel()
     M, K = x.shape
     N = w.shape[0]
@@ -145,16 +145,17 @@ def compiled_ok(base: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor], h: T
     """Whether a compiled serving update takes :func:`linear_few_op` for its base linear ``base``
     (``[rows, N]``): at most :data:`MAX_ROWS` rows (a size check on a dynamic row count: a graph
     recompiles when it crosses), ``base`` of ``x``'s dtype (not so under autocast), a CUDA
-    bf16 / fp16 ``x`` and a plain ``W`` (no quantized or other
-    tensor subclass) of its dtype, factors both float32 or both of its dtype, a summed rank of at
-    most :data:`MAX_RANK`, a bias of ``x``'s dtype if any, int32 offsets, and no grad (the op has
-    no backward). Call it inside ``torch.compiler.is_compiling()`` only."""
+    bf16 / fp16 ``x`` and a plain ``W`` (no quantized or other tensor subclass) of its dtype,
+    factors both float32 or both of its dtype, a summed rank of at most :data:`MAX_RANK`, a
+    contiguous bias of ``x``'s dtype if any, int32 offsets, and no grad (the op has no backward).
+    Call it inside ``torch.compiler.is_compiling()`` only."""
     if MAX_ROWS <= 0 or not _serves(x) or base.shape[0] > MAX_ROWS:  # off by default: no size looked at
         return False
     return (base.dtype == x.dtype and x.dim() >= 2 and x.dtype in (torch.bfloat16, torch.float16)
             and type(w) in (torch.Tensor, torch.nn.Parameter) and w.dim() == 2 and w.dtype == x.dtype
             and h.dtype == b.dtype and h.dtype in (torch.float32, x.dtype) and h.shape[-1] <= MAX_RANK
-            and not torch.is_grad_enabled() and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1 and bias.stride(0) == 1))
+            and not torch.is_grad_enabled()
+            and (bias is None or (bias.dtype == x.dtype and bias.dim() == 1 and bias.stride(0) == 1))
             and max(_span(x), _span(w), _span(h), _span(b)) < 2 ** 31)
 
 

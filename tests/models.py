@@ -55,6 +55,16 @@ def token_ids(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def aot_eager_logits(gm, ids: torch.Tensor) -> torch.Tensor:
+    """``torch.compile(gm, backend="aot_eager")(input_ids=ids).logits``, compiled afresh (dynamo
+    reset before and after: no graph of another test is reused, none is left behind)."""
+    torch._dynamo.reset()
+    try:
+        return torch.compile(gm, backend="aot_eager")(input_ids=ids).logits
+    finally:
+        torch._dynamo.reset()
+
+
 def main_output(out):
     """The tensor to compare: logits, last_hidden_state, or the tensor itself."""
     if isinstance(out, torch.Tensor):

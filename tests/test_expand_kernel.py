@@ -128,7 +128,7 @@ def test_compiled_serving_takes_the_expand_op_and_eager_does_not(monkeypatch):
     compiler, so each call reaches it at run time), and the outputs equal eager's."""
     import graphlora
     from graphlora.passes import kernels
-    from models import randomize_b, tiny_llama, token_ids
+    from models import aot_eager_logits, randomize_b, tiny_llama, token_ids
 
     calls = []
 
@@ -150,9 +150,7 @@ def test_compiled_serving_takes_the_expand_op_and_eager_does_not(monkeypatch):
     with torch.no_grad():
         want = gm(input_ids=ids).logits
         assert not calls  # eager: the PyTorch forms
-        torch._dynamo.reset()
-        got = torch.compile(gm, fullgraph=False, backend="aot_eager")(input_ids=ids).logits
-    torch._dynamo.reset()
+        got = aot_eager_logits(gm, ids)
     assert len(calls) == 2 * len(targets)  # every site of both layers, once
     torch.testing.assert_close(got, want)
 
@@ -165,7 +163,7 @@ def test_compiled_serving_takes_the_float32_shrink_op(monkeypatch):
 
     import graphlora
     from graphlora.passes import kernels
-    from models import randomize_b, tiny_llama, token_ids
+    from models import aot_eager_logits, randomize_b, tiny_llama, token_ids
 
     calls, configs = [], []
 
@@ -192,9 +190,7 @@ def test_compiled_serving_takes_the_float32_shrink_op(monkeypatch):
     with torch.no_grad():
         want = gm(input_ids=ids).logits
         assert not calls
-        torch._dynamo.reset()
-        got = torch.compile(gm, backend="aot_eager")(input_ids=ids).logits
-    torch._dynamo.reset()
+        got = aot_eager_logits(gm, ids)
     assert calls and all(shape[0] == 10 for shape in calls)  # the shrinks, of 2 x 5 rows
     assert set(configs) == {kernels.SHRINK_FEW_CONFIG}  # few rows: the few-row tiles
     torch.testing.assert_close(got, want)
@@ -249,7 +245,7 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch,
 
     import graphlora
     from graphlora.passes import kernels, ops
-    from models import randomize_b, tiny_llama, token_ids
+    from models import aot_eager_logits, randomize_b, tiny_llama, token_ids
 
     calls = []
 
@@ -295,12 +291,11 @@ def test_compiled_few_row_serving_writes_the_products_as_reductions(monkeypatch,
         fused.clear()
         with torch.no_grad():
             want = gm(input_ids=ids).logits
-            torch._dynamo.reset()
-            got = torch.compile(gm, backend="aot_eager")(input_ids=ids).logits
-        torch._dynamo.reset()
+            got = aot_eager_logits(gm, ids)
         assert fused and all(n == 2 * rows for n in fused)  # asked at every shrink and expand
         assert bool(calls) == takes_ops, (rows, calls)
         # 40 rows: with kernels.PARTS_MAX_ROWS at 256 the expand op gets the shrink's partials (no
         # sum kernel), at 0 their sum
-        assert not takes_ops or set(calls) == {"shrink", "expand3" if parts_rows and expand_takes_parts else "expand2"}, calls
+        expand = "expand3" if parts_rows and expand_takes_parts else "expand2"
+        assert not takes_ops or set(calls) == {"shrink", expand}, calls
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
